@@ -89,7 +89,7 @@ tables["observation"] = dict(
         c("patient_id", "string", "the patient"),
         c("encounter_id", "string", "the encounter"),
         c("is_component", "boolean", "true for a component row (its panel code is in panel_code)", True),
-        c("panel_code", "string", "for a component row, the code of the Observation it belongs to"),
+        c("panel_code", "string", "code of the Observation the row comes from: for a component row its panel (85354-9 blood pressure), for the main row its own code"),
         c("category_code", "string", "first category code", code_systems=["http://terminology.hl7.org/CodeSystem/observation-category"],
           values=["vital-signs", "laboratory", "survey", "social-history", "imaging", "procedure", "exam", "therapy", "activity", "device"]),
         *coding("code", "what was observed", [LOINC, SNOMED]),
@@ -114,7 +114,6 @@ tables["observation"] = dict(
         c("reference_high", "float64", "high end of the reference range"),
         c("reference_text", "string", "reference range as text"),
         c("device_id", "string", "Device id of the measuring device"),
-        c("report_id", "string", "DiagnosticReport id that groups it (HL7 OBR)"),
         c("quality_flag", "string", "set when a value is kept but implausible (for example outside the mapping's plausible range)"),
     ])
 tables["condition"] = dict(

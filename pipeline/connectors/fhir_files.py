@@ -1,0 +1,356 @@
+"""FHIR R4 from files: NDJSON (Bulk Data output, also gzip), Bundles of every type, single resources.
+
+A unit is one resource: an NDJSON line, a Bundle entry, or a file holding one resource.
+Everything that cannot become a `Resource` becomes a `Rejected` with the file, the
+line or entry, and a reason; the file goes on. The connector knows nothing of tables.
+
+Ids: a resource keeps its own id. A Bundle entry without one (transaction POSTs) gets
+a deterministic id from its fullUrl (`urn:uuid:X` -> `X`) or its conditional request,
+so the same file always yields the same ids; `urn:uuid:` references inside the Bundle
+are resolved later through `Resource.full_urls`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..fhir import RESOURCE_TYPES, valid_id
+from ..units import Deletion, Rejected, Resource, Unit
+
+NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
+JSON_SUFFIXES = (".json", ".json.gz")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Defensive limits on input size. Generous for real data, fatal for hostile data."""
+
+    max_line_bytes: int = 64 << 20          # one NDJSON line
+    max_document_bytes: int = 1 << 30       # one JSON document (a Bundle is parsed whole)
+    max_payload_bytes: int = 1 << 20        # raw bytes kept in quarantine; larger: a pointer
+    max_gzip_ratio: int = 200               # decompressed / compressed, past the first 64 MiB
+    gzip_ratio_floor: int = 64 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def is_fhir_file(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(NDJSON_SUFFIXES) or name.endswith(JSON_SUFFIXES)
+
+
+def walk(paths: Iterable[str | Path], accept=is_fhir_file) -> Iterator[Path]:
+    """Files named directly, and files `accept` takes in folders (recursively, sorted, no hidden ones)."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for child in sorted(p.rglob("*")):
+                rel = child.relative_to(p).parts
+                if child.is_file() and not any(part.startswith(".") for part in rel) and accept(child):
+                    yield child
+        else:
+            yield p
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads a file while hashing it, so the ledger's sha256 costs no second pass."""
+
+    def __init__(self, raw: io.BufferedReader):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = self.raw.readinto(b)
+        if n:
+            self.sha.update(memoryview(b)[:n])
+            self.count += n
+        return n or 0
+
+
+class FhirFile:
+    """The units of one file. Iterate once; afterwards `sha256`, `size` and `units` are set."""
+
+    def __init__(self, path: Path, limits: Limits = DEFAULT_LIMITS):
+        self.path = path
+        self.limits = limits
+        self.sha256: str | None = None
+        self.size = 0
+        self.units = 0
+        self.ref = str(path)
+
+    def __iter__(self) -> Iterator[Unit]:
+        try:
+            raw = open(self.path, "rb")  # noqa: SIM115 - closed in finally
+        except OSError as e:
+            self.units += 1
+            yield Rejected("read", "unreadable-file", f"cannot open the file ({e.strerror})", self.ref)
+            return
+        hashing = _HashingReader(raw)
+        try:
+            gz = self.path.name.lower().endswith(".gz")
+            stream: Any = gzip.GzipFile(fileobj=io.BufferedReader(hashing, 1 << 20)) if gz else io.BufferedReader(hashing, 1 << 20)
+            name = self.path.name.lower().removesuffix(".gz")
+            if name.endswith((".ndjson", ".jsonl")):
+                yield from self._ndjson(stream, hashing, gz)
+            elif name.endswith(".json"):
+                yield from self._document(stream)
+            else:
+                yield from self._sniff(stream, hashing, gz)
+            # finish hashing bytes not consumed by the parser (trailing data)
+            while hashing.read(1 << 20):
+                pass
+        finally:
+            raw.close()
+            self.sha256 = hashing.sha.hexdigest()
+            self.size = hashing.count
+
+    # ---------------------------------------------------------------- NDJSON
+
+    def _ndjson(self, stream, hashing: _HashingReader, gz: bool) -> Iterator[Unit]:
+        lim = self.limits
+        line_no = 0
+        first = True
+        decompressed = 0
+        while True:
+            try:
+                line = stream.readline(lim.max_line_bytes + 1)
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+                self.units += 1
+                reason = "truncated-gzip" if isinstance(e, EOFError) else "bad-gzip"
+                yield Rejected("read", reason, f"the compressed stream is {'cut short' if reason == 'truncated-gzip' else 'corrupt'} "
+                               f"after line {line_no}: the rest of the file cannot be read; fetch it again",
+                               f"{self.ref}:{line_no + 1}", payload_ref=f"{self.ref}:{line_no + 1}-")
+                return
+            if not line:
+                break
+            line_no += 1
+            decompressed += len(line)
+            if gz and decompressed > lim.gzip_ratio_floor and decompressed > lim.max_gzip_ratio * max(hashing.count, 1):
+                self.units += 1
+                yield Rejected("read", "gzip-bomb", f"the file expands more than {lim.max_gzip_ratio}x: "
+                               "refused as a decompression bomb", f"{self.ref}:{line_no}", payload_ref=f"{self.ref}:{line_no}-")
+                return
+            if len(line) > lim.max_line_bytes:
+                skipped = _skip_line(stream, lim.max_line_bytes)
+                self.units += 1
+                yield Rejected("read", "line-too-long", f"line longer than {lim.max_line_bytes} bytes "
+                               f"({len(line) + skipped}+ bytes): raise max_line_bytes if it is genuine",
+                               f"{self.ref}:{line_no}", payload_ref=f"{self.ref}:{line_no}")
+                continue
+            if first:
+                first = False
+                if line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+            if not line.strip():
+                continue
+            if line_no == 1 and _is_bulk_log(line):
+                return  # a Bulk Data export log (log.ndjson): events, not resources
+            self.units += 1
+            yield self._resource_from_bytes(line.rstrip(b"\r\n"), f"{self.ref}:{line_no}")
+        if self.units == 0:
+            self.units += 1
+            yield Rejected("read", "empty-file", "the file holds no resources", self.ref)
+
+    # ---------------------------------------------------------------- JSON documents
+
+    def _document(self, stream) -> Iterator[Unit]:
+        lim = self.limits
+        try:
+            data = stream.read(lim.max_document_bytes + 1)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError):
+            self.units += 1
+            yield Rejected("read", "bad-gzip", "the compressed file is cut short or corrupt: fetch it again", self.ref,
+                           payload_ref=self.ref)
+            return
+        if len(data) > lim.max_document_bytes:
+            self.units += 1
+            yield Rejected("read", "file-too-large", f"a JSON document larger than {lim.max_document_bytes} bytes: "
+                           "split it or export NDJSON", self.ref, payload_ref=self.ref)
+            return
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        if not data.strip():
+            self.units += 1
+            yield Rejected("read", "empty-file", "the file is empty", self.ref)
+            return
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            self.units += 1
+            yield Rejected("parse", "invalid-json", f"not valid JSON ({_json_error(e)})", self.ref,
+                           **self._payload(data))
+            return
+        yield from self._from_document(doc, data)
+
+    def _from_document(self, doc: Any, data: bytes) -> Iterator[Unit]:
+        if isinstance(doc, list):  # a JSON array of resources, as some tools write
+            for i, item in enumerate(doc):
+                self.units += 1
+                yield self._resource(item, f"{self.ref}#[{i}]", None, lambda item=item: orjson.dumps(item))
+            return
+        if isinstance(doc, dict) and doc.get("resourceType") == "Bundle":
+            yield from self._bundle(doc)
+            return
+        self.units += 1
+        yield self._resource(doc, self.ref, None, lambda: data)
+
+    def _bundle(self, bundle: dict[str, Any]) -> Iterator[Unit]:
+        entries = bundle.get("entry") or []
+        if not isinstance(entries, list):
+            self.units += 1
+            yield Rejected("parse", "bad-bundle", "Bundle.entry is not a list", self.ref, **self._payload(orjson.dumps(bundle)))
+            return
+        if not entries:
+            self.units += 1
+            yield Rejected("read", "empty-file", "the Bundle has no entries", self.ref)
+            return
+        # first pass: ids and the fullUrl -> Type/id map, so references resolve whatever the entry order
+        full_urls: dict[str, str] = {}
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                res = entry["resource"]
+                rid = res.get("id") if valid_id(res.get("id")) else _derived_id(entry)
+                rtype = res.get("resourceType")
+                if rid and isinstance(rtype, str):
+                    if "id" not in res:
+                        res["id"] = rid
+                    full = entry.get("fullUrl")
+                    if isinstance(full, str):
+                        full_urls[full] = f"{rtype}/{rid}"
+        for i, entry in enumerate(entries):
+            ref = f"{self.ref}#entry[{i}]"
+            self.units += 1
+            if not isinstance(entry, dict):
+                yield Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, **self._payload(orjson.dumps(entry)))
+                continue
+            request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+            method = str(request.get("method", "")).upper()
+            if method == "DELETE":
+                yield _deletion(request.get("url"), ref, entry)
+                continue
+            res = entry.get("resource")
+            if res is None:
+                yield Rejected("parse", "no-resource", f"the entry carries no resource (request {method or 'none'})", ref,
+                               **self._payload(orjson.dumps(entry)))
+                continue
+            yield self._resource(res, ref, full_urls, lambda entry=entry: orjson.dumps(entry))
+
+    def _sniff(self, stream, hashing: _HashingReader, gz: bool) -> Iterator[Unit]:
+        """A file named without a FHIR suffix: NDJSON if its first line is a whole object, else one document."""
+        head = stream.peek(1 << 16) if hasattr(stream, "peek") else b""
+        first_line = head.split(b"\n", 1)[0]
+        try:
+            obj = orjson.loads(first_line)
+            ndjson = isinstance(obj, dict) and (b"\n" in head.strip())
+        except orjson.JSONDecodeError:
+            ndjson = False
+        if ndjson:
+            yield from self._ndjson(stream, hashing, gz)
+        else:
+            yield from self._document(stream)
+
+    # ---------------------------------------------------------------- one resource
+
+    def _resource_from_bytes(self, line: bytes, ref: str) -> Unit:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            return Rejected("parse", "invalid-json", f"not valid JSON ({_json_error(e)})", ref, **self._payload(line))
+        return self._resource(obj, ref, None, lambda: line, raw=line)
+
+    def _resource(self, obj: Any, ref: str, full_urls, payload, raw: bytes | None = None) -> Unit:
+        if not isinstance(obj, dict):
+            return Rejected("parse", "not-a-resource", f"expected a JSON object, found a {type(obj).__name__}", ref,
+                            **self._payload(payload()))
+        rtype = obj.get("resourceType")
+        if not isinstance(rtype, str) or not rtype:
+            return Rejected("parse", "no-resource-type", "the object has no resourceType", ref, **self._payload(payload()))
+        if rtype not in RESOURCE_TYPES:
+            shown = rtype if rtype.isidentifier() and len(rtype) <= 64 else "(not a type name)"
+            return Rejected("parse", "unknown-resource-type", f"resourceType {shown} is not a FHIR R4 resource type", ref,
+                            **self._payload(payload()))
+        rid = obj.get("id")
+        if rid is None:
+            return Rejected("parse", "no-id", f"the {rtype} has no id (and nothing to derive one from)", ref,
+                            **self._payload(payload()))
+        if not valid_id(rid):
+            return Rejected("parse", "bad-id", f"the {rtype} id is not a FHIR id (1-64 of A-Z a-z 0-9 - .)", ref,
+                            **self._payload(payload()))
+        return Resource(obj, ref, full_urls, raw)
+
+    def _payload(self, data: bytes) -> dict[str, Any]:
+        if len(data) <= self.limits.max_payload_bytes:
+            return {"payload": data}
+        return {"payload_ref": self.ref}
+
+
+def read_fhir(paths: Iterable[str | Path], limits: Limits = DEFAULT_LIMITS) -> Iterator[Unit]:
+    """Every unit of every FHIR file under `paths` (convenience for tests and tools)."""
+    for path in walk(paths):
+        yield from FhirFile(path, limits)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _skip_line(stream, chunk: int) -> int:
+    skipped = 0
+    while True:
+        part = stream.readline(chunk)
+        skipped += len(part)
+        if not part or part.endswith(b"\n"):
+            return skipped
+
+
+def _is_bulk_log(line: bytes) -> bool:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "resourceType" not in obj and "exportId" in obj and "eventId" in obj
+
+
+def _json_error(e: orjson.JSONDecodeError) -> str:
+    # orjson's message names the position, never the content
+    return str(e).split(":", 1)[0][:120]
+
+
+def _derived_id(entry: dict[str, Any]) -> str | None:
+    full = entry.get("fullUrl")
+    if isinstance(full, str):
+        if full.startswith(("urn:uuid:", "urn:oid:")):
+            tail = full.split(":", 2)[2]
+            if valid_id(tail):
+                return tail
+        else:
+            tail = full.rstrip("/").rsplit("/", 1)[-1]
+            if valid_id(tail) and "/" in full:
+                return tail
+    request = entry.get("request") if isinstance(entry.get("request"), dict) else {}
+    cond = request.get("ifNoneExist") or (request.get("url") if "?" in str(request.get("url", "")) else None)
+    if isinstance(cond, str) and cond:
+        return "c-" + hashlib.sha256(cond.encode()).hexdigest()[:40]
+    return None
+
+
+def _deletion(url: Any, ref: str, entry: dict[str, Any]) -> Unit:
+    if isinstance(url, str):
+        parts = url.split("?", 1)[0].strip("/").split("/")
+        if len(parts) >= 2 and parts[-2] in RESOURCE_TYPES and valid_id(parts[-1]) and "?" not in url:
+            return Deletion(parts[-2], parts[-1], ref)
+    return Rejected("parse", "bad-delete", "a DELETE entry whose url is not Type/id (conditional deletes are not applied)",
+                    ref, payload=orjson.dumps(entry))

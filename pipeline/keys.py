@@ -1,0 +1,45 @@
+"""The secret key behind every pseudonym (twin ids, hashed identifiers).
+
+The key comes from `TWIN_KEY` (the key itself) or `TWIN_KEY_FILE` (a file holding it),
+never from the store: whoever has the store alone cannot reverse a twin id by hashing
+guessed identifiers. Without a key, a fixed public development key is used and a
+warning says so once: ids are then stable but not secret.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+_DEV_KEY = b"twinline-development-key-not-secret"
+
+
+@functools.cache
+def secret_key() -> bytes:
+    if os.environ.get("TWIN_KEY"):
+        return os.environ["TWIN_KEY"].encode()
+    path = os.environ.get("TWIN_KEY_FILE")
+    if path:
+        try:
+            key = Path(path).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"TWIN_KEY_FILE cannot be read ({e.strerror})") from None
+        if len(key) < 16:
+            raise ConfigError("the key in TWIN_KEY_FILE is shorter than 16 bytes: use a long random key")
+        return key
+    log.warning("no TWIN_KEY or TWIN_KEY_FILE set: twin ids use the public development key "
+                "(stable, but not secret); set a key for real data")
+    return _DEV_KEY
+
+
+def keyed_hash(*parts: str, length: int = 32) -> str:
+    """HMAC-SHA256 of the parts (unit-separated), as hex, cut to `length` characters."""
+    msg = "\x1f".join(parts).encode("utf-8")
+    return hmac.new(secret_key(), msg, hashlib.sha256).hexdigest()[:length]

@@ -1,0 +1,50 @@
+"""`twin status`: what the store holds and what the last runs did."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.compute as pc
+
+from .store import Store
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def store_status(store: Store, limit: int = 10) -> str:
+    manifest = store.manifest()
+    lines = [f"store {store.root} (twin schema v{store.schema.version}), {_human(store.size_bytes())} on disk"]
+    if not manifest["tables"]:
+        lines.append("  empty: nothing has been imported yet")
+        return "\n".join(lines)
+    counts = []
+    for name in store.schema.tables:
+        if store.exists(name) and name not in ("runs", "ledger", "resource_identifier"):
+            counts.append(f"{name} {store.count(name):,}")
+    lines.append("  rows: " + ", ".join(counts))
+    runs = store.read("runs", ["run_id", "command", "status", "exit_code", "units_read", "units_written",
+                               "units_quarantined", "started_at", "ended_at", "watermarks", "forced"])
+    runs = runs.sort_by([("run_id", "descending")])
+    lines.append(f"  last {min(limit, runs.num_rows)} of {runs.num_rows} runs:")
+    for r in runs.slice(0, limit).to_pylist():
+        secs = (r["ended_at"] - r["started_at"]).total_seconds()
+        forced = " FORCED" if r["forced"] else ""
+        lines.append(f"    {r['run_id']}  {r['command']:<10} {r['status']:<12} exit {r['exit_code']}  "
+                     f"read {r['units_read']:,} written {r['units_written']:,} "
+                     f"quarantined {r['units_quarantined']:,}  {secs:.1f}s{forced}")
+    marks: dict[str, str] = {}
+    for w in runs.filter(pc.is_valid(runs.column("watermarks"))).column("watermarks").to_pylist()[::-1]:
+        marks.update(json.loads(w))
+    if marks:
+        lines.append("  watermarks: " + ", ".join(f"{k} {v}" for k, v in sorted(marks.items())))
+    if store.exists("quarantine"):
+        q = store.read("quarantine", ["status"])
+        open_n = pc.sum(pc.equal(q.column("status"), "open")).as_py() or 0
+        lines.append(f"  quarantine: {open_n:,} open of {q.num_rows:,}")
+    return "\n".join(lines)

@@ -1,0 +1,448 @@
+"""The twin store: one Delta Lake table per schema table, plus a small manifest.
+
+Layout (readable by DuckDB, Spark or pandas without Twinline):
+
+    twinstore/
+      patient/ observation/ ...        Delta tables (Parquet files + _delta_log)
+      _twin/manifest.json              the table versions of the last complete run
+      _twin/lock                       held (flock) by the process writing the store
+
+Why a manifest: a run writes several tables, and Delta commits are per table. The
+manifest is replaced atomically once every table of a run is written, so it is the
+store's commit point. Twinline reads tables at the manifest's versions; a run killed
+before its manifest write is rolled back (each table restored to its manifest version)
+by the next process that takes the lock. Nothing of a half run is ever visible
+through Twinline, and the next run redoes the work (the file ledger and watermarks are
+tables too, rolled back with the rest).
+
+Why units: every row carries `unit_key` (the source unit it came from, for example
+`Observation/123`), `unit_version` and `content_hash`. An upsert compares incoming
+units with stored ones: unchanged units are skipped (re-imports change nothing), older
+versions never replace newer ones, and a changed unit has all its rows replaced in the
+same commit (tombstones delete rows a shorter new version no longer has).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from deltalake import DeltaTable, WriterProperties, write_deltalake
+
+from .errors import LockHeld, StoreError
+from .schema import Schema, Table, load_schema
+from .temporal import utc_now
+
+MANIFEST_FORMAT = 1
+_WRITER = WriterProperties(compression="ZSTD")
+
+
+def default_store_path() -> Path:
+    return Path(os.environ.get("TWIN_STORE") or "twinstore")
+
+
+@dataclass
+class UpsertStats:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    older: int = 0
+    deleted: int = 0
+    rows_written: int = 0
+    rows_deleted: int = 0
+    outcome: dict[str, str] = field(default_factory=dict)  # unit_key -> new|changed|unchanged|older
+
+    def add(self, other: UpsertStats) -> None:
+        for k in ("new", "changed", "unchanged", "older", "deleted", "rows_written", "rows_deleted"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def version_newer(incoming: str | None, stored: str | None) -> bool | None:
+    """Is `incoming` a newer version than `stored`? None when it cannot be told.
+
+    Versions are `lastUpdated|versionId` (either part may be empty). lastUpdated (an
+    instant, normalised to UTC text by the ingest stage) decides when both have it;
+    else a numeric versionId; else nobody knows, and the caller treats the incoming
+    content as the latest (the last import wins).
+    """
+    if not incoming or not stored:
+        return None
+    i_lu, _, i_v = incoming.partition("|")
+    s_lu, _, s_v = stored.partition("|")
+    if i_lu and s_lu and i_lu != s_lu:
+        return i_lu > s_lu
+    if i_v.isdigit() and s_v.isdigit() and i_v != s_v:
+        return int(i_v) > int(s_v)
+    if i_lu == s_lu and i_v == s_v:
+        return False
+    return None
+
+
+class Store:
+    """A twin store on the local file system (or a path deltalake understands)."""
+
+    def __init__(self, root: Path | str, schema: Schema | None = None):
+        self.root = Path(root)
+        self.schema = schema or load_schema()
+        self.meta = self.root / "_twin"
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ manifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.meta / "manifest.json"
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"format": MANIFEST_FORMAT, "schema_version": self.schema.version, "tables": {}}
+        except (OSError, ValueError) as e:
+            raise StoreError(f"the store manifest {self.manifest_path} cannot be read ({e}); "
+                             "restore it from a backup or remove the store") from None
+        if str(data.get("schema_version")) != self.schema.version:
+            raise StoreError(f"the store at {self.root} holds twin schema v{data.get('schema_version')}, "
+                             f"this Twinline writes v{self.schema.version}: migrate it or use another --store")
+        return data
+
+    def _write_manifest(self, tables: dict[str, int], last_run: str | None) -> None:
+        self.meta.mkdir(parents=True, exist_ok=True)
+        doc = {"format": MANIFEST_FORMAT, "schema_version": self.schema.version,
+               "tables": dict(sorted(tables.items())), "last_run_id": last_run,
+               "updated_at": utc_now().isoformat()}
+        tmp = self.meta / f"manifest.json.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.manifest_path)
+        _fsync_dir(self.meta)
+
+    def committed_version(self, table: str) -> int | None:
+        v = self.manifest()["tables"].get(table)
+        return None if v is None else int(v)
+
+    # ------------------------------------------------------------------ reading
+
+    def table_path(self, table: str) -> Path:
+        self.schema.table(table)  # unknown names are an error, not a new folder
+        return self.root / table
+
+    def exists(self, table: str) -> bool:
+        return self.committed_version(table) is not None
+
+    def delta(self, table: str, *, latest: bool = False) -> DeltaTable | None:
+        """The Delta table at its committed version (or the latest, inside a run)."""
+        path = self.table_path(table)
+        if latest:
+            return DeltaTable(str(path)) if DeltaTable.is_deltatable(str(path)) else None
+        v = self.committed_version(table)
+        if v is None:
+            return None
+        return DeltaTable(str(path), version=v)
+
+    def dataset(self, table: str, *, latest: bool = False) -> pads.Dataset:
+        dt = self.delta(table, latest=latest)
+        if dt is None:
+            return pads.dataset(self.schema.table(table).arrow_schema.empty_table())
+        return dt.to_pyarrow_dataset(as_large_types=True)
+
+    def read(self, table: str, columns: Sequence[str] | None = None, filter: pc.Expression | None = None,
+             *, latest: bool = False) -> pa.Table:
+        """Rows of a table, typed as the schema says.
+
+        The filter is applied after reading, not pushed into the scan: delta-rs writes
+        string_view columns in the files it rewrites (MERGE), and pyarrow's statistics
+        pruning fails on those (string vs string_view kernels). Reading the projected
+        columns and filtering in memory is correct for every file.
+        """
+        cols = list(columns) if columns else None
+        ds = self.dataset(table, latest=latest)
+        if filter is not None and cols is not None:
+            extra = [f for f in _fields(filter) if f not in cols]
+            t = ds.to_table(columns=cols + extra)
+        else:
+            t = ds.to_table(columns=cols)
+        target = self.schema.table(table).arrow_schema
+        t = t.cast(pa.schema([target.field(n).with_nullable(True) for n in t.column_names]))
+        if filter is not None:
+            t = t.filter(filter)
+            if cols is not None:
+                t = t.select(cols)
+        return t
+
+    def count(self, table: str) -> int:
+        return self.dataset(table).count_rows()
+
+    def size_bytes(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+    # ------------------------------------------------------------------ lock and recovery
+
+    @contextlib.contextmanager
+    def locked(self, command: str) -> Iterator[None]:
+        """Hold the store's write lock for the duration of a run.
+
+        flock is released by the kernel when the process dies, so a lock left by a
+        killed run is never stale: the next process simply gets it (the holder line in
+        the file is only informational). On network file systems without flock, run one
+        writer per store.
+        """
+        self.meta.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.meta / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise LockHeld(f"the store {self.root} is being written by {holder}; "
+                           "try again when that run ends") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command}, since {utc_now():%Y-%m-%dT%H:%M:%SZ})\n"
+                 .encode())
+        self._lock_fd = fd
+        try:
+            self.recover()
+            yield
+        finally:
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def recover(self) -> list[str]:
+        """Roll back what a killed run left behind: tables newer than the manifest."""
+        manifest = self.manifest()
+        committed: dict[str, int] = {k: int(v) for k, v in manifest["tables"].items()}
+        rolled = []
+        for name in self.schema.tables:
+            path = self.root / name
+            if not path.exists():
+                continue
+            if name not in committed:
+                shutil.rmtree(path)  # created by a run that never committed
+                rolled.append(name)
+                continue
+            dt = DeltaTable(str(path))
+            if dt.version() > committed[name]:
+                dt.restore(committed[name])
+                committed[name] = DeltaTable(str(path)).version()
+                rolled.append(name)
+        if rolled:
+            self._write_manifest(committed, manifest.get("last_run_id"))
+        shutil.rmtree(self.meta / "tmp", ignore_errors=True)
+        return rolled
+
+    def commit(self, run_id: str) -> None:
+        """Make every table's latest version the committed one: the run's commit point."""
+        if self._lock_fd is None:
+            raise StoreError("commit outside a locked run")
+        tables = {}
+        for name in self.schema.tables:
+            path = self.root / name
+            if DeltaTable.is_deltatable(str(path)):
+                tables[name] = DeltaTable(str(path)).version()
+        self._write_manifest(tables, run_id)
+
+    def rollback(self) -> list[str]:
+        return self.recover()
+
+    def tmp_dir(self) -> Path:
+        """Scratch space of the current run (spilled units); removed on recovery."""
+        d = self.meta / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # ------------------------------------------------------------------ writing
+
+    def _check(self, table: Table, data: pa.Table) -> pa.Table:
+        missing = [c for c in table.arrow_schema.names if c not in data.column_names]
+        if missing:
+            raise StoreError(f"{table.name}: rows lack columns {missing}")
+        data = data.select(table.arrow_schema.names)
+        for col in table.columns:
+            if col.required and data.column(col.name).null_count:
+                raise StoreError(f"{table.name}: required column {col.name} has "
+                                 f"{data.column(col.name).null_count} null values")
+        return data.cast(table.arrow_schema)
+
+    def append(self, table_name: str, data: pa.Table) -> None:
+        """Append rows (bookkeeping tables, new units) in one commit."""
+        if data.num_rows == 0:
+            return
+        table = self.schema.table(table_name)
+        data = self._check(table, data)
+        write_deltalake(str(self.table_path(table_name)), data, mode="append", writer_properties=_WRITER)
+
+    def merge_by_key(self, table_name: str, data: pa.Table, *, update: bool = True) -> None:
+        """Insert rows whose key is new; update (or, with update=False, keep) the others."""
+        if data.num_rows == 0:
+            return
+        table = self.schema.table(table_name)
+        data = self._check(table, data)
+        dt = self.delta(table_name, latest=True)
+        if dt is None:
+            write_deltalake(str(self.table_path(table_name)), data, mode="append", writer_properties=_WRITER)
+            return
+        pred = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
+        m = dt.merge(data, pred, source_alias="s", target_alias="t", writer_properties=_WRITER)
+        if update:
+            m = m.when_matched_update_all()
+        m.when_not_matched_insert_all().execute()
+
+    def stored_units(self, table_name: str, source: str, unit_keys: Sequence[str]) -> dict[str, tuple[str | None, str, int]]:
+        """For the given units of one source: unit_key -> (version, content_hash, row count)."""
+        if not unit_keys:
+            return {}
+        ds = self.dataset(table_name, latest=True)
+        if ds.count_rows() == 0:
+            return {}
+        found = self.read(
+            table_name, ["unit_key", "unit_version", "content_hash", "row_index"], latest=True,
+            filter=(pc.field("source") == source) & pc.field("unit_key").isin(pa.array(list(unit_keys), pa.string())),
+        )
+        if found.num_rows == 0:
+            return {}
+        agg = found.group_by("unit_key").aggregate(
+            [("unit_version", "max"), ("content_hash", "max"), ("row_index", "max")])
+        return {k: (v, h, n + 1) for k, v, h, n in zip(
+            agg.column("unit_key").to_pylist(), agg.column("unit_version_max").to_pylist(),
+            agg.column("content_hash_max").to_pylist(), agg.column("row_index_max").to_pylist(), strict=True)}
+
+    def upsert_units(self, table_name: str, source: str, rows: pa.Table,
+                     units: dict[str, tuple[str | None, str, int]]) -> UpsertStats:
+        """Store the rows of `units` (unit_key -> (version, content hash, row count)) of one source.
+
+        `rows` holds every row of those units, with all columns of the table. Units
+        with zero rows are allowed: if stored before, their rows are deleted (the
+        source still has the unit, but it no longer maps to this table).
+        """
+        table = self.schema.table(table_name)
+        stats = UpsertStats()
+        stored = self.stored_units(table_name, source, list(units))
+        write: list[str] = []
+        tomb_keys: list[str] = []
+        tomb_index: list[int] = []
+        replacing = False
+        for key, (version, digest, n) in units.items():
+            old = stored.get(key)
+            if old is None:
+                outcome = "new" if n else "unchanged"
+            elif old[1] == digest:
+                outcome = "unchanged"
+            elif version_newer(version, old[0]) is False:
+                outcome = "older"
+            else:
+                outcome = "changed"
+            stats.outcome[key] = outcome
+            if outcome == "new":
+                stats.new += 1
+                write.append(key)
+            elif outcome == "changed":
+                stats.changed += 1
+                replacing = True
+                write.append(key)
+                for i in range(n, old[2]):
+                    tomb_keys.append(key)
+                    tomb_index.append(i)
+            elif outcome == "older":
+                stats.older += 1
+            else:
+                stats.unchanged += 1
+        if not write:
+            return stats
+        data = rows if len(write) == len(units) else rows.filter(pc.is_in(rows.column("unit_key"), pa.array(write)))
+        data = self._check(table, data)
+        stats.rows_written = data.num_rows
+        stats.rows_deleted = len(tomb_keys)
+        path = str(self.table_path(table_name))
+        dt = self.delta(table_name, latest=True)
+        if not replacing or dt is None:
+            write_deltalake(path, data, mode="append", writer_properties=_WRITER)
+            return stats
+        ops = pa.array(["upsert"] * data.num_rows + ["delete"] * len(tomb_keys))
+        if tomb_keys:
+            tomb = {c: pa.nulls(len(tomb_keys), data.schema.field(c).type) for c in data.column_names}
+            tomb["source"] = pa.array([source] * len(tomb_keys), pa.string())
+            tomb["unit_key"] = pa.array(tomb_keys, pa.string())
+            tomb["row_index"] = pa.array(tomb_index, pa.int32())
+            nullable = pa.schema([f.with_nullable(True) for f in data.schema])
+            tomb_table = pa.Table.from_pydict(tomb, schema=nullable)
+            src = pa.concat_tables([data.cast(nullable), tomb_table])
+        else:
+            src = data
+        src = src.append_column("_op", ops)
+        (dt.merge(src, "t.source = s.source AND t.unit_key = s.unit_key AND t.row_index = s.row_index",
+                  source_alias="s", target_alias="t", writer_properties=_WRITER)
+           .when_matched_delete(predicate="s._op = 'delete'")
+           .when_matched_update_all(predicate="s._op = 'upsert'", except_cols=["_op"])
+           .when_not_matched_insert_all(predicate="s._op = 'upsert'", except_cols=["_op"])
+           .execute())
+        return stats
+
+    def delete_units(self, table_name: str, source: str, unit_keys: Sequence[str]) -> int:
+        """Delete every row of these units of one source (deletions, merges). Returns units deleted."""
+        stored = self.stored_units(table_name, source, unit_keys)
+        if not stored:
+            return 0
+        dt = self.delta(table_name, latest=True)
+        assert dt is not None
+        src = pa.table({"source": pa.array([source] * len(stored), pa.string()),
+                        "unit_key": pa.array(list(stored), pa.string())})
+        (dt.merge(src, "t.source = s.source AND t.unit_key = s.unit_key", source_alias="s", target_alias="t",
+                  writer_properties=_WRITER)
+           .when_matched_delete().execute())
+        return len(stored)
+
+    def update_column(self, table_name: str, key_columns: Sequence[str], data: pa.Table, column: str) -> None:
+        """Set `column` on the rows matching `data` by `key_columns` (identity relinking)."""
+        dt = self.delta(table_name, latest=True)
+        if dt is None or data.num_rows == 0:
+            return
+        pred = " AND ".join(f"t.{k} = s.{k}" for k in key_columns)
+        (dt.merge(data, pred, source_alias="s", target_alias="t", writer_properties=_WRITER)
+           .when_matched_update(updates={column: f"s.{column}"}, predicate=f"t.{column} IS DISTINCT FROM s.{column}")
+           .execute())
+
+
+def _fields(expr: pc.Expression) -> list[str]:
+    """Column names an expression refers to (pyarrow has no public accessor for them).
+
+    In the expression's text, option blocks `{...}` and quoted strings hold no field
+    names; what remains are function names (followed by '('), keywords and fields.
+    """
+    text = re.sub(r"\{[^{}]*\}", " ", str(expr))
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', " ", text)
+    names = re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()", text)
+    return list(dict.fromkeys(n for n in names if n not in ("and", "or", "not", "true", "false", "null")))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timestamp_now() -> datetime:
+    return utc_now()
