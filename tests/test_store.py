@@ -113,9 +113,8 @@ def test_a_killed_run_is_rolled_back_by_the_next(tmp_path):
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
     store = Store(tmp_path / "s")
-    with store.locked("first"), pytest.raises(LockHeld, match="first"):
-        with Store(tmp_path / "s").locked("second"):
-            pass
+    with store.locked("first"), pytest.raises(LockHeld, match="first"), Store(tmp_path / "s").locked("second"):
+        pass
     with Store(tmp_path / "s").locked("third"):
         pass
 
