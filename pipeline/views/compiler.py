@@ -58,6 +58,10 @@ class Compiled(NamedTuple):
     fn: Fn
     type: str | None  # static FHIR type of every item, None when not known
     chain: tuple | None = None  # fused member steps from the focus, when the expression is one
+    const: tuple | None = None  # the values, when the expression is a literal or a constant
+    # item(f, scope): the value from the single focus item f (None if empty, DEFER if several);
+    # the fast path of columns and where() criteria, next to the list closure `fn`
+    item: Callable[[Any, Scope], Any] | None = None
 
 
 # --------------------------------------------------------------------------- member walking
@@ -135,6 +139,10 @@ def walk_one(x: Any, steps: tuple) -> list:
     return [x]
 
 
+def _chained(steps: tuple, t: str | None) -> Compiled:
+    return Compiled(_chain_fn(steps), t, steps, None, chain_value(steps))
+
+
 def _chain_fn(steps: tuple) -> Fn:
     if len(steps) == 1 and steps[0][1] is None and steps[0][2] is None:
         key = steps[0][0]
@@ -160,6 +168,101 @@ def _chain_fn(steps: tuple) -> Fn:
         return _walk(focus, steps)
 
     return chain
+
+
+def chain_value(steps: tuple) -> Callable[[Any, Scope], Any]:
+    """The chain's value from one item: the value, None when empty, DEFER when several.
+
+    The same walk as `walk_one`, but each step is its own small closure that hands what
+    it found to the next one, so a path costs one call and one dict lookup per step, with
+    no list built along the way; this is what most columns of most views run per resource.
+    """
+    if not steps:
+        return lambda f, scope: f
+    nxt: Callable[[Any, Any], Any] | None = None
+    for i in range(len(steps) - 1, -1, -1):
+        nxt = _step_closure(steps[i], nxt, steps[i + 1:])
+    assert nxt is not None
+    return nxt
+
+
+def _step_closure(step: tuple, nxt: Callable[[Any, Any], Any] | None, rest: tuple) -> Callable[[Any, Any], Any]:
+    """One step of `chain_value`: look up, pick, and pass the result on (or return it at the end)."""
+    key, cands, pick = step
+
+    def from_list(v: list) -> Any:
+        if None in v:
+            v = [o for o in v if o is not None]
+        if pick is None:
+            return scalar(_walk(v, rest))
+        if pick >= len(v):
+            return None
+        return v[pick] if nxt is None else nxt(v[pick], None)
+
+    if cands is None and nxt is None:
+        def last(x: Any, scope: Any) -> Any:
+            if type(x) is not dict:
+                return None
+            v = x.get(key)
+            if type(v) is list:
+                return from_list(v)
+            return None if pick else v
+        return last
+
+    if cands is None:
+        def middle(x: Any, scope: Any) -> Any:
+            if type(x) is not dict:
+                return None
+            v = x.get(key)
+            if type(v) is list:
+                return from_list(v)
+            return None if v is None or pick else nxt(v, None)  # type: ignore[misc]
+        return middle
+
+    def choice(x: Any, scope: Any) -> Any:
+        if type(x) is not dict:
+            return None
+        v = _lookup(x, key, cands)
+        if type(v) is list:
+            return from_list(v)
+        if v is None or pick:
+            return None
+        return v if nxt is None else nxt(v, None)
+    return choice
+
+
+class _Defer:
+    """The answer of an `item` closure that cannot give one value: use the list closure."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFER"
+
+
+DEFER: Any = _Defer()
+
+
+def scalar(r: list) -> Any:
+    """A collection as one value: None when empty, DEFER when several."""
+    if not r:
+        return None
+    return r[0] if len(r) == 1 else DEFER
+
+
+def item_of(c: Compiled) -> Callable[[Any, Scope], Any]:
+    """The one-item evaluator of an expression: its own, or one made from its list closure."""
+    if c.item is not None:
+        return c.item
+    fn = c.fn
+    return lambda f, scope: scalar(fn([f], scope))
+
+
+def _truth1(v: Any) -> bool | None:
+    """truth() of one value from an item closure (not DEFER)."""
+    if v is None:
+        return None
+    return v if type(v) is bool else True
 
 
 # --------------------------------------------------------------------------- value helpers
@@ -189,6 +292,8 @@ def item_equal(a: Any, b: Any) -> bool:
 def _equal(left: list, right: list) -> list:
     if not left or not right:
         return []
+    if len(left) == 1 and len(right) == 1:
+        return [item_equal(left[0], right[0])]
     if len(left) != len(right):
         return [False]
     return [all(item_equal(a, b) for a, b in zip(left, right, strict=True))]
@@ -317,7 +422,7 @@ class Compiler:
     def node(self, n: Any, ft: str | None) -> Compiled:
         kind = type(n)
         if kind is This:
-            return Compiled(_identity, ft, ())
+            return Compiled(_identity, ft, (), None, lambda f, scope: f)
         if kind is Literal:
             return _literal(n.value, n.type)
         if kind is Member:
@@ -343,7 +448,8 @@ class Compiler:
             values, t = self.constants[name]
             return _literal(values, t)
         if name == "rowIndex":
-            return Compiled(lambda focus, scope: [scope.row_index], "integer")
+            return Compiled(lambda focus, scope: [scope.row_index], "integer", None, None,
+                            lambda f, scope: scope.row_index)
         if name in ("resource", "rootResource", "context"):
             return Compiled(lambda focus, scope: [scope.root], None)
         if name in _WELL_KNOWN:
@@ -369,8 +475,7 @@ class Compiler:
 
     def _step(self, target: Compiled, step: tuple, t: str | None) -> Compiled:
         if target.chain is not None:
-            steps = target.chain + (step,)
-            return Compiled(_chain_fn(steps), t, steps)
+            return _chained(target.chain + (step,), t)
         tfn, steps1 = target.fn, (step,)
         return Compiled(lambda focus, scope: _walk(tfn(focus, scope), steps1), t)
 
@@ -386,8 +491,7 @@ class Compiler:
         """first() / [n] / last-step index: fuse into the chain when possible."""
         if target.chain and target.chain[-1][2] is None:
             key, cands, _ = target.chain[-1]
-            steps = target.chain[:-1] + ((key, cands, pick),)
-            return Compiled(_chain_fn(steps), target.type, steps)
+            return _chained(target.chain[:-1] + ((key, cands, pick),), target.type)
         tfn = target.fn
         return Compiled(lambda focus, scope: tfn(focus, scope)[pick:pick + 1], target.type)
 
@@ -453,7 +557,7 @@ class Compiler:
         target = self.node(target_node, ft)
         if target.type is not None:
             if model.is_subtype(target.type, t):
-                return Compiled(target.fn, t, target.chain)
+                return target._replace(type=t)
             return _literal((), t)
         tfn = target.fn
         return Compiled(lambda focus, scope: [v for v in tfn(focus, scope) if _json_type_ok(v, t)], t)
@@ -477,7 +581,13 @@ class Compiler:
         left, right = self.node(n.left, ft), self.node(n.right, ft)
         lf, rf, op = left.fn, right.fn, n.op
         if op in ("and", "or", "xor", "implies"):
-            return Compiled(_logic(op, lf, rf), "boolean")
+            fn = _logic(op, lf, rf)
+            return Compiled(fn, "boolean", item=_logic_item(op, item_of(left), item_of(right), fn)
+                            if op in ("and", "or") else None)
+        if op in ("=", "!="):
+            fn = (lambda focus, scope: _equal(lf(focus, scope), rf(focus, scope))) if op == "=" else \
+                (lambda focus, scope: [not r for r in _equal(lf(focus, scope), rf(focus, scope))])
+            return Compiled(fn, "boolean", item=_equal_item(op == "!=", item_of(left), item_of(right), fn))
         if op == "|":
             return Compiled(lambda focus, scope: _union(lf(focus, scope), rf(focus, scope)),
                             left.type if left.type == right.type else None)
@@ -541,7 +651,8 @@ def _literal(values: tuple, t: str | None) -> Compiled:
     def lit(focus: list, scope: Scope) -> list:
         return list(values)
 
-    return Compiled(lit, t)
+    v = values[0] if values else None
+    return Compiled(lit, t, None, values, (lambda f, scope: v) if len(values) <= 1 else None)
 
 
 def _type_arg(n: Call) -> str:
@@ -591,6 +702,42 @@ def _logic(op: str, lf: Fn, rf: Fn) -> Fn:
     return {"and": and_, "or": or_, "xor": xor_, "implies": implies_}[op]
 
 
+def _equal_item(negate: bool, li: Callable, ri: Callable, fn: Fn) -> Callable[[Any, Scope], Any]:
+    def equal1(f: Any, scope: Scope) -> Any:
+        a = li(f, scope)
+        if a is None:
+            return None
+        b = ri(f, scope)
+        if b is None:
+            return None
+        if a is DEFER or b is DEFER:
+            return scalar(fn([f], scope))
+        return item_equal(a, b) is not negate
+
+    return equal1
+
+
+def _logic_item(op: str, li: Callable, ri: Callable, fn: Fn) -> Callable[[Any, Scope], Any]:
+    stop = op == "or"  # the value that decides alone: False for and, True for or
+
+    def logic1(f: Any, scope: Scope) -> Any:
+        a = li(f, scope)
+        if a is DEFER:
+            return scalar(fn([f], scope))
+        a = _truth1(a)
+        if a is stop:
+            return stop
+        b = ri(f, scope)
+        if b is DEFER:
+            return scalar(fn([f], scope))
+        b = _truth1(b)
+        if b is stop:
+            return stop
+        return None if a is None or b is None else not stop
+
+    return logic1
+
+
 def _union(a: list, b: list) -> list:
     out: list = []
     for v in a + b:
@@ -629,10 +776,19 @@ def _b_first(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Comp
 
 
 def _b_where(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
-    tfn, crit = target.fn, c.lambda_arg(args[0], target)
+    tfn = target.fn
+    cc = c.node(args[0], target.type)
+    crit, crit_list = item_of(cc), cc.fn
 
     def where(focus: list, scope: Scope) -> list:
-        return [x for x in tfn(focus, scope) if truth(crit([x], scope), "where()") is True]
+        out = []
+        for x in tfn(focus, scope):
+            v = crit(x, scope)
+            if v is DEFER:
+                v = truth(crit_list([x], scope), "where()")
+            if v is True or (v is not None and v is not False):
+                out.append(x)
+        return out
 
     return Compiled(where, target.type)
 
@@ -652,7 +808,12 @@ def _b_select(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Com
 def _b_exists(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
     tfn = target.fn
     if not args:
-        return Compiled(lambda focus, scope: [bool(tfn(focus, scope))], "boolean")
+        titem = item_of(target)
+
+        def exists1(f: Any, scope: Scope) -> Any:
+            return titem(f, scope) is not None  # DEFER: several, so it exists
+
+        return Compiled(lambda focus, scope: [bool(tfn(focus, scope))], "boolean", item=exists1)
     crit = c.lambda_arg(args[0], target)
     return Compiled(lambda focus, scope: [any(truth(crit([x], scope), "exists()") is True
                                               for x in tfn(focus, scope))], "boolean")
@@ -677,7 +838,17 @@ def _b_iif(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compil
             raise RowError("not-singleton", f"iif(): expected one input item, got {len(f)}")
         return yf(f, scope) if truth(cf(f, scope), "iif()") is True else nf(f, scope)
 
-    return Compiled(iif, t)
+    if target.chain != ():  # iif() on something else than the focus: the list path only
+        return Compiled(iif, t)
+    ci, yi, ni = item_of(cond), item_of(yes), item_of(no)
+
+    def iif1(f: Any, scope: Scope) -> Any:
+        b = ci(f, scope)
+        if b is DEFER:
+            b = truth(cf([f], scope), "iif()")
+        return yi(f, scope) if _truth1(b) else ni(f, scope)
+
+    return Compiled(iif, t, item=iif1)
 
 
 def _b_extension(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
@@ -714,7 +885,15 @@ def _b_resource_key(c: Compiler, target: Compiled, args: tuple, ft: str | None) 
                 out.append(k)
         return out
 
-    return Compiled(resource_key, "string")
+    titem = item_of(target)
+
+    def resource_key1(f: Any, scope: Scope) -> Any:
+        r = titem(f, scope)
+        if r is None or r is DEFER:
+            return scalar(resource_key([f], scope))
+        return scope.ctx.resource_key(r if type(r) is dict and "resourceType" in r else scope.root)
+
+    return Compiled(resource_key, "string", item=resource_key1)
 
 
 def _b_reference_key(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
@@ -740,7 +919,18 @@ def _b_reference_key(c: Compiler, target: Compiled, args: tuple, ft: str | None)
                         out.append(k)
         return out
 
-    return Compiled(reference_key, "string")
+    titem = item_of(target)
+
+    def reference_key1(f: Any, scope: Scope) -> Any:
+        ref = titem(f, scope)
+        if type(ref) is dict:
+            r = ref.get("reference")
+            return scope.ctx.reference_key(r, want) if type(r) is str else None
+        if ref is DEFER:
+            return scalar(reference_key([f], scope))
+        return None
+
+    return Compiled(reference_key, "string", item=reference_key1)
 
 
 def _b_boundary(high: bool):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from . import model
-from .compiler import Compiled, Compiler, Scope, truth
+from .compiler import DEFER, Compiled, Compiler, Scope, item_of, truth
 from .context import DEFAULT_CONTEXT, ViewContext
 from .errors import RowError, ViewError
 
@@ -122,7 +122,9 @@ def compile_view(view_definition: dict) -> CompiledView:
                             "compare it (= 'x') or test it (.exists())")
         wheres.append((w["path"], c.fn))
 
-    top = _compile_select({"select": selects}, "", compiler, focus_type, [])
+    # one top-level select is the whole view: no container level to join through
+    top = _compile_select(selects[0] if len(selects) == 1 else {"select": selects},
+                          "select[0]" if len(selects) == 1 else "", compiler, focus_type, [])
     return CompiledView(name, resource, top.columns, wheres, top.emit)
 
 
@@ -175,15 +177,17 @@ def _compile_select(s: Any, where: str, compiler: Compiler, ft: str | None, seen
         focus_fn, inner_type = _repeat(s["repeat"], compiler, ft, f"{where}.repeat")
 
     columns: list[Column] = []
-    col_fns: list[Callable[[list, Scope], Any]] = []
+    col_fns: list[Callable[[Any, Scope], Any]] = []  # value from the focus item, or DEFER
+    empty_fns: list[Callable[[list, Scope], Any]] = []  # value from a focus list
     raw_columns = s.get("column", [])
     if not isinstance(raw_columns, list):
         raise ViewError(f"{where}.column must be a list")
     for i, col in enumerate(raw_columns):
-        column, fn = _compile_column(col, f"{where}.column[{i}]", compiler, inner_type)
+        column, fn, empty_fn = _compile_column(col, f"{where}.column[{i}]", compiler, inner_type)
         _claim(column.name, seen, f"{where}.column[{i}]")
         columns.append(column)
         col_fns.append(fn)
+        empty_fns.append(empty_fn)
 
     parts: list[_Select] = []
     raw_selects = s.get("select", [])
@@ -215,7 +219,7 @@ def _compile_select(s: Any, where: str, compiler: Compiler, ft: str | None, seen
             _claim(c.name, seen, f"{where}.unionAll")
         columns.extend(first)
 
-    emit = _emitter(col_fns, [p.emit for p in parts], [u.emit for u in union],
+    emit = _emitter(col_fns, empty_fns, [p.emit for p in parts], [u.emit for u in union],
                     focus_fn, or_null, len(columns))
     return _Select(emit, columns)
 
@@ -226,7 +230,7 @@ def _claim(name: str, seen: list[str], where: str) -> None:
     seen.append(name)
 
 
-def _compile_column(col: Any, where: str, compiler: Compiler, ft: str | None) -> tuple[Column, Callable]:
+def _compile_column(col: Any, where: str, compiler: Compiler, ft: str | None) -> tuple[Column, Callable, Callable]:
     if not isinstance(col, dict):
         raise ViewError(f"{where} must be a JSON object")
     name, path = col.get("name"), col.get("path")
@@ -245,16 +249,21 @@ def _compile_column(col: Any, where: str, compiler: Compiler, ft: str | None) ->
         raise ViewError(f"{where}.type must be a FHIR type name")
     desc = col.get("description")
     c = compiler.expression(path, ft, f"{where} ({name})")
-    return Column(name, ctype, collection, desc if isinstance(desc, str) else None), \
-        _column_fn(c, name, path, collection)
+    return (Column(name, ctype, collection, desc if isinstance(desc, str) else None),
+            *_column_fn(c, name, path, collection))
 
 
-def _column_fn(c: Compiled, name: str, path: str, collection: bool) -> Callable[[list, Scope], Any]:
+def _column_fn(c: Compiled, name: str, path: str, collection: bool) -> tuple[Callable, Callable]:
+    """(value from one focus item, value of a whole focus list) for one column.
+
+    The first may answer DEFER (several values); the select then asks the second, which
+    returns a list for a collection column and raises RowError for any other.
+    """
     fn = c.fn
     if collection:
-        return fn
+        return (lambda f, scope: list(fn([f], scope))), (lambda focus, scope: list(fn(focus, scope)))
 
-    def value(focus: list, scope: Scope) -> Any:
+    def one(focus: list, scope: Scope) -> Any:
         r = fn(focus, scope)
         if not r:
             return None
@@ -263,7 +272,7 @@ def _column_fn(c: Compiled, name: str, path: str, collection: bool) -> Callable[
         raise RowError("multiple-values", f"column {name} ({path!r}) gave {len(r)} values but is not a "
                                           "collection: add first() or \"collection\": true")
 
-    return value
+    return item_of(c), one
 
 
 def _focus_of(c: Compiled) -> Callable[[Any, Scope], list]:
@@ -298,23 +307,28 @@ def _repeat(paths: Any, compiler: Compiler, ft: str | None, where: str):
     return repeat, t
 
 
-def _emitter(cols: list, subs: list[Emit], union: list[Emit], focus_fn, or_null: bool, width: int) -> Emit:
+def _emitter(cols: list, empties: list, subs: list[Emit], union: list[Emit], focus_fn, or_null: bool,
+             width: int) -> Emit:
     """The closure that turns one item into this select's partial rows."""
 
-    def own(f: Any, scope: Scope) -> tuple:
+    def fix(f: Any, scope: Scope, head: tuple) -> tuple:
         focus = [f]
-        return tuple([c(focus, scope) for c in cols])
+        return tuple([empties[i](focus, scope) if v is DEFER else v for i, v in enumerate(head)])
 
     def rows_for(f: Any, scope: Scope) -> list[tuple]:
-        head = own(f, scope)
+        head = tuple([c(f, scope) for c in cols])
+        if DEFER in head:  # a column with several values: a list, or RowError
+            head = fix(f, scope, head)
+        if not subs and not union:
+            return [head]
         parts = [s(f, scope) for s in subs]
         if union:
             u: list = []
             for b in union:
                 u.extend(b(f, scope))
             parts.append(u)
-        if not parts:
-            return [head]
+        if len(parts) == 1:
+            return [head + r for r in parts[0]]
         if all(len(p) == 1 for p in parts):
             row = head
             for p in parts:
@@ -335,7 +349,7 @@ def _emitter(cols: list, subs: list[Emit], union: list[Emit], focus_fn, or_null:
         if not foci and or_null:
             # no item: one row, own columns seen over an empty focus (so %rowIndex is 0), the rest null
             scope.row_index = 0
-            head = tuple([c([], scope) for c in cols])
+            head = tuple([c([], scope) for c in empties])
             out.append(head + (None,) * (width - len(head)))
         scope.row_index = saved
         return out
