@@ -11,7 +11,7 @@ import hashlib
 import json
 import secrets
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -112,7 +112,7 @@ class Run:
 
     def counts_json(self) -> str:
         return json.dumps({
-            "sources": {s: {k: v for k, v in vars(c).items()} for s, c in sorted(self.counts.items())},
+            "sources": {s: asdict(c) for s, c in sorted(self.counts.items())},
             "tables": {t: dict(v) for t, v in sorted(self.rows.items())},
             "notes": self.notes,
         }, sort_keys=True)

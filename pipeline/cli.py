@@ -1,0 +1,243 @@
+"""The `twin` command: a thin layer over the library.
+
+Each command parses its arguments, calls one library function, prints a summary, and
+turns library errors into a clean message and a documented exit code (README, "Exit
+codes"). No logic lives here that a scheduler or a test could not reach through the
+library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, Exit, TwinlineError
+from .store import Store, default_store_path
+
+log = logging.getLogger("twinline")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def print_run_summary(run, out=sys.stdout) -> None:
+    """The summary every writing command ends with: read, written per table, quarantined."""
+    t = run.totals()
+    print(f"run {run.run_id} ({run.command}): {run.status()}", file=out)
+    for source, c in sorted(run.counts.items()):
+        parts = [f"written {_fmt(c.written)}", f"unchanged {_fmt(c.unchanged)}"]
+        if c.ignored:
+            kinds = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c.ignored_types.items(), key=lambda kv: -kv[1]))
+            parts.append(f"ignored {_fmt(c.ignored)} (no view: {kinds})" if kinds else f"ignored {_fmt(c.ignored)}")
+        parts.append(f"quarantined {_fmt(c.quarantined)}")
+        if c.deleted:
+            parts.append(f"of which deletions {_fmt(c.deleted)}")
+        ok = "" if c.reconciles() else "  (DOES NOT RECONCILE: please report)"
+        print(f"  {source}: read {_fmt(c.read)} units = " + " + ".join(parts) + ok, file=out)
+    tables = {k: v for k, v in sorted(run.rows.items()) if k != "quarantine" and any(v.values())}
+    if tables:
+        print("  rows written: " + ", ".join(f"{k} {_fmt(v.get('written', 0))}" for k, v in tables.items()), file=out)
+    if t.quarantined:
+        print(f"  {_fmt(t.quarantined)} unit(s) quarantined: `twin quarantine list` shows them", file=out)
+    for note in run.notes:
+        print(f"  note: {note}", file=out)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["error"] = record.exc_info[1].__class__.__name__ if record.exc_info[1] else None
+        return json.dumps(doc)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = logging.DEBUG if args.verbose >= 2 else logging.INFO if args.verbose == 1 else logging.WARNING
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _progress_bar(label: str):
+    """A byte-based progress bar on stderr, only when a person is watching."""
+    if not sys.stderr.isatty() or os.environ.get("TWIN_NO_PROGRESS"):
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False)
+
+    def update(state) -> None:
+        bar.total = state.total_bytes
+        bar.n = state.done_bytes
+        bar.set_postfix_str(f"{state.units:,} units", refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(Path(args.store) if args.store else default_store_path())
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .imports import run_import
+
+    options: dict[str, Any] = {}
+    update, close = _progress_bar(f"import {args.kind}")
+    try:
+        run = run_import(_store(args), args.kind, args.paths, source=args.source, options=options,
+                         reprocess=args.reprocess, progress=update)
+    finally:
+        close()
+    print_run_summary(run)
+    return int(run.exit_code())
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .temporal import parse_instant_arg
+    from .twins import build_twins
+
+    as_of = parse_instant_arg(args.as_of) if args.as_of else None
+    result = build_twins(_store(args), as_of=as_of, force=args.force)
+    print(result.summary())
+    return int(Exit.OK)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .twins import show_twin
+
+    print(show_twin(_store(args), args.patient))
+    return int(Exit.OK)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import store_status
+
+    print(store_status(_store(args), limit=args.limit))
+    return int(Exit.OK)
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from . import quarantine
+
+    store = _store(args)
+    if args.action == "list":
+        print(quarantine.list_entries(store, limit=args.limit, reason=args.reason, include_resolved=args.all))
+    elif args.action == "show":
+        if not args.id:
+            raise ConfigError("`twin quarantine show` needs the entry id (from `twin quarantine list`)")
+        print(quarantine.show_entry(store, args.id, payload=args.payload))
+    return int(Exit.OK)
+
+
+def cmd_views_test(args: argparse.Namespace) -> int:
+    from .views.conformance import main as run_folder
+
+    return run_folder(args.dir)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", metavar="DIR", help="the twin store (default: $TWIN_STORE or ./twinstore)")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    common.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines on stderr as text (default) or JSON lines")
+
+    p = argparse.ArgumentParser(prog="twin", description="Twinline: patient digital twins from hospital data.",
+                                parents=[common])
+    p.add_argument("--version", action="version", version=f"twinline {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    imp = sub.add_parser("import", parents=[common], help="import files and folders",
+                         description="Import files and folders of one kind into the store, as one run.")
+    imp.add_argument("kind", choices=["fhir"], help="what the files hold")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (folders are walked)")
+    imp.add_argument("--source", help="source name recorded on every row (default: the kind)")
+    imp.add_argument("--reprocess", action="store_true",
+                     help="read files again even if the ledger says they were imported unchanged")
+    imp.set_defaults(func=cmd_import)
+
+    b = sub.add_parser("build", parents=[common], help="assemble the twins", description="Assemble one twin per patient.")
+    b.add_argument("--as-of", metavar="T", help="the state as known at T (a date or date-time)")
+    b.add_argument("--force", action="store_true", help="build even though the last gate failed (recorded in runs)")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("show", parents=[common], help="print one twin", description="Print a readable summary of one twin.")
+    s.add_argument("patient", metavar="PATIENT", help="a twin id, or a source patient id")
+    s.set_defaults(func=cmd_show)
+
+    st = sub.add_parser("status", parents=[common], help="recent runs, watermarks, store size")
+    st.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")
+    st.set_defaults(func=cmd_status)
+
+    q = sub.add_parser("quarantine", parents=[common], help="inspect quarantined units",
+                       description="List or show units that could not be used.")
+    q.add_argument("action", choices=["list", "show"])
+    q.add_argument("id", nargs="?", help="entry id (show)")
+    q.add_argument("--limit", type=int, default=50, help="entries to list (default 50)")
+    q.add_argument("--reason", help="only entries with this reason code")
+    q.add_argument("--all", action="store_true", help="include resolved entries")
+    q.add_argument("--payload", action="store_true", help="print the raw payload too (it may hold patient data)")
+    q.set_defaults(func=cmd_quarantine)
+
+    v = sub.add_parser("views", parents=[common], help="SQL-on-FHIR view tools")
+    vsub = v.add_subparsers(dest="views_command", required=True, metavar="ACTION")
+    vt = vsub.add_parser("test", parents=[common], help="run a folder of SQL-on-FHIR v2 tests",
+                         description="Run a folder of tests in the official SQL-on-FHIR v2 format; "
+                                     "ends with `N passed, M failed`.")
+    vt.add_argument("dir", metavar="DIR")
+    vt.set_defaults(func=cmd_views_test)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except TwinlineError as e:
+        print(f"twin: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        print("twin: interrupted; the store is left as it was before this run", file=sys.stderr)
+        return int(Exit.INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a clean message, no data
+        # Library exceptions can quote values (pyarrow does): only the type and place are
+        # printed unless -vv asks for the traceback, which goes to the log.
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb else "?"
+        log.debug("internal error", exc_info=True)
+        print(f"twin: internal error ({type(e).__name__} at {where}); the store is left as it was before this run. "
+              "Please report it (run with -vv for the traceback).", file=sys.stderr)
+        return int(Exit.INTERNAL)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
