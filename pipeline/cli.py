@@ -31,8 +31,9 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def print_run_summary(run, out=sys.stdout) -> None:
+def print_run_summary(run, out=None) -> None:
     """The summary every writing command ends with: read, written per table, quarantined."""
+    out = out or sys.stdout
     t = run.totals()
     print(f"run {run.run_id} ({run.command}): {run.status()}", file=out)
     for source, c in sorted(run.counts.items()):

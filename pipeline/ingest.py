@@ -483,10 +483,12 @@ class Ingest:
             self._spill_path.unlink(missing_ok=True)
             self.flush()
             self.resolver.final = False
-        if self.resolver.unresolved:
-            self.run.notes.append(f"{self.source}: {self.resolver.unresolved} references did not resolve "
-                                  "(stored as null; see the gate's reference checks)")
-            self.resolver.unresolved = 0
+        missed = self.resolver.unresolved
+        if missed:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(missed.items()))
+            self.run.notes.append(f"{self.source}: {sum(missed.values())} references did not resolve ({kinds}); "
+                                  "stored as null, see the gate's reference checks")
+            self.resolver.unresolved = {}
 
 
 def _payload(unit: Resource) -> dict[str, Any]:

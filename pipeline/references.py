@@ -84,7 +84,7 @@ class Resolver(ViewContext):
         self.index = index
         self.full_urls: Mapping[str, str] | None = None
         self.final = False
-        self.unresolved = 0
+        self.unresolved: dict[str, int] = {}
 
     def reference_key(self, reference: str, type_filter: str | None) -> str | None:
         if not isinstance(reference, str):
@@ -94,7 +94,7 @@ class Resolver(ViewContext):
         if target is not None:
             rtype, _, rid = target.partition("/")
         elif reference.startswith("urn:"):
-            self.unresolved += 1
+            self._miss("urn")
             return None
         elif "?" in reference:
             rtype, _, query = reference.partition("?")
@@ -103,7 +103,7 @@ class Resolver(ViewContext):
             if found is None:
                 if not self.final:
                     raise Unresolved(reference)
-                self.unresolved += 1
+                self._miss(rtype)
                 return None
             rid = found
         else:
@@ -114,6 +114,9 @@ class Resolver(ViewContext):
         if type_filter is not None and rtype != type_filter:
             return None
         return rid
+
+    def _miss(self, kind: str) -> None:
+        self.unresolved[kind] = self.unresolved.get(kind, 0) + 1
 
     def _conditional(self, rtype: str, query: str) -> str | None:
         for name, val in parse_qsl(query, keep_blank_values=True):

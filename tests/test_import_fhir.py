@@ -1,0 +1,305 @@
+"""The spine end to end: FHIR files -> views -> Delta tables, with counts checked against the input.
+
+Expected row counts are computed here independently of the pipeline, from the input
+files with the stdlib json module, so a view or ingest bug cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.cli import main as twin
+from pipeline.imports import run_import
+from pipeline.store import Store
+from tests.conftest import FIXTURES, REPO
+
+MED_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")
+
+
+def resources_in(paths: list[Path]):
+    """Every resource of the input, by an independent reader."""
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            name = f.name
+            if name == "log.ndjson" or not name.endswith((".json", ".ndjson", ".ndjson.gz")):
+                continue
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(f, "rt", encoding="utf-8") as fh:
+                if ".ndjson" in name:
+                    for line in fh:
+                        if line.strip():
+                            yield json.loads(line)
+                else:
+                    doc = json.load(fh)
+                    if doc.get("resourceType") == "Bundle":
+                        for e in doc.get("entry", []):
+                            if "resource" in e:
+                                yield e["resource"]
+                    else:
+                        yield doc
+
+
+def expected_rows(paths: list[Path]) -> dict[str, int]:
+    """Rows each table must hold. A resource present twice (the same type and id in two
+    files, as in overlapping exports) is one unit, so it is counted once."""
+    unique = {(r["resourceType"], r["id"]): r for r in resources_in(paths)}
+    exp: Counter[str] = Counter()
+    for r in unique.values():
+        t = r["resourceType"]
+        if t == "Observation":
+            exp["observation"] += 1 + len(r.get("component", []))
+        elif t == "Patient":
+            exp["patient"] += 1
+            exp["patient_identifier"] += sum(1 for i in r.get("identifier", []) if "value" in i)
+        elif t in MED_TYPES:
+            exp["medication"] += 1
+        elif t == "ImagingStudy":
+            exp["imaging_study"] += 1
+            exp["imaging_series"] += len(r.get("series", []))
+        else:
+            table = {"Encounter": "encounter", "Condition": "condition", "Procedure": "procedure",
+                     "Immunization": "immunization", "AllergyIntolerance": "allergy",
+                     "DiagnosticReport": "diagnostic_report", "Device": "device"}.get(t)
+            if table:
+                exp[table] += 1
+    return dict(exp)
+
+
+def table_counts(store: Store) -> dict[str, int]:
+    out = {}
+    for name in ("patient", "patient_identifier", "encounter", "observation", "condition", "medication", "procedure",
+                 "immunization", "allergy", "diagnostic_report", "device", "imaging_study", "imaging_series"):
+        n = store.count(name) if store.exists(name) else 0
+        if n:
+            out[name] = n
+    return out
+
+
+def test_fixtures_row_counts_match_the_input(tmp_path):
+    inputs = [FIXTURES / "fhir"]
+    store = Store(tmp_path / "store")
+    run = run_import(store, "fhir", inputs)
+    c = run.counts["fhir"]
+    assert c.reconciles() and c.quarantined == 0
+    assert c.read == sum(1 for _ in resources_in(inputs))
+    assert table_counts(store) == expected_rows(inputs)
+
+
+def test_every_row_has_provenance_and_a_twin(tmp_path):
+    store = Store(tmp_path / "store")
+    run_import(store, "fhir", [FIXTURES / "fhir"])
+    for name in ("patient", "observation", "encounter", "condition", "medication", "procedure", "immunization"):
+        t = store.read(name)
+        for col in ("source", "source_ref", "run_id", "ingested_at", "unit_key", "content_hash", "twin_id"):
+            assert t.column(col).null_count == 0, (name, col)
+        refs = t.column("source_ref").to_pylist()
+        assert all(":" in r or "#entry[" in r for r in refs)
+    # rows of one patient share the twin id of that patient's row
+    pat = store.read("patient", ["patient_id", "twin_id"])
+    twin_of = dict(zip(pat.column("patient_id").to_pylist(), pat.column("twin_id").to_pylist(), strict=True))
+    obs = store.read("observation", ["patient_id", "twin_id"])
+    for p, tw in zip(obs.column("patient_id").to_pylist(), obs.column("twin_id").to_pylist(), strict=True):
+        assert twin_of[p] == tw
+
+
+def test_references_resolve_urn_uuid_and_conditional(tmp_path):
+    store = Store(tmp_path / "store")
+    run_import(store, "fhir", [FIXTURES / "fhir"])
+    enc = store.read("encounter", ["source_ref", "patient_id", "practitioner_id", "service_provider_id"])
+    pats = set(store.read("patient", ["patient_id"]).column("patient_id").to_pylist())
+    assert set(enc.column("patient_id").to_pylist()) <= pats
+    bulk = enc.filter(pc.match_substring(enc.column("source_ref"), "bulk/"))
+    # bulk Encounters point to practitioners by `Practitioner?identifier=...|npi`, in another file
+    practitioners = {json.loads(line)["id"] for line in open(FIXTURES / "fhir/bulk/Practitioner.000.ndjson")}
+    got = bulk.column("practitioner_id").to_pylist()
+    assert got and all(p in practitioners for p in got)
+    bundle = enc.filter(pc.match_substring(enc.column("source_ref"), "bundles/"))
+    assert bundle.column("service_provider_id").null_count == 0  # urn:uuid references inside the bundle
+
+
+def test_conditional_reference_into_an_earlier_run(tmp_path):
+    store = Store(tmp_path / "store")
+    run_import(store, "fhir", [FIXTURES / "fhir/bulk/Practitioner.000.ndjson"])
+    run = run_import(store, "fhir", [FIXTURES / "fhir/bulk/Encounter.000.ndjson", FIXTURES / "fhir/bulk/Patient.000.ndjson"])
+    # Location and Organization were not imported: only they stay unresolved
+    assert any("did not resolve (Location 125, Organization 125)" in n for n in run.notes)
+    assert store.read("encounter", ["practitioner_id"]).column("practitioner_id").null_count == 0
+
+
+def test_unresolvable_conditional_reference_is_null_and_reported(tmp_path):
+    store = Store(tmp_path / "store")
+    run = run_import(store, "fhir", [FIXTURES / "fhir/bulk/Encounter.000.ndjson"])
+    assert run.counts["fhir"].written == store.count("encounter")
+    assert store.read("encounter", ["practitioner_id"]).column("practitioner_id").null_count == store.count("encounter")
+    assert any("did not resolve" in n for n in run.notes)
+
+
+def snapshot(store: Store, table: str) -> list[dict]:
+    t = store.read(table).drop_columns(["run_id", "ingested_at"])
+    return sorted(t.to_pylist(), key=lambda r: (r["unit_key"], r["row_index"]))
+
+
+def test_reimport_changes_nothing(tmp_path):
+    store = Store(tmp_path / "store")
+    run_import(store, "fhir", [FIXTURES / "fhir"])
+    before = {t: snapshot(store, t) for t in ("patient", "observation", "encounter")}
+    again = run_import(store, "fhir", [FIXTURES / "fhir"])
+    assert again.counts["fhir"].read == 0 and "unchanged since" in again.notes[0]  # the ledger skipped every file
+    forced = run_import(store, "fhir", [FIXTURES / "fhir"], reprocess=True)
+    assert forced.counts["fhir"].written == 0 and forced.counts["fhir"].unchanged > 0
+    assert {t: snapshot(store, t) for t in before} == before
+
+
+def _obs(value, updated=None, version=None, components=0):
+    r = {"resourceType": "Observation", "id": "o1", "status": "final",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+         "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-05-01T10:00:00+02:00",
+         "valueQuantity": {"value": value, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}
+    meta = {}
+    if updated:
+        meta["lastUpdated"] = updated
+    if version:
+        meta["versionId"] = version
+    if meta:
+        r["meta"] = meta
+    if components:
+        r["component"] = [{"code": {"coding": [{"code": f"c{i}"}]}, "valueQuantity": {"value": i}} for i in range(components)]
+    return r
+
+
+def _write(path: Path, *resources) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
+    return path
+
+
+def test_newer_versions_replace_older_never_do(tmp_path):
+    store = Store(tmp_path / "store")
+    run_import(store, "fhir", [_write(tmp_path / "v2.ndjson", _obs(80, "2024-05-02T00:00:00Z", "2", components=2))])
+    assert store.count("observation") == 3
+    run_import(store, "fhir", [_write(tmp_path / "v1.ndjson", _obs(70, "2024-05-01T00:00:00Z", "1"))])
+    vals = store.read("observation", ["value_number"]).column("value_number").to_pylist()
+    assert 80 in vals and 70 not in vals
+    run_import(store, "fhir", [_write(tmp_path / "v3.ndjson", _obs(90, "2024-05-03T00:00:00+01:00", "3"))])
+    t = store.read("observation", ["value_number", "effective_start_offset", "unit_version"])
+    assert t.column("value_number").to_pylist() == [90]  # the shorter new version's extra rows are gone
+    assert t.column("effective_start_offset").to_pylist() == ["+02:00"]
+    # two versions of one resource in one file: the newer wins
+    run_import(store, "fhir", [_write(tmp_path / "both.ndjson", _obs(99, "2024-06-01T00:00:00Z", "5"),
+                                      _obs(95, "2024-05-20T00:00:00Z", "4"))])
+    assert store.read("observation", ["value_number"]).column("value_number").to_pylist() == [99]
+
+
+def test_bad_input_is_quarantined_with_locator_and_counts_reconcile(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = _obs(80)
+    wrong_type = _obs(80)
+    wrong_type["id"] = "o2"
+    wrong_type["valueQuantity"]["value"] = "eighty"
+    bad_date = _obs(81)
+    bad_date["id"] = "o3"
+    bad_date["effectiveDateTime"] = "yesterday"
+    lines = [orjson.dumps(good), b'{"resourceType":"Observation", "id": ', orjson.dumps(wrong_type),
+             b'{"resourceType":"Alien","id":"x"}', b'{"resourceType":"Observation","status":"final"}', orjson.dumps(bad_date)]
+    (folder / "obs.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    (folder / "empty.ndjson").write_bytes(b"")
+    data = gzip.compress(b"\n".join(orjson.dumps(dict(good, id=f"g{i}")) for i in range(3000)))
+    (folder / "cut.ndjson.gz").write_bytes(data[: len(data) // 2])
+    store = Store(tmp_path / "store")
+    run = run_import(store, "fhir", [folder])
+    c = run.counts["fhir"]
+    assert c.reconciles()
+    q = store.read("quarantine").to_pylist()
+    reasons = Counter(r["reason"] for r in q)
+    assert reasons == {"invalid-json": 1, "wrong-type": 2, "unknown-resource-type": 1, "no-id": 1, "empty-file": 1,
+                       "truncated-gzip": 1}
+    assert c.quarantined == len(q) == 7
+    assert store.count("observation") == c.written
+    by_reason = {r["reason"]: r for r in q}
+    assert by_reason["wrong-type"]["source_ref"].endswith(("obs.ndjson:3", "obs.ndjson:6"))
+    assert by_reason["invalid-json"]["payload"].startswith(b'{"resourceType":"Observation"')
+    assert all("eighty" not in r["message"] and "yesterday" not in r["message"] for r in q)
+    assert run.exit_code() == 3
+
+
+def test_deletions_in_a_transaction_are_applied(tmp_path):
+    store = Store(tmp_path / "store")
+    run_import(store, "fhir", [_write(tmp_path / "a.ndjson", _obs(80, components=1))])
+    assert store.count("observation") == 2
+    tx = {"resourceType": "Bundle", "type": "transaction",
+          "entry": [{"request": {"method": "DELETE", "url": "Observation/o1"}}]}
+    (tmp_path / "del.json").write_bytes(orjson.dumps(tx))
+    run = run_import(store, "fhir", [tmp_path / "del.json"])
+    assert run.counts["fhir"].deleted == 1 and run.counts["fhir"].reconciles()
+    assert store.count("observation") == 0
+
+
+def test_cli_summary_and_exit_codes(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    assert twin(["import", "fhir", str(FIXTURES / "fhir/bundles/patient-1.json"), "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "fhir: read 119 units = written" in out and "rows written: " in out
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text("not json\n")
+    assert twin(["import", "fhir", str(bad), "--store", store]) == 3
+    assert twin(["import", "fhir", str(tmp_path / "missing"), "--store", store]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert twin(["build", "--store", store]) == 0
+    assert twin(["show", "2354df0f-349f-4042-a827-2ef12013e69d", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "latest vital signs" in out
+    assert twin(["status", "--store", store]) == 0
+    assert twin(["quarantine", "list", "--store", store]) == 0
+    assert "invalid-json" in capsys.readouterr().out
+
+
+def test_a_killed_import_leaves_the_store_as_before_and_the_next_run_completes(tmp_path):
+    store_dir = tmp_path / "store"
+    run_import(Store(store_dir), "fhir", [FIXTURES / "fhir/bundles/patient-1.json"])
+    before = table_counts(Store(store_dir))
+    # kill the import right after its first table commit, before the run commits
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import pipeline.store as st
+real = st.Store.upsert_units
+def die(self, *a, **k):
+    real(self, *a, **k)
+    os._exit(9)
+st.Store.upsert_units = die
+from pipeline.imports import run_import
+run_import(st.Store({str(store_dir)!r}), "fhir", [{str(FIXTURES / 'fhir')!r}])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == 9
+    assert table_counts(Store(store_dir)) == before
+    run_import(Store(store_dir), "fhir", [FIXTURES / "fhir"])
+    fresh = Store(tmp_path / "fresh")
+    run_import(fresh, "fhir", [FIXTURES / "fhir"])
+    assert table_counts(Store(store_dir)) == table_counts(fresh)
+
+
+@pytest.mark.slow
+def test_shared_synthea_data_row_counts(shared_data, tmp_path):
+    inputs = [shared_data / "fhir" / "generated-sample-data", shared_data / "fhir" / "sample-bulk-fhir-datasets"]
+    store = Store(tmp_path / "store")
+    run = run_import(store, "fhir", inputs)
+    c = run.counts["fhir"]
+    assert c.reconciles() and c.quarantined == 0
+    assert c.read == sum(1 for _ in resources_in(inputs))
+    assert table_counts(store) == expected_rows(inputs)
+    # the tables are plain Delta: pandas reads them without Twinline
+    from deltalake import DeltaTable
+
+    df = DeltaTable(str(tmp_path / "store" / "observation")).to_pandas(columns=["code", "value_number"])
+    assert len(df) == store.count("observation")
