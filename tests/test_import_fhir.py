@@ -120,7 +120,8 @@ def test_references_resolve_urn_uuid_and_conditional(tmp_path):
     assert set(enc.column("patient_id").to_pylist()) <= pats
     bulk = enc.filter(pc.match_substring(enc.column("source_ref"), "bulk/"))
     # bulk Encounters point to practitioners by `Practitioner?identifier=...|npi`, in another file
-    practitioners = {json.loads(line)["id"] for line in open(FIXTURES / "fhir/bulk/Practitioner.000.ndjson")}
+    lines = (FIXTURES / "fhir/bulk/Practitioner.000.ndjson").read_text().splitlines()
+    practitioners = {json.loads(line)["id"] for line in lines}
     got = bulk.column("practitioner_id").to_pylist()
     assert got and all(p in practitioners for p in got)
     bundle = enc.filter(pc.match_substring(enc.column("source_ref"), "bundles/"))
