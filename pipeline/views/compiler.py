@@ -620,6 +620,11 @@ class Compiler:
             raise ViewError(f"{n.name}() takes {want} argument(s), got {len(n.args)}")
         if n.name in ("ofType", "as", "is"):
             return self.of_type(n.target, _type_arg(n), ft, n.name)
+        if n.name in ("exists", "empty") and not n.args and type(n.target) is Call \
+                and n.target.name == "where" and len(n.target.args) == 1:
+            # X.where(c).exists() is X.exists(c): stop at the first match
+            found = _b_exists(self, self.node(n.target.target, ft), n.target.args, ft)
+            return found if n.name == "exists" else _negate(found)
         target = self.node(n.target, ft)
         return build(self, target, n.args, ft)
 
@@ -814,9 +819,25 @@ def _b_exists(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Com
             return titem(f, scope) is not None  # DEFER: several, so it exists
 
         return Compiled(lambda focus, scope: [bool(tfn(focus, scope))], "boolean", item=exists1)
-    crit = c.lambda_arg(args[0], target)
-    return Compiled(lambda focus, scope: [any(truth(crit([x], scope), "exists()") is True
-                                              for x in tfn(focus, scope))], "boolean")
+    cc = c.node(args[0], target.type)
+    crit, crit_list = item_of(cc), cc.fn
+
+    def exists(focus: list, scope: Scope) -> list:
+        for x in tfn(focus, scope):
+            v = crit(x, scope)
+            if v is DEFER:
+                v = truth(crit_list([x], scope), "exists()")
+            if _truth1(v):
+                return [True]
+        return [False]
+
+    return Compiled(exists, "boolean", item=lambda f, scope: exists([f], scope)[0])
+
+
+def _negate(c: Compiled) -> Compiled:
+    fn, item = c.fn, c.item
+    return Compiled(lambda focus, scope: [not v for v in fn(focus, scope)], "boolean",
+                    item=None if item is None else (lambda f, scope: not item(f, scope)))
 
 
 def _b_all(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
