@@ -117,8 +117,7 @@ def _walk(items: list, steps: tuple) -> list:
 
 def walk_one(x: Any, steps: tuple) -> list:
     """The same walk from one item, with plain lookups while the path stays single."""
-    i = 0
-    for key, candidates, pick in steps:
+    for i, (key, candidates, pick) in enumerate(steps):
         if type(x) is not dict:
             return []
         v = x.get(key) if candidates is None else _lookup(x, key, candidates)
@@ -135,7 +134,6 @@ def walk_one(x: Any, steps: tuple) -> list:
         elif pick:
             return []
         x = v
-        i += 1
     return [x]
 
 
