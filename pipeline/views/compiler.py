@@ -117,8 +117,7 @@ def _walk(items: list, steps: tuple) -> list:
 
 def walk_one(x: Any, steps: tuple) -> list:
     """The same walk from one item, with plain lookups while the path stays single."""
-    i = 0
-    for key, candidates, pick in steps:
+    for i, (key, candidates, pick) in enumerate(steps):
         if type(x) is not dict:
             return []
         v = x.get(key) if candidates is None else _lookup(x, key, candidates)
@@ -135,7 +134,6 @@ def walk_one(x: Any, steps: tuple) -> list:
         elif pick:
             return []
         x = v
-        i += 1
     return [x]
 
 
@@ -620,6 +618,11 @@ class Compiler:
             raise ViewError(f"{n.name}() takes {want} argument(s), got {len(n.args)}")
         if n.name in ("ofType", "as", "is"):
             return self.of_type(n.target, _type_arg(n), ft, n.name)
+        if n.name in ("exists", "empty") and not n.args and type(n.target) is Call \
+                and n.target.name == "where" and len(n.target.args) == 1:
+            # X.where(c).exists() is X.exists(c): stop at the first match
+            found = _b_exists(self, self.node(n.target.target, ft), n.target.args, ft)
+            return found if n.name == "exists" else _negate(found)
         target = self.node(n.target, ft)
         return build(self, target, n.args, ft)
 
@@ -668,23 +671,19 @@ def _type_arg(n: Call) -> str:
 
 
 def _logic(op: str, lf: Fn, rf: Fn) -> Fn:
-    def and_(focus: list, scope: Scope) -> list:
-        a = truth(lf(focus, scope), "and")
-        if a is False:
-            return [False]
-        b = truth(rf(focus, scope), "and")
-        if b is False:
-            return [False]
-        return [True] if a and b else []
+    if op in ("and", "or"):
+        stop = op == "or"  # the value that decides alone: False for and, True for or
 
-    def or_(focus: list, scope: Scope) -> list:
-        a = truth(lf(focus, scope), "or")
-        if a is True:
-            return [True]
-        b = truth(rf(focus, scope), "or")
-        if b is True:
-            return [True]
-        return [False] if a is False and b is False else []
+        def and_or(focus: list, scope: Scope) -> list:
+            a = truth(lf(focus, scope), op)
+            if a is stop:
+                return [stop]
+            b = truth(rf(focus, scope), op)
+            if b is stop:
+                return [stop]
+            return [] if a is None or b is None else [not stop]
+
+        return and_or
 
     def xor_(focus: list, scope: Scope) -> list:
         a, b = truth(lf(focus, scope), "xor"), truth(rf(focus, scope), "xor")
@@ -699,7 +698,7 @@ def _logic(op: str, lf: Fn, rf: Fn) -> Fn:
             return [True]
         return [False] if a is True and b is False else []
 
-    return {"and": and_, "or": or_, "xor": xor_, "implies": implies_}[op]
+    return xor_ if op == "xor" else implies_
 
 
 def _equal_item(negate: bool, li: Callable, ri: Callable, fn: Fn) -> Callable[[Any, Scope], Any]:
@@ -814,9 +813,25 @@ def _b_exists(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Com
             return titem(f, scope) is not None  # DEFER: several, so it exists
 
         return Compiled(lambda focus, scope: [bool(tfn(focus, scope))], "boolean", item=exists1)
-    crit = c.lambda_arg(args[0], target)
-    return Compiled(lambda focus, scope: [any(truth(crit([x], scope), "exists()") is True
-                                              for x in tfn(focus, scope))], "boolean")
+    cc = c.node(args[0], target.type)
+    crit, crit_list = item_of(cc), cc.fn
+
+    def exists(focus: list, scope: Scope) -> list:
+        for x in tfn(focus, scope):
+            v = crit(x, scope)
+            if v is DEFER:
+                v = truth(crit_list([x], scope), "exists()")
+            if _truth1(v):
+                return [True]
+        return [False]
+
+    return Compiled(exists, "boolean", item=lambda f, scope: exists([f], scope)[0])
+
+
+def _negate(c: Compiled) -> Compiled:
+    fn, item = c.fn, c.item
+    return Compiled(lambda focus, scope: [not v for v in fn(focus, scope)], "boolean",
+                    item=None if item is None else (lambda f, scope: not item(f, scope)))
 
 
 def _b_all(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
@@ -872,28 +887,34 @@ def _b_join(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compi
     return Compiled(join, "string")
 
 
-def _b_resource_key(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
-    tfn = target.fn
+def _per_item(target: Compiled, each: Callable[[Any, Scope], Any], t: str) -> Compiled:
+    """A function applied to every item of the target, dropping None (the key functions)."""
+    tfn, titem = target.fn, item_of(target)
 
-    def resource_key(focus: list, scope: Scope) -> list:
+    def many(focus: list, scope: Scope) -> list:
         out = []
-        for r in tfn(focus, scope):
-            if type(r) is not dict or "resourceType" not in r:
-                r = scope.root  # called on an element: the key of the resource it sits in
-            k = scope.ctx.resource_key(r)
-            if k is not None:
-                out.append(k)
+        for x in tfn(focus, scope):
+            v = each(x, scope)
+            if v is not None:
+                out.append(v)
         return out
 
-    titem = item_of(target)
+    def one(f: Any, scope: Scope) -> Any:
+        x = titem(f, scope)
+        if x is None:
+            return None
+        return scalar(many([f], scope)) if x is DEFER else each(x, scope)
 
-    def resource_key1(f: Any, scope: Scope) -> Any:
-        r = titem(f, scope)
-        if r is None or r is DEFER:
-            return scalar(resource_key([f], scope))
-        return scope.ctx.resource_key(r if type(r) is dict and "resourceType" in r else scope.root)
+    return Compiled(many, t, item=one)
 
-    return Compiled(resource_key, "string", item=resource_key1)
+
+def _b_resource_key(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
+    def resource_key(r: Any, scope: Scope) -> Any:
+        if type(r) is not dict or "resourceType" not in r:
+            r = scope.root  # called on an element: the key of the resource it sits in
+        return scope.ctx.resource_key(r)
+
+    return _per_item(target, resource_key, "string")
 
 
 def _b_reference_key(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
@@ -906,31 +927,15 @@ def _b_reference_key(c: Compiler, target: Compiled, args: tuple, ft: str | None)
             want = a.value[0]
         else:
             raise ViewError("getReferenceKey() takes a resource type, like getReferenceKey(Patient)")
-    tfn = target.fn
 
-    def reference_key(focus: list, scope: Scope) -> list:
-        out = []
-        for ref in tfn(focus, scope):
-            if type(ref) is dict:
-                r = ref.get("reference")
-                if type(r) is str:
-                    k = scope.ctx.reference_key(r, want)  # Unresolved passes through untouched
-                    if k is not None:
-                        out.append(k)
-        return out
-
-    titem = item_of(target)
-
-    def reference_key1(f: Any, scope: Scope) -> Any:
-        ref = titem(f, scope)
+    def reference_key(ref: Any, scope: Scope) -> Any:
         if type(ref) is dict:
             r = ref.get("reference")
-            return scope.ctx.reference_key(r, want) if type(r) is str else None
-        if ref is DEFER:
-            return scalar(reference_key([f], scope))
+            if type(r) is str:
+                return scope.ctx.reference_key(r, want)  # Unresolved passes through untouched
         return None
 
-    return Compiled(reference_key, "string", item=reference_key1)
+    return _per_item(target, reference_key, "string")
 
 
 def _b_boundary(high: bool):

@@ -22,6 +22,8 @@ from .view import compile_view
 
 
 class TestResult(NamedTuple):
+    __test__ = False  # a result, not a pytest test class
+
     file: str
     title: str
     passed: bool

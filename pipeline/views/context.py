@@ -29,12 +29,10 @@ class ViewContext:
     def reference_key(self, reference: str, type_filter: str | None) -> str | None:
         if type(reference) is not str:
             return None
-        parts = reference.split("/")
-        if len(parts) >= 4 and parts[-2] == "_history":
-            del parts[-2:]
-        if len(parts) < 2:
-            return None
-        rtype, rid = parts[-2], parts[-1]
+        if "/_history/" in reference:
+            reference = reference[:reference.index("/_history/")]
+        head, _, rid = reference.rpartition("/")
+        rtype = head.rpartition("/")[2]
         if not (rid and rtype[:1].isupper() and rtype.isalnum()) or "?" in rid or "#" in rid:
             return None
         if type_filter is not None and rtype != type_filter:

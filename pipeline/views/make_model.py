@@ -54,9 +54,8 @@ def _type_of(annotation: typing.Any) -> tuple[str, bool] | None:
 
 
 def build() -> dict[str, dict[str, typing.Any]]:
-    from pydantic import BaseModel
-
     import fhir.resources.R4B as r4b
+    from pydantic import BaseModel
 
     table: dict[str, dict[str, typing.Any]] = {}
     for info in pkgutil.iter_modules(r4b.__path__):

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from . import model
-from .compiler import DEFER, Compiled, Compiler, Scope, item_of, truth
+from .columns import make_reader
+from .compiler import DEFER, Compiled, Compiler, Scope, truth
 from .context import DEFAULT_CONTEXT, ViewContext
 from .errors import RowError, ViewError
 
@@ -177,16 +178,16 @@ def _compile_select(s: Any, where: str, compiler: Compiler, ft: str | None, seen
         focus_fn, inner_type = _repeat(s["repeat"], compiler, ft, f"{where}.repeat")
 
     columns: list[Column] = []
-    col_fns: list[Callable[[Any, Scope], Any]] = []  # value from the focus item, or DEFER
+    compiled: list[tuple[Compiled, bool]] = []
     empty_fns: list[Callable[[list, Scope], Any]] = []  # value from a focus list
     raw_columns = s.get("column", [])
     if not isinstance(raw_columns, list):
         raise ViewError(f"{where}.column must be a list")
     for i, col in enumerate(raw_columns):
-        column, fn, empty_fn = _compile_column(col, f"{where}.column[{i}]", compiler, inner_type)
+        column, c, empty_fn = _compile_column(col, f"{where}.column[{i}]", compiler, inner_type)
         _claim(column.name, seen, f"{where}.column[{i}]")
         columns.append(column)
-        col_fns.append(fn)
+        compiled.append((c, column.collection))
         empty_fns.append(empty_fn)
 
     parts: list[_Select] = []
@@ -219,7 +220,7 @@ def _compile_select(s: Any, where: str, compiler: Compiler, ft: str | None, seen
             _claim(c.name, seen, f"{where}.unionAll")
         columns.extend(first)
 
-    emit = _emitter(col_fns, empty_fns, [p.emit for p in parts], [u.emit for u in union],
+    emit = _emitter(make_reader(compiled) if compiled else None, empty_fns, [p.emit for p in parts], [u.emit for u in union],
                     focus_fn, or_null, len(columns))
     return _Select(emit, columns)
 
@@ -230,7 +231,7 @@ def _claim(name: str, seen: list[str], where: str) -> None:
     seen.append(name)
 
 
-def _compile_column(col: Any, where: str, compiler: Compiler, ft: str | None) -> tuple[Column, Callable, Callable]:
+def _compile_column(col: Any, where: str, compiler: Compiler, ft: str | None) -> tuple[Column, Compiled, Callable]:
     if not isinstance(col, dict):
         raise ViewError(f"{where} must be a JSON object")
     name, path = col.get("name"), col.get("path")
@@ -249,19 +250,20 @@ def _compile_column(col: Any, where: str, compiler: Compiler, ft: str | None) ->
         raise ViewError(f"{where}.type must be a FHIR type name")
     desc = col.get("description")
     c = compiler.expression(path, ft, f"{where} ({name})")
-    return (Column(name, ctype, collection, desc if isinstance(desc, str) else None),
-            *_column_fn(c, name, path, collection))
+    return Column(name, ctype, collection, desc if isinstance(desc, str) else None), c, \
+        _column_fn(c, name, path, collection)
 
 
-def _column_fn(c: Compiled, name: str, path: str, collection: bool) -> tuple[Callable, Callable]:
-    """(value from one focus item, value of a whole focus list) for one column.
+def _column_fn(c: Compiled, name: str, path: str, collection: bool) -> Callable[[list, Scope], Any]:
+    """The column's value from a focus list: a list for a collection column, else one value.
 
-    The first may answer DEFER (several values); the select then asks the second, which
-    returns a list for a collection column and raises RowError for any other.
+    The select's reader (columns.py) answers most columns from one item; this is asked
+    when it answered DEFER (several values: RowError unless a collection), and for the
+    empty focus of forEachOrNull.
     """
     fn = c.fn
     if collection:
-        return (lambda f, scope: list(fn([f], scope))), (lambda focus, scope: list(fn(focus, scope)))
+        return lambda focus, scope: list(fn(focus, scope))
 
     def one(focus: list, scope: Scope) -> Any:
         r = fn(focus, scope)
@@ -272,7 +274,7 @@ def _column_fn(c: Compiled, name: str, path: str, collection: bool) -> tuple[Cal
         raise RowError("multiple-values", f"column {name} ({path!r}) gave {len(r)} values but is not a "
                                           "collection: add first() or \"collection\": true")
 
-    return item_of(c), one
+    return one
 
 
 def _focus_of(c: Compiled) -> Callable[[Any, Scope], list]:
@@ -307,18 +309,21 @@ def _repeat(paths: Any, compiler: Compiler, ft: str | None, where: str):
     return repeat, t
 
 
-def _emitter(cols: list, empties: list, subs: list[Emit], union: list[Emit], focus_fn, or_null: bool,
-             width: int) -> Emit:
+def _emitter(read: Callable[[Any, Scope], list] | None, empties: list, subs: list[Emit], union: list[Emit],
+             focus_fn, or_null: bool, width: int) -> Emit:
     """The closure that turns one item into this select's partial rows."""
 
-    def fix(f: Any, scope: Scope, head: tuple) -> tuple:
-        focus = [f]
-        return tuple([empties[i](focus, scope) if v is DEFER else v for i, v in enumerate(head)])
+    def head_of(f: Any, scope: Scope) -> tuple:
+        if read is None:
+            return ()
+        values = read(f, scope)
+        if DEFER in values:  # a column with several values: a list, or RowError
+            focus = [f]
+            return tuple([empties[i](focus, scope) if v is DEFER else v for i, v in enumerate(values)])
+        return tuple(values)
 
     def rows_for(f: Any, scope: Scope) -> list[tuple]:
-        head = tuple([c(f, scope) for c in cols])
-        if DEFER in head:  # a column with several values: a list, or RowError
-            head = fix(f, scope, head)
+        head = head_of(f, scope)
         if not subs and not union:
             return [head]
         parts = [s(f, scope) for s in subs]
