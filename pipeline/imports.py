@@ -42,7 +42,7 @@ def _ledger(store: Store, source: str) -> dict[str, tuple[int, int, str]]:
 
 
 def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: str | None = None,
-               options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 100_000,
+               options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
                progress: Callable[[FileProgress], None] | None = None, command: str = "import") -> Run:
     """Import files of one kind as one run; returns the run (its counts say what happened)."""
     try:

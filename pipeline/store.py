@@ -310,18 +310,27 @@ class Store:
         m.when_not_matched_insert_all().execute()
 
     def stored_units(self, table_name: str, source: str, unit_keys: Sequence[str]) -> dict[str, tuple[str | None, str, int]]:
-        """For the given units of one source: unit_key -> (version, content_hash, row count)."""
+        """For the given units of one source: unit_key -> (version, content_hash, row count).
+
+        The table is scanned in batches, keeping only matching rows, so memory stays
+        bounded by the batch and the matches whatever the size of the table.
+        """
         if not unit_keys:
             return {}
-        ds = self.dataset(table_name, latest=True)
-        if ds.count_rows() == 0:
+        dt = self.delta(table_name, latest=True)
+        if dt is None:
             return {}
-        found = self.read(
-            table_name, ["unit_key", "unit_version", "content_hash", "row_index"], latest=True,
-            filter=(pc.field("source") == source) & pc.field("unit_key").isin(pa.array(list(unit_keys), pa.string())),
-        )
-        if found.num_rows == 0:
+        wanted = pa.array(list(unit_keys), pa.large_string())
+        parts = []
+        cols = ["source", "unit_key", "unit_version", "content_hash", "row_index"]
+        for batch in dt.to_pyarrow_dataset(as_large_types=True).to_batches(columns=cols, batch_size=1 << 17):
+            mask = pc.and_(pc.equal(batch.column(0), source), pc.is_in(batch.column(1), value_set=wanted))
+            hit = batch.filter(mask)
+            if hit.num_rows:
+                parts.append(hit)
+        if not parts:
             return {}
+        found = pa.Table.from_batches(parts)
         agg = found.group_by("unit_key").aggregate(
             [("unit_version", "max"), ("content_hash", "max"), ("row_index", "max")])
         return {k: (v, h, n + 1) for k, v, h, n in zip(
