@@ -22,8 +22,8 @@ and is strict where they may be strict, so that a sloppy client fails here first
   before, kid, typ); every data request then needs a valid, unexpired bearer token.
   `auth="bearer"` and `auth="basic"` check a fixed token or user and password.
 - faults on demand (`fault()`): an HTTP status with `Retry-After`, a connection cut after
-  N bytes, a hang after N bytes until released; `next_base` and `file_base` send next
-  links or manifest file URLs to another origin.
+  N bytes, a hang after N bytes until released, a redirect; `next_url` and `file_base`
+  send next links or manifest file URLs to another origin.
 
 Every request is recorded in `seen` for the tests to inspect. Data: NDJSON files, one
 resource a line (`log.ndjson` and other lines without resourceType/id are skipped).
@@ -44,6 +44,7 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,6 +106,7 @@ class Fault:
     body: dict[str, Any] | None = None
     cut_after: int | None = None
     hang: threading.Event | None = None
+    location: str | None = None
     hits: int = 0
 
 
@@ -158,10 +160,11 @@ class FhirTestServer:
         self.basic = basic
         self.requires_access_token = auth is not None and not file_listener
         self.with_file_listener = file_listener
-        self.next_base: str | None = None      # send next links to another origin (SSRF test)
+        self.next_url: str | None = None       # every next link is this URL (another origin, a loop)
         self.file_base: str | None = None      # send manifest file URLs to another origin
         self.search_extra: list[bytes] = []    # raw entries appended to every first search page
         self.export_errors: list[dict[str, Any]] = []
+        self.bulk_extra_lines: list[bytes] = []   # raw lines appended to the first output file of an export
         self.groups: dict[str, list[str]] = {}
         self.seen: list[Seen] = []
         self.kickoffs = 0
@@ -243,10 +246,16 @@ class FhirTestServer:
 
     def fault(self, pattern: str, *, method: str | None = None, times: int = 1, status: int | None = None,
               retry_after: str | None = None, body: dict[str, Any] | None = None, cut_after: int | None = None,
-              hang: bool = False) -> Fault:
-        """The next `times` requests whose path matches `pattern` misbehave as told."""
+              hang: bool = False, location: str | None = None) -> Fault:
+        """The next `times` requests whose path matches `pattern` misbehave as told.
+
+        status: answer this status (with an OperationOutcome or `body`, and `retry_after`);
+        location: answer 302 to this URL; cut_after: send the real answer's headers and
+        this many body bytes, then close the connection (`hang`: first wait until
+        `fault.hang` is set).
+        """
         f = Fault(re.compile(pattern), method, times, status, retry_after, body, cut_after,
-                  threading.Event() if hang else None)
+                  threading.Event() if hang else None, location)
         self.faults.append(f)
         return f
 
@@ -312,6 +321,8 @@ class FhirTestServer:
         query = parse_qs(parts.query, keep_blank_values=True)
         self.seen.append(Seen(method, path, query, headers, role))
         fault = self._fault(method, path)
+        if fault is not None and fault.location is not None:
+            return Reply(302, b"", {"Location": fault.location})
         if fault is not None and fault.status is not None:
             reply = _json(fault.status, fault.body or outcome("transient", f"injected {fault.status}"))
             if fault.retry_after is not None:
@@ -482,9 +493,8 @@ class FhirTestServer:
         page = items[offset:offset + count]
         links = [{"relation": "self", "url": f"{self.base_url}?_getpages={sid}&_getpagesoffset={offset}&_count={count}"}]
         if offset + count < len(items):
-            base = self.next_base or self.base_url
-            links.append({"relation": "next",
-                          "url": f"{base}?_getpages={sid}&_getpagesoffset={offset + count}&_count={count}"})
+            links.append({"relation": "next", "url": self.next_url or
+                          f"{self.base_url}?_getpages={sid}&_getpagesoffset={offset + count}&_count={count}"})
         head: dict[str, Any] = {"resourceType": "Bundle", "id": sid, "type": "searchset", "total": len(items),
                                 "link": links}
         if self.bundle_meta:
@@ -559,6 +569,8 @@ class FhirTestServer:
                 if members is not None and not _in_compartment(s, members):
                     continue
                 lines.append(s.served)
+            if rtype == wanted[0]:
+                lines += self.bulk_extra_lines
             for k in range(0, len(lines), self.lines_per_file):
                 chunk = lines[k:k + self.lines_per_file]
                 self._add_file(job, f"{rtype}-{k // self.lines_per_file}", "output", rtype, chunk)
@@ -690,6 +702,44 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_DELETE = _serve
+
+
+# ---------------------------------------------------------------------- comparing what was served and fetched
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "fhir-server"
+
+
+def canonical(resource: dict[str, Any]) -> bytes:
+    return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+
+
+def file_resources(folder: Path, types: Iterable[str] | None = None,
+                   keep=lambda res: True) -> Counter[tuple[str, str, bytes]]:
+    """The multiset of (type, id, content) of the resources in a folder's NDJSON files."""
+    wanted = set(types) if types is not None else None
+    out: Counter[tuple[str, str, bytes]] = Counter()
+    for path in sorted(Path(folder).glob("*.ndjson")):
+        for line in path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            res = orjson.loads(line)
+            if "resourceType" in res and "id" in res and (wanted is None or res["resourceType"] in wanted) and keep(res):
+                out[(res["resourceType"], res["id"], canonical(res))] += 1
+    return out
+
+
+def fetched_resources(units: Iterable[Any]) -> Counter[tuple[str, str, bytes]]:
+    """The same multiset for the `Resource` units of a fetch."""
+    return Counter((u.resource["resourceType"], u.resource["id"], canonical(u.resource))
+                   for u in units if hasattr(u, "resource"))
+
+
+class Sleeps(list):
+    """Stands in for time.sleep: records each wait instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
 
 
 def main() -> None:

@@ -353,7 +353,9 @@ def _server_time(bundle: dict[str, Any], date: str | None) -> tuple[datetime, st
 def instant(when: datetime) -> str:
     """A FHIR instant in UTC (`2024-05-01T10:00:00Z`); a naive datetime is taken as UTC."""
     when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    return when.isoformat().replace("+00:00", "Z")
+    micro = when.microsecond
+    spec = "seconds" if not micro else "milliseconds" if micro % 1000 == 0 else "microseconds"
+    return when.isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 def _ids(text: str) -> list[str]:
