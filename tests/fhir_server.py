@@ -42,6 +42,7 @@ import gzip
 import hashlib
 import re
 import secrets
+import sys
 import threading
 import time
 from collections import Counter
@@ -180,7 +181,7 @@ class FhirTestServer:
         self._lock = threading.RLock()
         self._last = datetime(2000, 1, 1, tzinfo=UTC)
         self._gz_cache: dict[tuple[str, str], bytes] = {}
-        self._servers: list[ThreadingHTTPServer] = []
+        self._servers: list[_Server] = []
         for folder in ([data] if isinstance(data, Path) else list(data or [])):
             self.load(folder)
 
@@ -282,15 +283,14 @@ class FhirTestServer:
         return self.origin + "/auth/token"
 
     @staticmethod
-    def _url(server: ThreadingHTTPServer) -> str:
+    def _url(server: _Server) -> str:
         host, port = server.server_address[:2]
         return f"http://{host}:{port}"
 
     def start(self) -> FhirTestServer:
         roles = ["main", "files"] if self.with_file_listener else ["main"]
         for role in roles:
-            srv = ThreadingHTTPServer(("127.0.0.1", self.port if role == "main" else 0), _Handler)
-            srv.daemon_threads = True
+            srv = _Server(("127.0.0.1", self.port if role == "main" else 0), _Handler)
             srv.app = self     # type: ignore[attr-defined]
             srv.role = role    # type: ignore[attr-defined]
             threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -669,6 +669,15 @@ def _date_test(value: str):
 
 def _json(status: int, doc: dict[str, Any], content_type: str = "application/fhir+json") -> Reply:
     return Reply(status, orjson.dumps(doc), {"Content-Type": content_type})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (the tests' cut and killed downloads) is not an error here."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
