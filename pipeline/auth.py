@@ -225,7 +225,14 @@ class SmartBackendAuth:
         if not isinstance(url, str):
             raise ConfigError(f"{what}: the server's .well-known/smart-configuration names no token_endpoint; "
                               "set auth.token_url")
-        _require_tls(url, "the token endpoint")
+        try:
+            origin_of(url)
+        except ValueError:
+            raise ConfigError(f"{what}: the token_endpoint is not an absolute http(s) URL; set auth.token_url") from None
+        # a server-supplied URL: plain http only when the FHIR server is on loopback too (tests), never
+        # to reach the local machine from a remote server's say-so
+        if not (is_loopback(self._http.base_url) and is_loopback(url)):
+            _require_tls(url, "the discovered token endpoint", loopback_ok=False)
         return url
 
     def _fetch_token(self) -> None:
@@ -280,8 +287,8 @@ def authenticator(cfg: AuthConfig, http: HttpClient):
     return auth
 
 
-def _require_tls(url: str, what: str) -> None:
-    if origin_of(url)[0] != "https" and not is_loopback(url):
+def _require_tls(url: str, what: str, loopback_ok: bool = True) -> None:
+    if origin_of(url)[0] != "https" and not (loopback_ok and is_loopback(url)):
         raise ConfigError(f"{what} is plain http ({origin_text(origin_of(url))}): Twinline sends credentials "
                           "only over https (plain http is accepted for loopback addresses only)")
 

@@ -451,7 +451,10 @@ class HttpClient:
                         if have + got > self.policy.max_file_bytes:
                             raise ConfigError(f"{what}: the file is larger than {self.policy.max_file_bytes} bytes: "
                                               "refused (raise max_file_bytes if it is genuine)")
-                        out.write(chunk)
+                        try:
+                            out.write(chunk)
+                        except OSError as e:   # the local disk, not the connection: no retry
+                            raise SourceUnavailable(f"{what}: cannot write {part.parent} ({e.strerror})") from None
                         if on_bytes is not None:
                             on_bytes(have + got)
                 if expected is not None and got != expected:

@@ -163,6 +163,7 @@ class FhirTestServer:
         self.with_file_listener = file_listener
         self.next_url: str | None = None       # every next link is this URL (another origin, a loop)
         self.file_base: str | None = None      # send manifest file URLs to another origin
+        self.token_endpoint: str | None = None  # what .well-known/smart-configuration names (default: ours)
         self.search_extra: list[bytes] = []    # raw entries appended to every first search page
         self.export_errors: list[dict[str, Any]] = []
         self.bulk_extra_lines: list[bytes] = []   # raw lines appended to the first output file of an export
@@ -357,7 +358,8 @@ class FhirTestServer:
         if segs == ["metadata"]:
             return self._capabilities()
         if segs == [".well-known", "smart-configuration"]:
-            return _json(200, {"token_endpoint": self.token_url, "grant_types_supported": ["client_credentials"],
+            return _json(200, {"token_endpoint": self.token_endpoint or self.token_url,
+                               "grant_types_supported": ["client_credentials"],
                                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
                                "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
                                "scopes_supported": ["system/*.read", "system/*.rs"]}, "application/json")

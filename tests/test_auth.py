@@ -205,3 +205,11 @@ def test_secrets_never_reach_logs_exceptions_or_state(keys, tmp_path, monkeypatc
     for text in texts:
         for secret in secrets:
             assert secret not in text
+
+
+def test_a_discovered_token_endpoint_must_be_https(keys, tmp_path):
+    with FhirTestServer(FIXTURES, auth="smart") as server:
+        server.token_endpoint = "http://169.254.169.254/token"   # a server pointing at a local service
+        with pytest.raises(ConfigError, match="discovered token endpoint is plain http"):
+            list(fetch_fhir(options(server, tmp_path, smart(keys), types=["Patient"])).units())
+        assert server.token_requests == 0

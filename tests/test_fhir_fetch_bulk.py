@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from pipeline.connectors.fhir_server import FetchOptions, fetch_fhir
-from pipeline.errors import SourceUnavailable
+from pipeline.errors import ConfigError, SourceUnavailable
 from pipeline.http import OriginRefused
 from pipeline.units import Deletion, Rejected, Resource
 from tests.fhir_server import FIXTURES, FhirTestServer, Sleeps, fetched_resources, file_resources, outcome
@@ -323,3 +323,11 @@ def test_a_manifest_entry_without_url_is_quarantined(server, tmp_path):
     rejected = [u for u in units if isinstance(u, Rejected)]
     assert [(r.reason, r.source_ref) for r in rejected] == [("bad-manifest-entry", "bulk manifest output[1]")]
     assert len(units) == 3
+
+
+def test_a_state_dir_that_cannot_be_written_is_a_config_error(server, tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(ConfigError, match="state_dir"):
+        list(fetch_fhir(options(server, tmp_path)).units())
+    assert server.kickoffs == 0

@@ -429,10 +429,21 @@ class BulkFetch(_Fetch):
 
     def _save(self, state: dict[str, Any]) -> None:
         """Write atomically: a kill leaves the old state or the new one, never half of one."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({**state, "version": STATE_VERSION}))
-        os.replace(tmp, self.state_file)
+        folder = self._folder(self.dir)
+        try:
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_bytes(orjson.dumps({**state, "version": STATE_VERSION}))
+            os.replace(tmp, self.state_file)
+        except OSError as e:
+            raise ConfigError(f"state_dir: cannot write {folder} ({e.strerror})") from None
+
+    @staticmethod
+    def _folder(path: Path) -> Path:
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"state_dir: cannot make {path} ({e.strerror or type(e).__name__})") from None
+        return path
 
     def _clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -485,6 +496,7 @@ class BulkFetch(_Fetch):
 
     def _kick_off(self) -> str:
         what = f"bulk kick-off {self.path}"
+        self._folder(self.dir)   # before the server starts work that could not be resumed
         url = self.http.url(self.path)
         headers = {**FHIR_JSON, "Prefer": "respond-async"}
         if self.patients:   # the `patient` parameter exists only in a POSTed Parameters resource
@@ -591,8 +603,7 @@ class BulkFetch(_Fetch):
 
     def _download(self, manifest: dict[str, Any]) -> None:
         files = manifest["files"]
-        folder = self.dir / "files"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder = self._folder(self.dir / "files")
         for i, f in enumerate(files):
             if self._on_disk(f) is not None:
                 continue
