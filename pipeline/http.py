@@ -55,6 +55,14 @@ class OriginRefused(ConfigError):
     """A server sent a URL on another origin; Twinline does not follow it (no SSRF)."""
 
 
+class BrokenBody(SourceUnavailable):
+    """An answer whose body stopped before its end: worth another try."""
+
+    def __init__(self, what: str, reason: str):
+        self.reason = reason
+        super().__init__(f"{what}: the answer broke off ({reason}); retry later")
+
+
 class NotFound(ConfigError):
     """404 or 410: the server does not know the URL (an unknown type, an expired export)."""
 
@@ -368,14 +376,18 @@ class HttpClient:
                 raise error_for(resp, what)
             try:
                 return resp, self.read_json(resp, what)
-            except _BrokenBody as e:
+            except BrokenBody as e:
                 attempt += 1
                 if attempt > self.policy.max_retries:
-                    raise SourceUnavailable(f"{what}: the answer broke off {attempt} times ({e}); retry later") from None
-                self._pause(backoff(attempt - 1, self.policy.backoff_base, self.policy.backoff_cap), what, str(e))
+                    raise SourceUnavailable(f"{what}: the answer broke off {attempt} times ({e.reason}); "
+                                            "retry later") from None
+                self._pause(backoff(attempt - 1, self.policy.backoff_base, self.policy.backoff_cap), what, e.reason)
 
     def read_json(self, resp: requests.Response, what: str) -> Any:
-        """The whole body as JSON, refusing bodies past `max_json_bytes` (counted after gunzip)."""
+        """The whole body as JSON, refusing bodies past `max_json_bytes` (counted after gunzip).
+
+        A body cut short raises BrokenBody (a SourceUnavailable: `get_json` tries again).
+        """
         limit = self.policy.max_json_bytes
         buf = bytearray()
         try:
@@ -385,7 +397,7 @@ class HttpClient:
                     raise ConfigError(f"{what}: the answer is larger than {limit} bytes: refused "
                                       "(raise max_json_bytes, or ask for smaller pages with `count`)")
         except BODY_ERRORS as e:
-            raise _BrokenBody(_failure(e)) from None
+            raise BrokenBody(what, _failure(e)) from None
         finally:
             resp.close()
         try:
@@ -458,8 +470,8 @@ class HttpClient:
                         if on_bytes is not None:
                             on_bytes(have + got)
                 if expected is not None and got != expected:
-                    raise _BrokenBody(f"{got} of {expected} bytes")
-            except (_BrokenBody, *BODY_ERRORS) as e:
+                    raise BrokenBody(what, f"connection dropped after {got} of {expected} bytes")
+            except (BrokenBody, *BODY_ERRORS) as e:
                 attempt += 1
                 if attempt > self.policy.max_retries:
                     raise SourceUnavailable(f"{what}: the download broke off {attempt} times ({_failure(e)}); "
@@ -487,14 +499,10 @@ class HttpClient:
         self.sleep(seconds)
 
 
-class _BrokenBody(Exception):
-    """A body that stopped before its end (internal: turned into a retry)."""
-
-
 def _failure(e: BaseException) -> str:
     """What went wrong, in words that name no URL (exception texts of requests quote the URL)."""
-    if isinstance(e, _BrokenBody):
-        return f"connection dropped after {e}"
+    if isinstance(e, BrokenBody):
+        return e.reason
     if isinstance(e, requests.exceptions.ConnectTimeout):
         return "connect timeout"
     if isinstance(e, requests.exceptions.ReadTimeout | urllib3.exceptions.ReadTimeoutError | TimeoutError):

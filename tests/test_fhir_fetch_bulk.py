@@ -331,3 +331,11 @@ def test_a_state_dir_that_cannot_be_written_is_a_config_error(server, tmp_path):
     with pytest.raises(ConfigError, match="state_dir"):
         list(fetch_fhir(options(server, tmp_path)).units())
     assert server.kickoffs == 0
+
+
+def test_a_manifest_cut_short_is_asked_for_again(tmp_path):
+    with FhirTestServer(FIXTURES, stamp_meta=False, polls=0) as server:
+        server.fault(r"/\$export-status/", cut_after=20)
+        units = list(fetch_fhir(options(server, tmp_path)).units())
+        assert len(server.requests_to(r"/\$export-status/")) == 2
+    assert fetched_resources(units) == file_resources(FIXTURES)

@@ -50,6 +50,7 @@ from ..auth import AuthConfig, authenticator
 from ..errors import ConfigError, SourceUnavailable
 from ..fhir import RESOURCE_TYPES, valid_id
 from ..http import (
+    BrokenBody,
     HttpClient,
     HttpPolicy,
     NotFound,
@@ -213,7 +214,7 @@ class SearchFetch(_Fetch):
     """RESTful search, type by type, page by page. Holds one page in memory at a time."""
 
     def units(self) -> Iterator[Unit]:
-        types = self.opts.types or self._searchable_defaults()
+        types = list(dict.fromkeys(self.opts.types)) if self.opts.types else self._searchable_defaults()
         marks: list[tuple[datetime, str]] = []
         for rtype in types:
             mark = yield from self._search(rtype)
@@ -534,12 +535,19 @@ class BulkFetch(_Fetch):
         what = "bulk status"
         clock = self.http.clock
         deadline = clock() + self.opts.poll_timeout
-        polls = 0
+        polls = broken = 0
         while True:
             resp = self.http.request("GET", status_url, what=what, headers={"Accept": "application/json"})
             status = resp.status_code
             if status == 200:
-                return self._checked_manifest(self.http.read_json(resp, what), status_url)
+                try:
+                    return self._checked_manifest(self.http.read_json(resp, what), status_url)
+                except BrokenBody:
+                    broken += 1
+                    if broken > self.opts.max_retries:
+                        raise
+                    self.http.sleep(backoff(broken - 1, 1.0, self.opts.poll_cap))
+                    continue
             if status == 202:
                 polls += 1
                 told = _printable(resp.headers.get("X-Progress", ""))
