@@ -259,7 +259,8 @@ class SmartBackendAuth:
         if not isinstance(token, str) or not token or kind != "bearer":
             raise ConfigError(f"{what}: the answer holds no bearer access_token")
         lifetime = doc.get("expires_in")
-        lifetime = float(lifetime) if isinstance(lifetime, int | float) and lifetime > 0 else 300.0
+        ok = isinstance(lifetime, int | float) and not isinstance(lifetime, bool) and 0 < lifetime < 1e7
+        lifetime = float(lifetime) if ok else 300.0
         self._header = {"Authorization": "Bearer " + token}
         self._expires = started + lifetime - min(60.0, lifetime / 5)
         log.info("%s: got an access token valid for %.0f s", what, lifetime)

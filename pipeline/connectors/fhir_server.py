@@ -247,7 +247,7 @@ class SearchFetch(_Fetch):
             if not isinstance(entries, list):
                 raise SourceUnavailable(f"{what}: Bundle.entry is not a list")
             for i, entry in enumerate(entries):
-                unit = self._entry(entry, f"{label}: page {page} entry {i}")
+                unit = search_entry(entry, f"{label}: page {page} entry {i}")
                 if unit is not None:
                     yield unit
             done += len(entries)
@@ -260,17 +260,6 @@ class SearchFetch(_Fetch):
                     raise SourceUnavailable(f"{what}: the next link points to a page already read (a loop)")
                 seen.add(key)
         return mark
-
-    def _entry(self, entry: Any, ref: str) -> Unit | None:
-        if not isinstance(entry, dict):
-            return Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, payload=orjson.dumps(entry))
-        search = entry.get("search") if isinstance(entry.get("search"), dict) else {}
-        res = entry.get("resource")
-        mode = search.get("mode")
-        if mode == "outcome" or (mode is None and isinstance(res, dict) and res.get("resourceType") == "OperationOutcome"):
-            return _search_outcome(res, ref)
-        # "match" and "include" are both data: an included resource is as real as a match
-        return checked_resource(res, ref)
 
     def _searchable_defaults(self) -> list[str]:
         """DEFAULT_TYPES less those the CapabilityStatement does not list as searchable."""
@@ -293,6 +282,19 @@ class SearchFetch(_Fetch):
         types = [t for t in DEFAULT_TYPES if t in searchable] if searchable else list(DEFAULT_TYPES)
         log.info("searching %s", ", ".join(types))
         return types
+
+
+def search_entry(entry: Any, ref: str) -> Unit | None:
+    """One entry of a searchset: a Resource, a Rejected, or None (an outcome that only warns)."""
+    if not isinstance(entry, dict):
+        return Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, payload=orjson.dumps(entry))
+    search = entry.get("search") if isinstance(entry.get("search"), dict) else {}
+    res = entry.get("resource")
+    mode = search.get("mode")
+    if mode == "outcome" or (mode is None and isinstance(res, dict) and res.get("resourceType") == "OperationOutcome"):
+        return _search_outcome(res, ref)
+    # "match" and "include" are both data: an included resource is as real as a match
+    return checked_resource(res, ref)
 
 
 def _search_outcome(res: Any, ref: str) -> Unit | None:
@@ -324,7 +326,8 @@ def checked_resource(obj: Any, ref: str, raw: bytes | None = None) -> Unit:
 
 
 def _next_link(bundle: dict[str, Any], page_url: str) -> str | None:
-    for link in bundle.get("link") or []:
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else []:
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             return urljoin(page_url, link["url"])
     return None
@@ -601,7 +604,7 @@ class BulkFetch(_Fetch):
                     continue
                 url = self.http.check(urljoin(status_url, url), ref)
                 rtype = item.get("type")
-                stem = rtype if kind == "output" and rtype in RESOURCE_TYPES else kind
+                stem = rtype if kind == "output" and isinstance(rtype, str) and rtype in RESOURCE_TYPES else kind
                 n = per_name[stem] = per_name.get(stem, -1) + 1
                 count = item.get("count")
                 files.append({"kind": kind, "url": url, "name": f"{stem}.{n:03d}.ndjson",
