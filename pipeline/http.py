@@ -181,7 +181,7 @@ def outcome_text(body: Any, limit: int = 300) -> str:
         for issue in body.get("issue") or []:
             if not isinstance(issue, dict):
                 continue
-            details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+            details: dict[str, Any] = issue["details"] if isinstance(issue.get("details"), dict) else {}
             text = details.get("text") or issue.get("diagnostics") or ""
             parts.append(" ".join(str(p) for p in (issue.get("severity"), issue.get("code"), text) if p))
     elif isinstance(body, dict) and isinstance(body.get("error"), str):

@@ -29,6 +29,7 @@ def write_key(path: Path, key) -> Path:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
+    pytest.importorskip("jwt", reason="PyJWT is not installed: SMART Backend Services needs PyJWT[crypto] (pyproject)")
     folder = tmp_path_factory.mktemp("keys")
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP384R1())

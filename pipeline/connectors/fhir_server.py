@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -224,7 +224,7 @@ class SearchFetch(_Fetch):
         if self.watermark is None:
             log.warning("the server gave no time (Bundle.meta.lastUpdated or Date): no new watermark")
 
-    def _search(self, rtype: str) -> Iterator[Unit]:
+    def _search(self, rtype: str) -> Generator[Unit, None, tuple[datetime, str] | None]:
         params = {"_count": str(self.opts.count)}
         label = f"GET {rtype}"
         if self.opts.since is not None:
@@ -288,7 +288,7 @@ def search_entry(entry: Any, ref: str) -> Unit | None:
     """One entry of a searchset: a Resource, a Rejected, or None (an outcome that only warns)."""
     if not isinstance(entry, dict):
         return Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, payload=orjson.dumps(entry))
-    search = entry.get("search") if isinstance(entry.get("search"), dict) else {}
+    search: dict[str, Any] = entry["search"] if isinstance(entry.get("search"), dict) else {}
     res = entry.get("resource")
     mode = search.get("mode")
     if mode == "outcome" or (mode is None and isinstance(res, dict) and res.get("resourceType") == "OperationOutcome"):
@@ -335,7 +335,7 @@ def _next_link(bundle: dict[str, Any], page_url: str) -> str | None:
 
 def _server_time(bundle: dict[str, Any], date: str | None) -> tuple[datetime, str] | None:
     """The server's clock when it answered: Bundle.meta.lastUpdated, else the Date header."""
-    meta = bundle.get("meta") if isinstance(bundle.get("meta"), dict) else {}
+    meta: dict[str, Any] = bundle["meta"] if isinstance(bundle.get("meta"), dict) else {}
     text = meta.get("lastUpdated")
     if isinstance(text, str):
         try:
@@ -707,7 +707,8 @@ def _deletions(bundle: Any, ref: str, raw: bytes) -> Iterator[Unit]:
         return
     for j, entry in enumerate(entries):
         here = f"{ref} entry {j}"
-        request = entry.get("request") if isinstance(entry, dict) and isinstance(entry.get("request"), dict) else {}
+        request: dict[str, Any] = entry["request"] if isinstance(entry, dict) and isinstance(entry.get("request"), dict) \
+            else {}
         url = request.get("url")
         target = _type_and_id(url) if str(request.get("method", "")).upper() == "DELETE" else None
         if target is None:
