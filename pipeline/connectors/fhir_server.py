@@ -64,7 +64,7 @@ from ..http import (
 )
 from ..temporal import BadTemporal, parse_fhir_datetime
 from ..units import Deletion, Rejected, Resource, Unit
-from .fhir_files import FhirFile
+from .fhir_files import DEFAULT_LIMITS, FhirFile
 
 log = logging.getLogger("twinline.fetch")
 
@@ -287,7 +287,7 @@ class SearchFetch(_Fetch):
 def search_entry(entry: Any, ref: str) -> Unit | None:
     """One entry of a searchset: a Resource, a Rejected, or None (an outcome that only warns)."""
     if not isinstance(entry, dict):
-        return Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, payload=orjson.dumps(entry))
+        return Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, **_kept(orjson.dumps(entry), ref))
     search: dict[str, Any] = entry["search"] if isinstance(entry.get("search"), dict) else {}
     res = entry.get("resource")
     mode = search.get("mode")
@@ -305,7 +305,7 @@ def _search_outcome(res: Any, ref: str) -> Unit | None:
     if severities & {"error", "fatal"}:
         return Rejected("read", "search-outcome", f"the server reported an error inside the search results ({codes}): "
                         "the results may be incomplete; the OperationOutcome is the payload", ref,
-                        payload=orjson.dumps(res))
+                        **_kept(orjson.dumps(res), ref))
     log.warning("%s: the server notes about this search: %s", ref, codes)
     return None
 
@@ -314,14 +314,15 @@ def checked_resource(obj: Any, ref: str, raw: bytes | None = None) -> Unit:
     """A `Resource` if `obj` is one (a known type with a valid id), else a `Rejected` saying why."""
     if not isinstance(obj, dict):
         return Rejected("parse", "not-a-resource", "the entry holds no resource object", ref,
-                        payload=orjson.dumps(obj) if obj is not None else None)
+                        **_kept(orjson.dumps(obj) if obj is not None else None, ref))
     rtype = obj.get("resourceType")
     raw = raw if raw is not None else orjson.dumps(obj)
     if rtype not in RESOURCE_TYPES:
-        return Rejected("parse", "unknown-resource-type", "no resourceType, or not a FHIR R4 resource type", ref, payload=raw)
+        return Rejected("parse", "unknown-resource-type", "no resourceType, or not a FHIR R4 resource type", ref,
+                        **_kept(raw, ref))
     if not valid_id(obj.get("id")):
         return Rejected("parse", "bad-id", f"the {rtype} has no id, or not a FHIR id (1-64 of A-Z a-z 0-9 - .)", ref,
-                        payload=raw)
+                        **_kept(raw, ref))
     return Resource(obj, ref, None, raw)
 
 
@@ -693,7 +694,7 @@ def _json_lines(path: Path, ref: str) -> Iterator[tuple[Any, str, bytes] | Rejec
                 try:
                     yield orjson.loads(line), here, line.rstrip(b"\r\n")
                 except orjson.JSONDecodeError:
-                    yield Rejected("parse", "invalid-json", "not valid JSON", here, payload=line)
+                    yield Rejected("parse", "invalid-json", "not valid JSON", here, **_kept(line, here))
     except (EOFError, OSError, zlib.error):
         yield Rejected("read", "bad-gzip", f"the compressed file is corrupt after line {line_no}: fetch it again",
                        f"{ref}:{line_no + 1}", payload_ref=ref)
@@ -703,7 +704,8 @@ def _deletions(bundle: Any, ref: str, raw: bytes) -> Iterator[Unit]:
     """A line of a `deleted` file: a Bundle of DELETE requests -> one Deletion per entry."""
     entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle" else None
     if not isinstance(entries, list) or not entries:
-        yield Rejected("parse", "bad-deleted-line", "a line of a deleted file is not a Bundle with entries", ref, payload=raw)
+        yield Rejected("parse", "bad-deleted-line", "a line of a deleted file is not a Bundle with entries", ref,
+                       **_kept(raw, ref))
         return
     for j, entry in enumerate(entries):
         here = f"{ref} entry {j}"
@@ -713,7 +715,7 @@ def _deletions(bundle: Any, ref: str, raw: bytes) -> Iterator[Unit]:
         target = _type_and_id(url) if str(request.get("method", "")).upper() == "DELETE" else None
         if target is None:
             yield Rejected("parse", "bad-deleted-entry", "an entry of a deleted Bundle is not a DELETE of Type/id",
-                           here, payload=orjson.dumps(entry))
+                           here, **_kept(orjson.dumps(entry), here))
         else:
             yield Deletion(target[0], target[1], here)
 
@@ -733,10 +735,17 @@ def _export_errors(outcome: Any, ref: str, raw: bytes) -> Iterator[Unit]:
     if isinstance(outcome, dict) and outcome.get("resourceType") == "OperationOutcome":
         codes = ", ".join(outcome_codes(outcome)) or "no issue code"
         yield Rejected("read", "export-error", f"the server reported an export error ({codes}); "
-                       "its OperationOutcome is the payload", ref, payload=raw)
+                       "its OperationOutcome is the payload", ref, **_kept(raw, ref))
     else:
         yield Rejected("read", "export-error", "a line of the server's error file that is not an OperationOutcome",
-                       ref, payload=raw)
+                       ref, **_kept(raw, ref))
+
+
+def _kept(raw: bytes | None, ref: str) -> dict[str, Any]:
+    """The payload a Rejected keeps: the bytes, or only a pointer past the quarantine's size limit."""
+    if raw is None or len(raw) <= DEFAULT_LIMITS.max_payload_bytes:
+        return {"payload": raw}
+    return {"payload_ref": ref}
 
 
 def _printable(text: str, limit: int = 100) -> str:
