@@ -263,6 +263,10 @@ class HttpClient:
         self.clock = clock
         self.auth: Authenticator | None = None
         self.session = requests.Session()
+        # Credentials come from the auth settings only: a no-op auth keeps requests from adding ~/.netrc
+        # credentials (which would override ours, or go to an origin they were not meant for).
+        # Proxy variables (HTTPS_PROXY, NO_PROXY) still apply: hospitals need them.
+        self.session.auth = _as_is
         # gzip only: bulk files are stored as sent, and only gzip is read back (pipeline.connectors.fhir_files)
         self.session.headers.update({"User-Agent": f"twinline/{__version__}", "Accept-Encoding": "gzip"})
         self._next_slot = 0.0
@@ -497,6 +501,10 @@ class HttpClient:
     def _pause(self, seconds: float, what: str, why: str) -> None:
         log.info("%s: %s; trying again in %.1f s", what, why, seconds)
         self.sleep(seconds)
+
+
+def _as_is(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
 
 
 def _failure(e: BaseException) -> str:

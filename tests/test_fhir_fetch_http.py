@@ -98,3 +98,15 @@ def test_a_download_larger_than_the_limit_is_refused(tmp_path):
         with pytest.raises(OriginRefused):
             http.download("http://127.0.0.2:9/evil", tmp_path / "g.part", what="file", send_auth=False)
     assert not (tmp_path / "g.part").exists()
+
+
+@pytest.mark.server
+def test_netrc_credentials_are_not_added(tmp_path, monkeypatch):
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password from-netrc\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    with FhirTestServer(FIXTURES) as server:
+        http = HttpClient(server.base_url, sleep=Sleeps())
+        http.get_json(http.url("metadata"), what="metadata")
+    assert "authorization" not in server.seen[0].headers
