@@ -74,7 +74,8 @@ def test_system_export_kicks_off_polls_downloads_and_yields_the_files_resources(
         assert all(p.name.endswith(".ndjson.gz") for p in on_disk if "/files/" in str(p))
         assert all(s.headers.get("accept-encoding") == "gzip" for s in server.requests_to("export-file"))
 
-    fetch.finished()
+        fetch.finished()
+        assert server.requests_to(r"/\$export-status/", "DELETE") and server.jobs == {}   # the server may free the files
     assert state_files(tmp_path) == []
 
 
@@ -339,3 +340,16 @@ def test_a_manifest_cut_short_is_asked_for_again(tmp_path):
         units = list(fetch_fhir(options(server, tmp_path)).units())
         assert len(server.requests_to(r"/\$export-status/")) == 2
     assert fetched_resources(units) == file_resources(FIXTURES)
+
+
+def test_a_corrupt_state_file_starts_afresh_without_trusting_old_files(server, tmp_path):
+    fetch = fetch_fhir(options(server, tmp_path, types=["Patient", "Encounter"]))
+    list(fetch.units())
+    state = next(p for p in state_files(tmp_path) if p.name == "state.json")
+    state.write_text("{garbage")
+    for done in (state.parent / "files").iterdir():
+        done.unlink()
+    (state.parent / "files" / "Encounter.000.ndjson").write_text('{"resourceType":"Encounter","id":"stale"}\n')
+    units = list(fetch_fhir(options(server, tmp_path, types=["Patient", "Encounter"])).units())
+    assert server.kickoffs == 2
+    assert fetched_resources(units) == file_resources(FIXTURES, ["Patient", "Encounter"])

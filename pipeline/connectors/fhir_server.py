@@ -409,6 +409,8 @@ class BulkFetch(_Fetch):
         self.watermark = manifest["transactionTime"]
 
     def finished(self) -> None:
+        """Tell the server the files are no longer needed (DELETE, best effort), then forget the export."""
+        self._release(self._state().get("status_url"), "bulk done")
         self._clear()
 
     def cancel(self) -> None:
@@ -491,16 +493,21 @@ class BulkFetch(_Fetch):
         return manifest
 
     def _forget_other(self, state: dict[str, Any]) -> None:
-        if state.get("status_url") and not state.get("manifest"):
-            try:
-                resp = self.http.request("DELETE", state["status_url"], what="bulk cancel (stale export)")
-                resp.close()
-            except (ConfigError, SourceUnavailable) as e:
-                log.info("bulk export: could not cancel the stale export (%s)", e)
+        self._release(state.get("status_url"), "bulk cancel (stale export)")
         self._clear()
+
+    def _release(self, status_url: str | None, what: str) -> None:
+        """DELETE on a status URL, for a server's sake: a failure here costs nothing but a log line."""
+        if not status_url:
+            return
+        try:
+            self.http.request("DELETE", status_url, what=what, headers=FHIR_JSON).close()
+        except (ConfigError, SourceUnavailable) as e:
+            log.info("%s: the server was not told (%s)", what, e)
 
     def _kick_off(self) -> str:
         what = f"bulk kick-off {self.path}"
+        self._clear()            # files of an abandoned export must not pass for this one's
         self._folder(self.dir)   # before the server starts work that could not be resumed
         url = self.http.url(self.path)
         headers = {**FHIR_JSON, "Prefer": "respond-async"}
