@@ -114,6 +114,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     return int(run.exit_code())
 
 
+def _fetch_progress():
+    """X-Progress and download counts on one status line, when a person is watching."""
+    if not sys.stderr.isatty() or os.environ.get("TWIN_NO_PROGRESS"):
+        return None
+
+    def show(p) -> None:
+        done = f" {p.done:,}" + (f"/{p.total:,}" if p.total else "") if p.done is not None else ""
+        sys.stderr.write(f"\r\x1b[K{p.phase}: {p.detail}{done}")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_fetch_fhir(args: argparse.Namespace) -> int:
+    from .auth import AuthConfig
+    from .connectors.fhir_server import FetchOptions
+    from .imports import run_fetch_fhir
+    from .temporal import parse_instant_arg
+
+    auth = AuthConfig(kind=args.auth, token_env=args.token_env, token_file=args.token_file, username=args.username,
+                      password_env=args.password_env, password_file=args.password_file, client_id=args.client_id,
+                      token_url=args.token_url, private_key_file=args.private_key, key_id=args.key_id,
+                      alg=args.alg, scope=args.scope)
+    connect, _, read = args.timeout.partition(",")
+    try:
+        timeout = (float(connect), float(read or connect))
+    except ValueError:
+        raise ConfigError("--timeout takes seconds: CONNECT[,READ], e.g. 10,120") from None
+    opts = FetchOptions(
+        base_url=args.base_url, types=args.types.split(",") if args.types else None,
+        since=parse_instant_arg(args.since) if args.since else None, bulk=args.bulk, group=args.group,
+        patient=args.patient, count=args.count, auth=auth, state_dir=Path("."), timeout=timeout,
+        max_retries=args.retries, rate_limit=args.rate_limit, verify_tls=not args.no_verify_tls,
+        progress=_fetch_progress(), allowed_origin=args.allowed_origin)
+    run = run_fetch_fhir(_store(args), opts, source=args.source)
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")
+    print_run_summary(run)
+    return int(run.exit_code())
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .temporal import parse_instant_arg
     from .twins import build_twins
@@ -180,6 +221,39 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--reprocess", action="store_true",
                      help="read files again even if the ledger says they were imported unchanged")
     imp.set_defaults(func=cmd_import)
+
+    fetch = sub.add_parser("fetch", parents=[common], help="pull from a server",
+                           description="Pull from a server, incrementally: the watermark of the last run is used "
+                                       "when --since is not given.")
+    fsub = fetch.add_subparsers(dest="fetch_kind", required=True, metavar="KIND")
+    ff = fsub.add_parser("fhir", parents=[common], help="FHIR REST search or Bulk Data $export",
+                         description="FHIR search (following next links) or Bulk Data $export (--bulk).")
+    ff.add_argument("base_url", metavar="BASE_URL")
+    ff.add_argument("--types", help="resource types, comma separated (default: those the views map)")
+    ff.add_argument("--since", metavar="T", help="only resources changed after T (default: the last watermark)")
+    ff.add_argument("--bulk", action="store_true", help="use Bulk Data $export instead of search")
+    ff.add_argument("--group", metavar="ID", help="with --bulk: export Group/ID")
+    ff.add_argument("--patient", metavar="IDS", help="with --bulk: Patient/$export; '*' for all, or ids, comma separated")
+    ff.add_argument("--count", type=int, default=1000, help="search page size (_count, default 1000)")
+    ff.add_argument("--source", default="fhir", help="source name recorded on every row (default: fhir)")
+    ff.add_argument("--auth", choices=["none", "bearer", "basic", "smart"], default="none")
+    ff.add_argument("--token-env", metavar="VAR", help="bearer: environment variable holding the token")
+    ff.add_argument("--token-file", metavar="FILE", help="bearer: file holding the token")
+    ff.add_argument("--username", help="basic: user name")
+    ff.add_argument("--password-env", metavar="VAR", help="basic: environment variable holding the password")
+    ff.add_argument("--password-file", metavar="FILE", help="basic: file holding the password")
+    ff.add_argument("--client-id", help="smart: client id registered with the server")
+    ff.add_argument("--token-url", help="smart: token endpoint (default: from .well-known/smart-configuration)")
+    ff.add_argument("--private-key", metavar="PEM", help="smart: private key file (RSA for RS384, EC P-384 for ES384)")
+    ff.add_argument("--key-id", help="smart: kid of the key")
+    ff.add_argument("--alg", choices=["RS384", "ES384"], default="RS384")
+    ff.add_argument("--scope", default="system/*.read")
+    ff.add_argument("--timeout", default="10,120", metavar="CONNECT,READ", help="seconds (default 10,120)")
+    ff.add_argument("--retries", type=int, default=5, help="retries on 429, 5xx and dropped connections (default 5)")
+    ff.add_argument("--rate-limit", type=float, metavar="PER_S", help="at most this many requests per second")
+    ff.add_argument("--allowed-origin", metavar="URL", help="one more origin bulk files may come from (object storage)")
+    ff.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (testing only)")
+    ff.set_defaults(func=cmd_fetch_fhir)
 
     b = sub.add_parser("build", parents=[common], help="assemble the twins", description="Assemble one twin per patient.")
     b.add_argument("--as-of", metavar="T", help="the state as known at T (a date or date-time)")

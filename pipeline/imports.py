@@ -7,10 +7,12 @@ ledger, the run record, and the commit that makes the whole run visible at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,63 @@ def _size(path: Path) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def last_watermark(store: Store, key: str) -> str | None:
+    """The newest watermark a committed run stored under `key` (source @ server)."""
+    if not store.exists("runs"):
+        return None
+    runs = store.read("runs", ["run_id", "watermarks"], filter=pc.is_valid(pc.field("watermarks")))
+    for run_id, marks in sorted(zip(runs.column("run_id").to_pylist(), runs.column("watermarks").to_pylist(),
+                                    strict=True), reverse=True):
+        value = json.loads(marks).get(key)
+        if value:
+            return value
+    return None
+
+
+def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_rows: int = 50_000) -> Run:
+    """Pull from a FHIR server (search or Bulk $export) as one run.
+
+    `options` is a `FetchOptions` without `since` or `state_dir`: the watermark of the
+    last committed run of this source and server is used when `since` is not given,
+    and the new one is stored with this run, so it only advances once the data it
+    covers is committed. Bulk downloads wait in the store's `_twin/fetch/<source>`
+    folder until then, which is what lets a killed run resume instead of exporting again.
+    """
+    from dataclasses import replace
+
+    from .connectors.fhir_server import fetch_fhir
+
+    key = f"{source}@{options.base_url}"
+    views = ViewSet(store.schema)
+    with store.locked("fetch"):
+        run = Run(store, "fetch", inputs=[options.base_url])
+        since = options.since
+        if since is None:
+            mark = last_watermark(store, key)
+            since = datetime.fromisoformat(mark.replace("Z", "+00:00")) if mark else None
+        opts = replace(options, since=since, state_dir=store.meta / "fetch" / _safe(source))
+        fetch = fetch_fhir(opts)
+        try:
+            ingest = Ingest(store, run, source, "fhir", views, flush_rows=flush_rows)
+            ingest.feed_all(fetch.units())
+            ingest.finish()
+            if fetch.watermark:
+                run.watermarks[key] = fetch.watermark
+            run.record()
+            store.commit(run.run_id)
+        except BaseException:
+            store.rollback()
+            fetch.close()
+            raise
+    fetch.finished()
+    fetch.close()
+    return run
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "source"

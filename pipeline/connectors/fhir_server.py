@@ -70,7 +70,11 @@ log = logging.getLogger("twinline.fetch")
 
 # Searched when no types are given: the types Twinline has views for (mappings/views),
 # less those the server's CapabilityStatement says it cannot search.
+# The types the views map, led by the types other resources point to by identifier
+# (conditional references such as Practitioner?identifier=...): fetched first, they
+# resolve those references without setting resources aside.
 DEFAULT_TYPES = (
+    "Organization", "Location", "Practitioner", "PractitionerRole",
     "Patient", "Encounter", "Observation", "Condition", "MedicationRequest", "MedicationAdministration",
     "MedicationStatement", "Procedure", "Immunization", "AllergyIntolerance", "DiagnosticReport",
     "ImagingStudy", "Device",
