@@ -135,7 +135,7 @@ def last_watermark(store: Store, key: str) -> str | None:
     if not store.exists("runs"):
         return None
     runs = store.read("runs", ["run_id", "watermarks"], filter=pc.is_valid(pc.field("watermarks")))
-    for run_id, marks in sorted(zip(runs.column("run_id").to_pylist(), runs.column("watermarks").to_pylist(),
+    for _run_id, marks in sorted(zip(runs.column("run_id").to_pylist(), runs.column("watermarks").to_pylist(),
                                     strict=True), reverse=True):
         value = json.loads(marks).get(key)
         if value:
