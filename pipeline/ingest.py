@@ -227,10 +227,76 @@ def _iso(v: Any) -> str:
 
 
 @dataclass
-class _Pending:
+class Mapped:
+    """The rows one resource yields, per table, already typed for the schema."""
+
+    key: str
     version: str | None
     source_ref: str
     tables: dict[str, list[list[Any]]]
+
+
+# A resource transform (de-identification) returns the resource to map, or None to drop
+# it; column transforms (pseudonymisation) replace one typed value by another.
+ResourceTransform = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+ColumnTransforms = dict[str, dict[str, Callable[[Any], Any]]]
+
+
+class ResourceMapper:
+    """Resource -> the typed rows of every table its views feed. No store, no state.
+
+    This is the pure core the single-process ingest and the Spark engine share: the
+    same resource gives the same rows wherever it is mapped. It raises `Unresolved`
+    when a conditional reference names a resource not known yet (the caller decides
+    whether to defer); every other problem with the resource is a `Rejected`.
+    """
+
+    def __init__(self, views: ViewSet, resolver: Resolver, *, transform: ResourceTransform | None = None,
+                 column_transforms: ColumnTransforms | None = None):
+        self.views = views
+        self.resolver = resolver
+        self.transform = transform
+        self.column_transforms = column_transforms or {}
+        self._positions = {
+            t: [(views.schema.table(t).own_columns.index(c), f) for c, f in cols.items()]
+            for t, cols in self.column_transforms.items()
+        }
+
+    def map(self, unit: Resource) -> Mapped | Rejected | None:
+        """None when no view maps the resource's type (or the transform drops it)."""
+        res = unit.resource
+        rtype = res["resourceType"]
+        tvs = self.views.by_type.get(rtype)
+        if not tvs:
+            return None
+        if self.transform is not None:
+            res = self.transform(res)
+            if res is None:
+                return None
+        self.resolver.full_urls = unit.full_urls
+        tables: dict[str, list[list[Any]]] = {}
+        tv = tvs[0]
+        try:
+            for tv in tvs:
+                rows = [tv.convert(r) for r in tv.view.rows(res, self.resolver)]
+                for pos, f in self._positions.get(tv.table.name, ()):
+                    for row in rows:
+                        if row[pos] is not None:
+                            row[pos] = f(row[pos])
+                tables[tv.table.name] = rows
+        except Unresolved:
+            raise
+        except _BadValue as e:
+            return Rejected("view", "wrong-type", f"{rtype}: {e}", unit.source_ref, **_payload(unit),
+                            target_table=tv.table.name)
+        except RowError as e:  # the resource breaks a rule the view relies on (two values for one column, ...)
+            return Rejected("view", e.reason, f"{rtype}: view {tv.path.name}: {e}", unit.source_ref, **_payload(unit),
+                            target_table=tv.table.name)
+        except (RecursionError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            # the runner is built to yield empty on odd shapes; anything left is still this unit's problem only
+            return Rejected("view", "view-failed", f"{rtype}: view {tv.path.name} failed on this resource "
+                            f"({type(e).__name__})", unit.source_ref, **_payload(unit), target_table=tv.table.name)
+        return Mapped(f"{rtype}/{res['id']}", unit_version(res), unit.source_ref, tables)
 
 
 class Ingest:
@@ -238,7 +304,8 @@ class Ingest:
 
     def __init__(self, store: Store, run: Run, source: str, source_kind: str, views: ViewSet,
                  *, flush_rows: int = 50_000, twin_ids: TwinIds | None = None,
-                 on_flush: Callable[[], None] | None = None):
+                 on_flush: Callable[[], None] | None = None, transform: ResourceTransform | None = None,
+                 column_transforms: ColumnTransforms | None = None):
         self.store = store
         self.run = run
         self.source = source
@@ -249,8 +316,9 @@ class Ingest:
         self.counts = run.counts[source]
         self.index = IdentifierIndex(self._stored_identifiers)
         self.resolver = Resolver(self.index)
+        self.mapper = ResourceMapper(views, self.resolver, transform=transform, column_transforms=column_transforms)
         self.on_flush = on_flush
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Mapped] = {}
         self._deletions: dict[str, str] = {}  # unit_key -> source_ref
         self._identifiers: dict[tuple[str, str, str], str] = {}
         self._pending_rows = 0
@@ -291,45 +359,27 @@ class Ingest:
             for system, value in identifiers_of(res):
                 self.index.add(rtype, system, value, res["id"])
                 self._identifiers[(rtype, system, value)] = res["id"]
-        tvs = self.views.by_type.get(rtype)
-        if not tvs:
-            self.counts.ignored += 1
-            self.counts.ignored_types[rtype] = self.counts.ignored_types.get(rtype, 0) + 1
-            return
-        self.resolver.full_urls = unit.full_urls
-        tables: dict[str, list[list[Any]]] = {}
         try:
-            for tv in tvs:
-                tables[tv.table.name] = [tv.convert(r) for r in tv.view.rows(res, self.resolver)]
+            mapped = self.mapper.map(unit)
         except Unresolved:
             self._defer(unit)
             return
-        except _BadValue as e:
-            self.run.quarantine(self.source, self.source_kind, Rejected(
-                "view", "wrong-type", f"{rtype}: {e}", unit.source_ref, **_payload(unit), target_table=tv.table.name))
+        if mapped is None:
+            self.counts.ignored += 1
+            self.counts.ignored_types[rtype] = self.counts.ignored_types.get(rtype, 0) + 1
             return
-        except RowError as e:  # the resource breaks a rule the view relies on (two values for one column, ...)
-            self.run.quarantine(self.source, self.source_kind, Rejected(
-                "view", e.reason, f"{rtype}: view {tv.path.name}: {e}", unit.source_ref, **_payload(unit),
-                target_table=tv.table.name))
-            return
-        except (RecursionError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
-            # the runner is built to yield empty on odd shapes; anything left is still this unit's problem only
-            self.run.quarantine(self.source, self.source_kind, Rejected(
-                "view", "view-failed", f"{rtype}: view {tv.path.name} failed on this resource ({type(e).__name__})",
-                unit.source_ref, **_payload(unit), target_table=tv.table.name))
+        if isinstance(mapped, Rejected):
+            self.run.quarantine(self.source, self.source_kind, mapped)
             return
         self._deletions.pop(key, None)
         old = self._pending.get(key)
         if old is not None:
-            newer = version_newer(unit_version(res), old.version)
-            if newer is False:
-                self.counts.unchanged += 1  # an older copy of a unit already in this batch
+            self.counts.unchanged += 1  # one of the two copies of a unit in this batch is not written
+            if version_newer(mapped.version, old.version) is False:
                 return
-            self.counts.unchanged += 1  # the copy it supersedes
             self._pending_rows -= sum(len(r) for r in old.tables.values())
-        self._pending[key] = _Pending(unit_version(res), unit.source_ref, tables)
-        self._pending_rows += sum(len(r) for r in tables.values())
+        self._pending[key] = mapped
+        self._pending_rows += sum(len(r) for r in mapped.tables.values())
 
     def _defer(self, unit: Resource) -> None:
         if self._spill is None:

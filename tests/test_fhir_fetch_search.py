@@ -232,8 +232,9 @@ def test_a_page_that_is_not_json_is_source_unavailable(server, tmp_path):
 def test_without_types_the_capability_statement_narrows_the_default_types(server, tmp_path):
     units = list(fetch_fhir(options(server, tmp_path)).units())
     searched = {s.path.rsplit("/", 1)[1] for s in server.seen if s.path.count("/") == 2 and s.path != "/fhir/metadata"}
-    # the default types the server lists; Practitioner and Organization are not default types
-    assert searched == {"Patient", "Encounter", "Condition", "MedicationRequest", "Procedure", "Immunization", "Device"}
+    # the default types the server lists: those the views map, and the directory types they point to
+    assert searched == {"Patient", "Encounter", "Condition", "MedicationRequest", "Procedure", "Immunization", "Device",
+                        "Practitioner", "Organization"}
     assert fetched_resources(units) == file_resources(FIXTURES, searched)
 
 
