@@ -165,6 +165,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     return int(Exit.OK)
 
 
+def cmd_link_report(args: argparse.Namespace) -> int:
+    from .identity import link_report, load_identity_config
+
+    print(link_report(_store(args), load_identity_config(args.config)))
+    return int(Exit.OK)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from .twins import show_twin
 
@@ -259,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--as-of", metavar="T", help="the state as known at T (a date or date-time)")
     b.add_argument("--force", action="store_true", help="build even though the last gate failed (recorded in runs)")
     b.set_defaults(func=cmd_build)
+
+    lr = sub.add_parser("link-report", parents=[common], help="persons, links by rule, conflicts to review",
+                        description="How patient records were linked into persons: counts per rule, records "
+                                    "linked across sources, and conflicts for review (record keys only).")
+    lr.add_argument("--config", metavar="FILE", help="identity config (default: config/identity.toml)")
+    lr.set_defaults(func=cmd_link_report)
 
     s = sub.add_parser("show", parents=[common], help="print one twin", description="Print a readable summary of one twin.")
     s.add_argument("patient", metavar="PATIENT", help="a twin id, or a source patient id")

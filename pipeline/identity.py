@@ -1,15 +1,35 @@
-"""Which twin a row belongs to.
+"""Which twin a row belongs to: linking the records of one person across sources.
 
-A row names a patient record of its source (`patient_id`); the twin id is a keyed hash
-of that record, so it is stable across runs and machines and reveals no identifier.
-Cross-source linking (issue 7) replaces the record by the anchor of its linked group.
+A row names a patient record of its source (`source`, `patient_id`). Records are
+linked into groups by deterministic rules first: a shared identifier (namespace and
+value, namespaces aliased in config/identity.toml), and Patient.link / HL7 merges
+(replaced-by, replaces). Demographic matching (name, birth date, sex, postal code) is
+optional, scored against a threshold and reported, never silent.
+
+The twin id of a group is a keyed hash of the smallest record key in it. A record
+alone keeps the hash of its own key, which the ingest stage can compute without
+looking anything up; only records that join a group whose smallest key is another's
+change twin id, and `relink` rewrites exactly those rows. The same inputs give the
+same ids on any machine with the same key, and an id reveals no identifier.
 """
 
 from __future__ import annotations
 
+import tomllib
+import unicodedata
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+
+from .errors import ConfigError
 from .keys import keyed_hash
+from .resources import config_dir
+
+# --------------------------------------------------------------------------- twin ids
 
 
 def record_key(source: str, patient_id: str) -> str:
@@ -21,7 +41,7 @@ def twin_id_for_record(source: str, patient_id: str) -> str:
 
 
 class TwinIds:
-    """Maps (source, patient_id) to twin ids, caching the hashes of one run."""
+    """Maps (source, patient_id) to twin ids during a run: the stored links, else the record's own hash."""
 
     def __init__(self, links: dict[str, str] | None = None):
         self._cache: dict[tuple[str, str], str] = {}
@@ -39,3 +59,388 @@ class TwinIds:
 
     def many(self, source: str, patient_ids: Iterable[str | None]) -> list[str | None]:
         return [self(source, p) for p in patient_ids]
+
+
+def stored_links(store) -> dict[str, str]:
+    """record key -> twin id, for records whose twin id is not their own hash."""
+    if not store.exists("identity"):
+        return {}
+    t = store.read("identity", ["source", "patient_id", "twin_id", "group_size"], latest=True)
+    out = {}
+    for s, p, tw, n in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
+        if n > 1:
+            out[record_key(s, p)] = tw
+    return out
+
+
+# --------------------------------------------------------------------------- config
+
+_WEIGHTS = ("family", "given", "birth_date", "sex", "postal_code")
+
+
+@dataclass
+class IdentityConfig:
+    link_types: set[str] = field(default_factory=set)
+    ignore_systems: set[str] = field(default_factory=set)
+    link_without_system: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
+    link_types_patient: set[str] = field(default_factory=lambda: {"replaced-by", "replaces"})
+    demographic: bool = False
+    threshold: float = 0.95
+    review_margin: float = 0.15
+    weights: dict[str, float] = field(default_factory=lambda: {"family": 0.3, "given": 0.2, "birth_date": 0.3,
+                                                                "sex": 0.1, "postal_code": 0.1})
+
+    def namespace(self, system: str | None) -> str | None:
+        if not system:
+            return None
+        return self.aliases.get(system, system)
+
+
+def load_identity_config(path: str | Path | None = None) -> IdentityConfig:
+    """Read config/identity.toml (or `path`); every problem is reported at once, with its key."""
+    p = Path(path) if path else config_dir() / "identity.toml"
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"identity config {p} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"identity config {p} is not valid TOML: {e}") from None
+    return parse_identity_config(raw, str(p))
+
+
+def parse_identity_config(raw: dict[str, Any], where: str = "identity") -> IdentityConfig:
+    problems: list[str] = []
+    cfg = IdentityConfig()
+
+    def table(key: str) -> dict[str, Any]:
+        v = raw.get(key, {})
+        if not isinstance(v, dict):
+            problems.append(f"{key}: expected a table")
+            return {}
+        return v
+
+    def known(section: str, d: dict[str, Any], keys: set[str]) -> None:
+        for k in d:
+            if k not in keys:
+                problems.append(f"{section}.{k}: unknown key (known: {', '.join(sorted(keys))})")
+
+    known("", raw, {"identifiers", "namespaces", "links", "demographic"})
+    ident = table("identifiers")
+    known("identifiers", ident, {"link_types", "ignore_systems", "link_without_system"})
+    for key in ("link_types", "ignore_systems"):
+        v = ident.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            problems.append(f"identifiers.{key}: expected a list of strings")
+        else:
+            setattr(cfg, key, set(v))
+    lws = ident.get("link_without_system", False)
+    if not isinstance(lws, bool):
+        problems.append("identifiers.link_without_system: expected true or false")
+    else:
+        cfg.link_without_system = lws
+    spaces = raw.get("namespaces", [])
+    if not isinstance(spaces, list):
+        problems.append("namespaces: expected an array of tables ([[namespaces]])")
+        spaces = []
+    for i, ns in enumerate(spaces):
+        systems = ns.get("systems") if isinstance(ns, dict) else None
+        if not isinstance(systems, list) or not systems or not all(isinstance(x, str) for x in systems):
+            problems.append(f"namespaces[{i}].systems: expected a non-empty list of strings")
+            continue
+        known(f"namespaces[{i}]", ns, {"systems"})
+        for s in systems:
+            if s in cfg.aliases and cfg.aliases[s] != systems[0]:
+                problems.append(f"namespaces[{i}].systems: {s!r} is already in another namespace")
+            cfg.aliases[s] = systems[0]
+    links = table("links")
+    known("links", links, {"types"})
+    lt = links.get("types", ["replaced-by", "replaces"])
+    if not isinstance(lt, list) or not all(x in ("replaced-by", "replaces", "refer", "seealso") for x in lt):
+        problems.append("links.types: expected a list of replaced-by, replaces, refer, seealso")
+    else:
+        cfg.link_types_patient = set(lt)
+    demo = table("demographic")
+    known("demographic", demo, {"enabled", "threshold", "review_margin", "weights"})
+    if not isinstance(demo.get("enabled", False), bool):
+        problems.append("demographic.enabled: expected true or false")
+    else:
+        cfg.demographic = demo.get("enabled", False)
+    for key in ("threshold", "review_margin"):
+        v = demo.get(key, getattr(cfg, key))
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            problems.append(f"demographic.{key}: expected a number from 0 to 1")
+        else:
+            setattr(cfg, key, float(v))
+    w = demo.get("weights", cfg.weights)
+    if not isinstance(w, dict) or any(k not in _WEIGHTS or not isinstance(v, (int, float)) for k, v in w.items()):
+        problems.append(f"demographic.weights: expected numbers for {', '.join(_WEIGHTS)}")
+    else:
+        cfg.weights = {k: float(v) for k, v in w.items()}
+    if problems:
+        raise ConfigError(f"{where}: the identity configuration has problems", problems)
+    return cfg
+
+
+# --------------------------------------------------------------------------- linking
+
+
+class _Groups:
+    """Union-find over record keys; the root of a group is its smallest key."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def add(self, k: str) -> None:
+        self.parent.setdefault(k, k)
+
+    def find(self, k: str) -> str:
+        root = k
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[k] != root:
+            self.parent[k], k = root, self.parent[k]
+        return root
+
+    def union(self, a: str, b: str) -> bool:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        lo, hi = (ra, rb) if ra < rb else (rb, ra)
+        self.parent[hi] = lo
+        return True
+
+
+def normalise_name(text: str | None) -> str | None:
+    if not text:
+        return None
+    s = unicodedata.normalize("NFKD", text)
+    s = "".join(ch for ch in s if ch.isalpha() or ch == " ").lower().split()
+    return " ".join(s) or None
+
+
+@dataclass
+class Linkage:
+    """The result of linking: every record's group, the rules that joined it, and what to review."""
+
+    groups: dict[str, list[str]]                  # root record key -> member record keys (sorted)
+    rules: dict[str, set[str]]                    # record key -> rules that joined it to others
+    conflicts: list[dict[str, Any]]               # for review: kind, records, namespace
+    candidates: list[dict[str, Any]]              # demographic pairs near the threshold, not linked
+    by_rule: dict[str, int]                       # links made, per rule
+
+    def twin_of(self) -> dict[str, str]:
+        out = {}
+        for root, members in self.groups.items():
+            tid = keyed_hash("twin", root)
+            for m in members:
+                out[m] = tid
+        return out
+
+
+def link_records(patients: pa.Table, identifiers: pa.Table, links: pa.Table, cfg: IdentityConfig) -> Linkage:
+    """Link patient records. Inputs are the patient, patient_identifier and patient_link tables."""
+    g = _Groups()
+    rules: dict[str, set[str]] = defaultdict(set)
+    by_rule: dict[str, int] = defaultdict(int)
+    demo: dict[str, dict[str, Any]] = {}
+    for row in patients.select(["source", "patient_id", "name_family", "name_given", "birth_date", "sex",
+                                "postal_code"]).to_pylist():
+        k = record_key(row["source"], row["patient_id"])
+        g.add(k)
+        demo[k] = row
+
+    # identifiers: records sharing (namespace, value) are one person
+    by_ident: dict[tuple[str, str], list[str]] = defaultdict(list)
+    mrns: dict[tuple[str, str], set[str]] = defaultdict(set)  # (record, namespace) -> MR values
+    for s, p, system, value, typ in zip(*(identifiers.column(c).to_pylist() for c in (
+            "source", "patient_id", "system", "value", "type_code")), strict=True):
+        k = record_key(s, p)
+        g.add(k)
+        ns = cfg.namespace(system)
+        if ns is None and not cfg.link_without_system:
+            continue
+        ns = ns or ""
+        if ns in cfg.ignore_systems or (cfg.link_types and typ not in cfg.link_types):
+            continue
+        by_ident[(ns, value)].append(k)
+        if typ == "MR":
+            mrns[(k, ns)].add(value)
+    conflicts: list[dict[str, Any]] = []
+    for (ns, _value), keys in sorted(by_ident.items()):
+        keys = sorted(set(keys))
+        births = {demo[k]["birth_date"] for k in keys if k in demo and demo[k]["birth_date"] is not None}
+        if len(keys) > 1 and len(births) > 1:
+            conflicts.append({"kind": "identifier-on-different-birth-dates", "namespace": ns, "records": keys})
+        for other in keys[1:]:
+            if g.union(keys[0], other):
+                by_rule["identifier"] += 1
+            rules[keys[0]].add("identifier")
+            rules[other].add("identifier")
+
+    # Patient.link and merges
+    for s, p, other, typ in zip(*(links.column(c).to_pylist() for c in (
+            "source", "patient_id", "other_patient_id", "link_type")), strict=True):
+        if typ not in cfg.link_types_patient:
+            continue
+        a, b = record_key(s, p), record_key(s, other)
+        g.add(a)
+        g.add(b)
+        if g.union(a, b):
+            by_rule["patient-link"] += 1
+        rules[a].add("patient-link")
+        rules[b].add("patient-link")
+
+    candidates: list[dict[str, Any]] = []
+    if cfg.demographic:
+        _demographic(g, demo, cfg, rules, by_rule, candidates)
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for k in g.parent:
+        groups[g.find(k)].append(k)
+    for root in groups:
+        groups[root].sort()
+    # one person with two medical record numbers in one namespace
+    per_group: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for (k, ns), values in mrns.items():
+        per_group[(g.find(k), ns)] |= values
+    for (root, ns), values in sorted(per_group.items()):
+        if len(values) > 1:
+            conflicts.append({"kind": "two-mrns-in-one-namespace", "namespace": ns, "records": groups[root]})
+    return Linkage(dict(groups), dict(rules), conflicts, candidates, dict(by_rule))
+
+
+def _demographic(g: _Groups, demo: dict[str, dict[str, Any]], cfg: IdentityConfig, rules, by_rule, candidates) -> None:
+    """Score pairs that share a birth date (the blocking key); link at the threshold."""
+    blocks: dict[Any, list[str]] = defaultdict(list)
+    for k, r in demo.items():
+        if r["birth_date"] is not None:
+            blocks[r["birth_date"]].append(k)
+    for keys in blocks.values():
+        keys.sort()
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                if a.split("|", 1)[0] == b.split("|", 1)[0]:
+                    continue  # within one source, records are distinct unless the source says otherwise
+                score = demographic_score(demo[a], demo[b], cfg.weights)
+                if score is None:
+                    continue
+                if score >= cfg.threshold:
+                    if g.union(a, b):
+                        by_rule["demographic"] += 1
+                    rules[a].add("demographic")
+                    rules[b].add("demographic")
+                    candidates.append({"records": [a, b], "score": round(score, 3), "linked": True})
+                elif score >= cfg.threshold - cfg.review_margin:
+                    candidates.append({"records": [a, b], "score": round(score, 3), "linked": False})
+
+
+def demographic_score(a: dict[str, Any], b: dict[str, Any], weights: dict[str, float]) -> float | None:
+    """Weighted share of the fields both records have that agree (None if they share none)."""
+    fields = {
+        "family": (normalise_name(a["name_family"]), normalise_name(b["name_family"])),
+        "given": ((normalise_name(a["name_given"]) or "").split(" ")[0] or None,
+                  (normalise_name(b["name_given"]) or "").split(" ")[0] or None),
+        "birth_date": (a["birth_date"], b["birth_date"]),
+        "sex": (a["sex"], b["sex"]),
+        "postal_code": ((a["postal_code"] or "")[:5] or None, (b["postal_code"] or "")[:5] or None),
+    }
+    total = agree = 0.0
+    for name, (x, y) in fields.items():
+        w = weights.get(name, 0.0)
+        if x is None or y is None or not w:
+            continue
+        total += w
+        if x == y:
+            agree += w
+    return agree / total if total else None
+
+
+# --------------------------------------------------------------------------- applying
+
+
+@dataclass
+class RelinkResult:
+    records: int
+    twins: int
+    changed_records: int
+    by_rule: dict[str, int]
+    conflicts: int
+
+
+def compute_linkage(store, cfg: IdentityConfig | None = None, *, latest: bool = True) -> Linkage:
+    cfg = cfg or load_identity_config()
+    patients = store.read("patient", ["source", "patient_id", "name_family", "name_given", "birth_date", "sex",
+                                      "postal_code"], latest=latest)
+    idents = store.read("patient_identifier", ["source", "patient_id", "system", "value", "type_code"], latest=latest)
+    links = store.read("patient_link", ["source", "patient_id", "other_patient_id", "link_type"], latest=latest)
+    return link_records(patients, idents, links, cfg)
+
+
+def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResult:
+    """Recompute the groups and rewrite the twin id of rows whose record changed group.
+
+    Called at the end of every run that wrote patient data, inside its lock and before
+    its commit, so a run never becomes visible with rows under a stale twin id.
+    """
+    linkage = compute_linkage(store, cfg)
+    twin_of = linkage.twin_of()
+    old = {}
+    if store.exists("identity"):
+        t = store.read("identity", ["source", "patient_id", "twin_id"], latest=True)
+        old = {record_key(s, p): tw for s, p, tw in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)}
+    changed = []
+    for k, tid in twin_of.items():
+        source, _, pid = k.partition("|Patient/")
+        before = old.get(k) or twin_id_for_record(source, pid)
+        if before != tid:
+            changed.append((source, pid, tid))
+    if changed:
+        data = pa.table({"source": [c[0] for c in changed], "patient_id": [c[1] for c in changed],
+                         "twin_id": [c[2] for c in changed]})
+        for name, table in store.schema.tables.items():
+            if table.patient_column == "patient_id" and table.provenance:
+                store.update_column(name, ["source", "patient_id"], data, "twin_id")
+    sizes = {root: len(m) for root, m in linkage.groups.items()}
+    rows = []
+    for root, members in linkage.groups.items():
+        for k in members:
+            source, _, pid = k.partition("|Patient/")
+            rows.append({"source": source, "patient_id": pid, "twin_id": twin_of[k],
+                         "linked_by": sorted(linkage.rules.get(k, ())), "group_size": sizes[root], "run_id": run_id})
+    if rows or old:
+        store.replace("identity", pa.Table.from_pylist(rows, schema=store.schema.table("identity").arrow_schema))
+    return RelinkResult(len(twin_of), len(linkage.groups), len(changed), linkage.by_rule, len(linkage.conflicts))
+
+
+def link_report(store, cfg: IdentityConfig | None = None) -> str:
+    """Persons, links by rule, and conflicts for review (record keys only, never identifier values)."""
+    linkage = compute_linkage(store, cfg, latest=False)
+    n_records = sum(len(m) for m in linkage.groups.values())
+    multi = [m for m in linkage.groups.values() if len(m) > 1]
+    lines = [f"{len(linkage.groups):,} persons from {n_records:,} patient records; "
+             f"{len(multi):,} persons have records in more than one place"]
+    if linkage.by_rule:
+        lines.append("links by rule: " + ", ".join(f"{k} {v:,}" for k, v in sorted(linkage.by_rule.items())))
+    else:
+        lines.append("links by rule: none")
+    sources: dict[tuple[str, ...], int] = defaultdict(int)
+    for m in multi:
+        sources[tuple(sorted({k.split("|", 1)[0] for k in m}))] += 1
+    for combo, n in sorted(sources.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {n:,} persons linked across {' + '.join(combo)}")
+    if linkage.conflicts:
+        lines.append(f"conflicts to review ({len(linkage.conflicts)}):")
+        for c in linkage.conflicts:
+            lines.append(f"  {c['kind']} (namespace {c['namespace'] or '(none)'}): {', '.join(c['records'])}")
+    else:
+        lines.append("conflicts to review: none")
+    review = [c for c in linkage.candidates if not c["linked"]]
+    linked = [c for c in linkage.candidates if c["linked"]]
+    if linked:
+        lines.append(f"demographic links made ({len(linked)}):")
+        lines += [f"  score {c['score']}: {' = '.join(c['records'])}" for c in linked]
+    if review:
+        lines.append(f"demographic pairs below the threshold, for review ({len(review)}):")
+        lines += [f"  score {c['score']}: {' ? '.join(c['records'])}" for c in review]
+    return "\n".join(lines)

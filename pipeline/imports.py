@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from .connectors import FILE_CONNECTORS, FileConnector
 from .errors import ConfigError
+from .identity import TwinIds, relink, stored_links
 from .ingest import Ingest, ViewSet
 from .runs import Run
 from .store import Store
@@ -62,12 +63,28 @@ def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: 
         run = Run(store, command, inputs=[str(p) for p in paths])
         try:
             _import(store, run, connector, paths, source, options, views, reprocess, flush_rows, progress)
-            run.record()
-            store.commit(run.run_id)
+            finish_run(store, run)
         except BaseException:
             store.rollback()
             raise
     return run
+
+
+def finish_run(store: Store, run: Run) -> None:
+    """The end of every writing run: link identities, record the run, commit.
+
+    Linking runs inside the lock and before the commit point, so the run becomes
+    visible with every row under its final twin id, or not at all.
+    """
+    if any(v.get("written") for t, v in run.rows.items() if t in ("patient", "patient_identifier", "patient_link")):
+        result = relink(store, run.run_id)
+        if result.changed_records:
+            run.notes.append(f"identity: {result.changed_records} record(s) joined another twin "
+                             f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_rule.items()))})")
+        if result.conflicts:
+            run.notes.append(f"identity: {result.conflicts} conflict(s) to review: `twin link-report`")
+    run.record()
+    store.commit(run.run_id)
 
 
 def _import(store: Store, run: Run, connector: FileConnector, paths: list[Path], source: str,
@@ -75,7 +92,7 @@ def _import(store: Store, run: Run, connector: FileConnector, paths: list[Path],
             progress: Callable[[FileProgress], None] | None) -> None:
     files = list(connector.files(paths))
     state = FileProgress(total_bytes=sum(_size(f) for f in files))
-    ingest = Ingest(store, run, source, connector.kind, views, flush_rows=flush_rows)
+    ingest = Ingest(store, run, source, connector.kind, views, flush_rows=flush_rows, twin_ids=TwinIds(stored_links(store)))
     if connector.read_all is not None:
         ingest.feed_all(connector.read_all(files, options))
         ingest.finish()
@@ -167,13 +184,13 @@ def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_ro
         opts = replace(options, since=since, state_dir=store.meta / "fetch" / _safe(source))
         fetch = fetch_fhir(opts)
         try:
-            ingest = Ingest(store, run, source, "fhir", views, flush_rows=flush_rows)
+            ingest = Ingest(store, run, source, "fhir", views, flush_rows=flush_rows,
+                            twin_ids=TwinIds(stored_links(store)))
             ingest.feed_all(fetch.units())
             ingest.finish()
             if fetch.watermark:
                 run.watermarks[key] = fetch.watermark
-            run.record()
-            store.commit(run.run_id)
+            finish_run(store, run)
         except BaseException:
             store.rollback()
             fetch.close()

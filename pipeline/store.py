@@ -293,6 +293,12 @@ class Store:
         data = self._check(table, data)
         write_deltalake(str(self.table_path(table_name)), data, mode="append", writer_properties=_WRITER)
 
+    def replace(self, table_name: str, data: pa.Table) -> None:
+        """Replace the whole content of a small bookkeeping table in one commit."""
+        table = self.schema.table(table_name)
+        data = self._check(table, data)
+        write_deltalake(str(self.table_path(table_name)), data, mode="overwrite", writer_properties=_WRITER)
+
     def merge_by_key(self, table_name: str, data: pa.Table, *, update: bool = True) -> None:
         """Insert rows whose key is new; update (or, with update=False, keep) the others."""
         if data.num_rows == 0:

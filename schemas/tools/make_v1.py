@@ -368,6 +368,17 @@ tables["ledger"] = dict(
         c("processed_at", "timestamp", "when", True),
         c("units_read", "int64", "units read from it", True),
     ])
+tables["identity"] = dict(
+    description="Which twin each source patient record belongs to, and why (the result of identity linking).",
+    unit="none", key=["source", "patient_id"], provenance=False,
+    columns=[
+        c("source", "string", "source name", True),
+        c("patient_id", "string", "the patient's id in that source", True),
+        c("twin_id", "string", "the twin it belongs to (keyed hash of the smallest record key of its group)", True),
+        c("linked_by", "list<string>", "rules that joined it to the other records of its twin: identifier, patient-link, demographic", True),
+        c("group_size", "int64", "records in its twin", True),
+        c("run_id", "string", "the run that computed it", True),
+    ])
 tables["resource_identifier"] = dict(
     description="Identifiers of directory resources (Patient, Practitioner, Organization, Location, Device, ...): resolves conditional references such as Practitioner?identifier=system|value across files and runs.",
     unit="resource", key=["resource_type", "system", "value"], patient_column=None,
