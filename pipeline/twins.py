@@ -166,10 +166,13 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
         try:
             hashes = _inputs_hash(snap)
             stored: dict[str, str] = {}
-            if store.exists("twin") and as_of is None:
+            if store.exists("twin"):
                 t = store.read("twin", ["twin_id", "inputs_hash"], latest=True)
                 stored = dict(zip(t.column("twin_id").to_pylist(), t.column("inputs_hash").to_pylist(), strict=True))
-            if as_of is None:
+            # an as-of build is a full rebuild at T; a plain build redoes only twins whose inputs changed
+            # (or that the last build left at another as-of)
+            last_as_of = _last_as_of(store)
+            if as_of is None and last_as_of is None:
                 todo = sorted(k for k, h in hashes.items() if stored.get(k) != h)
             else:
                 todo = sorted(hashes)
@@ -186,10 +189,6 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
                 store.delete_units("twin", BUILD_SOURCE, gone)
                 store.delete_units("timeline", BUILD_SOURCE, gone)
                 result.removed = len(gone)
-            if as_of is not None:
-                extra = sorted(set(stored) - set(hashes))
-                if extra:
-                    store.delete_units("twin", BUILD_SOURCE, extra)
             run.counts[BUILD_SOURCE].read = len(hashes)
             run.counts[BUILD_SOURCE].written = len(todo)
             run.counts[BUILD_SOURCE].unchanged = len(hashes) - len(todo)
@@ -201,6 +200,18 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
             store.rollback()
             raise
     return result
+
+
+def _last_as_of(store: Store) -> datetime | None:
+    """The as-of time of the last build, if it was an as-of build (its runs row says so)."""
+    if not store.exists("runs"):
+        return None
+    runs = store.read("runs", ["run_id", "command", "inputs"], filter=pc.field("command") == "build", latest=True)
+    if runs.num_rows == 0:
+        return None
+    last = max(runs.to_pylist(), key=lambda r: r["run_id"])
+    mark = (last["inputs"] or ["as_of=now"])[0]
+    return None if mark == "as_of=now" else datetime.fromisoformat(mark.split("=", 1)[1])
 
 
 def _write(store: Store, table_name: str, data: pa.Table, run: Run, now: datetime, *, unit_column: str = "twin_id",
