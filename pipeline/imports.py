@@ -22,12 +22,15 @@ import pyarrow.compute as pc
 from .connectors import FILE_CONNECTORS, FileConnector
 from .errors import ConfigError
 from .identity import TwinIds, relink, stored_links
-from .ingest import Ingest, ViewSet
+from .ingest import ColumnTransforms, Ingest, ResourceTransform, ViewSet
 from .runs import Run
 from .store import Store
 from .temporal import utc_now
 
 log = logging.getLogger(__name__)
+
+# Privacy hooks for the ingest stage (see pipeline.privacy): a resource transform and column transforms.
+Hooks = tuple["ResourceTransform | None", "ColumnTransforms | None"]
 
 
 @dataclass
@@ -44,25 +47,33 @@ def _ledger(store: Store, source: str) -> dict[str, tuple[int, int, str]]:
     return {p: (s, m, h) for p, s, m, h in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)}
 
 
-def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: str | None = None,
-               options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
-               progress: Callable[[FileProgress], None] | None = None, command: str = "import") -> Run:
-    """Import files of one kind as one run; returns the run (its counts say what happened)."""
-    try:
-        connector: FileConnector = FILE_CONNECTORS[kind]
-    except KeyError:
-        raise ConfigError(f"unknown source kind {kind!r}: one of {', '.join(sorted(FILE_CONNECTORS))}") from None
-    paths = [Path(p) for p in paths]
-    missing = [str(p) for p in paths if not p.exists()]
+def check_paths(paths: Iterable[str | Path]) -> list[Path]:
+    out = [Path(p) for p in paths]
+    missing = [str(p) for p in out if not p.exists()]
     if missing:
         raise ConfigError("input not found", [f"{p}: no such file or folder" for p in missing])
-    source = source or kind
-    options = options or {}
-    views = ViewSet(store.schema)
+    return out
+
+
+def connector_for(kind: str) -> FileConnector:
+    try:
+        return FILE_CONNECTORS[kind]
+    except KeyError:
+        raise ConfigError(f"unknown source kind {kind!r}: one of {', '.join(sorted(FILE_CONNECTORS))}") from None
+
+
+def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: str | None = None,
+               options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
+               progress: Callable[[FileProgress], None] | None = None, command: str = "import",
+               hooks: Hooks | None = None) -> Run:
+    """Import files of one kind as one run; returns the run (its counts say what happened)."""
+    connector_for(kind)
+    paths = check_paths(paths)
     with store.locked(command):
         run = Run(store, command, inputs=[str(p) for p in paths])
         try:
-            _import(store, run, connector, paths, source, options, views, reprocess, flush_rows, progress)
+            import_files(store, run, kind, paths, source=source, options=options, reprocess=reprocess,
+                         flush_rows=flush_rows, progress=progress, hooks=hooks)
             finish_run(store, run)
         except BaseException:
             store.rollback()
@@ -87,12 +98,18 @@ def finish_run(store: Store, run: Run) -> None:
     store.commit(run.run_id)
 
 
-def _import(store: Store, run: Run, connector: FileConnector, paths: list[Path], source: str,
-            options: dict[str, Any], views: ViewSet, reprocess: bool, flush_rows: int,
-            progress: Callable[[FileProgress], None] | None) -> None:
+def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source: str | None = None,
+                 options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
+                 progress: Callable[[FileProgress], None] | None = None, hooks: Hooks | None = None) -> None:
+    """Feed files of one kind into `run` (the caller holds the lock and commits)."""
+    connector = connector_for(kind)
+    source = source or kind
+    options = options or {}
+    transform, columns = hooks or (None, None)
     files = list(connector.files(paths))
     state = FileProgress(total_bytes=sum(_size(f) for f in files))
-    ingest = Ingest(store, run, source, connector.kind, views, flush_rows=flush_rows, twin_ids=TwinIds(stored_links(store)))
+    ingest = Ingest(store, run, source, connector.kind, ViewSet(store.schema), flush_rows=flush_rows,
+                    twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
     if connector.read_all is not None:
         ingest.feed_all(connector.read_all(files, options))
         ingest.finish()
@@ -160,13 +177,15 @@ def last_watermark(store: Store, key: str) -> str | None:
     return None
 
 
-def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_rows: int = 50_000) -> Run:
-    """Pull from a FHIR server (search or Bulk $export) as one run.
+def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
+                    hooks: Hooks | None = None):
+    """Feed a FHIR server's resources into `run`; returns the fetch, whose `finished()`
+    the caller calls after committing.
 
-    `options` is a `FetchOptions` without `since` or `state_dir`: the watermark of the
-    last committed run of this source and server is used when `since` is not given,
-    and the new one is stored with this run, so it only advances once the data it
-    covers is committed. Bulk downloads wait in the store's `_twin/fetch/<source>`
+    `options` is a `FetchOptions`; its `since` and `state_dir` are filled here: the
+    watermark of the last committed run of this source and server is used when `since`
+    is not given, and the new one is stored with this run, so it only advances once the
+    data it covers is committed. Bulk downloads wait in the store's `_twin/fetch/<source>`
     folder until then, which is what lets a killed run resume instead of exporting again.
     """
     from dataclasses import replace
@@ -174,26 +193,36 @@ def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_ro
     from .connectors.fhir_server import fetch_fhir
 
     key = f"{source}@{options.base_url}"
-    views = ViewSet(store.schema)
+    since = options.since
+    if since is None:
+        mark = last_watermark(store, key)
+        since = datetime.fromisoformat(mark.replace("Z", "+00:00")) if mark else None
+    opts = replace(options, since=since, state_dir=store.meta / "fetch" / _safe(source))
+    fetch = fetch_fhir(opts)
+    transform, columns = hooks or (None, None)
+    try:
+        ingest = Ingest(store, run, source, "fhir", ViewSet(store.schema), flush_rows=flush_rows,
+                        twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+        ingest.feed_all(fetch.units())
+        ingest.finish()
+    except BaseException:
+        fetch.close()
+        raise
+    if fetch.watermark:
+        run.watermarks[key] = fetch.watermark
+    return fetch
+
+
+def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
+                   hooks: Hooks | None = None) -> Run:
+    """Pull from a FHIR server (search or Bulk $export) as one run."""
     with store.locked("fetch"):
         run = Run(store, "fetch", inputs=[options.base_url])
-        since = options.since
-        if since is None:
-            mark = last_watermark(store, key)
-            since = datetime.fromisoformat(mark.replace("Z", "+00:00")) if mark else None
-        opts = replace(options, since=since, state_dir=store.meta / "fetch" / _safe(source))
-        fetch = fetch_fhir(opts)
         try:
-            ingest = Ingest(store, run, source, "fhir", views, flush_rows=flush_rows,
-                            twin_ids=TwinIds(stored_links(store)))
-            ingest.feed_all(fetch.units())
-            ingest.finish()
-            if fetch.watermark:
-                run.watermarks[key] = fetch.watermark
+            fetch = fetch_fhir_into(store, run, options, source=source, flush_rows=flush_rows, hooks=hooks)
             finish_run(store, run)
         except BaseException:
             store.rollback()
-            fetch.close()
             raise
     fetch.finished()
     fetch.close()

@@ -47,6 +47,9 @@ from .schema import Schema, Table, load_schema
 from .temporal import utc_now
 
 MANIFEST_FORMAT = 1
+# Stores whose lock this process holds, with the nesting depth: a job holds the lock
+# from its first import to its build, and the steps it calls take it again.
+_HELD: dict[str, int] = {}
 _WRITER = WriterProperties(compression="ZSTD")
 
 
@@ -98,7 +101,6 @@ class Store:
         self.root = Path(root)
         self.schema = schema or load_schema()
         self.meta = self.root / "_twin"
-        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ manifest
 
@@ -208,6 +210,14 @@ class Store:
         writer per store.
         """
         self.meta.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.meta)
+        if key in _HELD:  # this process already holds it (a job running import, check and build)
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
         fd = os.open(self.meta / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -219,12 +229,12 @@ class Store:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command}, since {utc_now():%Y-%m-%dT%H:%M:%SZ})\n"
                  .encode())
-        self._lock_fd = fd
+        _HELD[key] = 1
         try:
             self.recover()
             yield
         finally:
-            self._lock_fd = None
+            del _HELD[key]
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
@@ -254,7 +264,7 @@ class Store:
 
     def commit(self, run_id: str) -> None:
         """Make every table's latest version the committed one: the run's commit point."""
-        if self._lock_fd is None:
+        if os.path.realpath(self.meta) not in _HELD:
             raise StoreError("commit outside a locked run")
         tables = {}
         for name in self.schema.tables:

@@ -111,12 +111,27 @@ def test_a_killed_run_is_rolled_back_by_the_next(tmp_path):
     assert stored(store) == {"Condition/a": ["1"]}
 
 
-def test_lock_is_exclusive_and_names_the_holder(tmp_path):
-    store = Store(tmp_path / "s")
-    with store.locked("first"), pytest.raises(LockHeld, match="first"), Store(tmp_path / "s").locked("second"):
-        pass
-    with Store(tmp_path / "s").locked("third"):
-        pass
+def test_lock_is_exclusive_and_a_dead_holder_leaves_no_stale_lock(tmp_path):
+    root = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parent.parent)!r})
+        from pipeline.store import Store
+        with Store({str(root)!r}).locked("nightly-job"):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match=r"nightly-job.*try again"), Store(root).locked("second"):
+            pass
+    finally:
+        holder.kill()  # kill -9: the kernel drops the flock with the process
+        holder.wait()
+    with Store(root).locked("third"):
+        # the same process may take it again (a job's steps): nesting does not deadlock
+        with Store(root).locked("nested"):
+            pass
 
 
 def test_tables_are_plain_delta_readable_by_duckdb(tmp_path):
