@@ -155,6 +155,22 @@ def cmd_fetch_fhir(args: argparse.Namespace) -> int:
     return int(run.exit_code())
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .jobs import load_job, run_job
+
+    spec = load_job(args.config)
+    store = Store(Path(args.store)) if args.store else None
+    result = run_job(spec, store=store, force=True if args.force else None)
+    print_run_summary(result.run)
+    for line in result.lines:
+        print(line)
+    if result.build_summary:
+        print(result.build_summary)
+    elif result.gate_passed is False:
+        print("twins not built: the gate failed (see the report; --force builds anyway)")
+    return int(result.exit_code)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .temporal import parse_instant_arg
     from .twins import build_twins
@@ -262,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     ff.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (testing only)")
     ff.set_defaults(func=cmd_fetch_fhir)
 
+    r = sub.add_parser("run", parents=[common], help="run a whole job (sources, gate, build) from a config file",
+                       description="Run a scheduled job: read every source incrementally into one run, check the "
+                                   "gate, build the twins. Exit codes: README, 'Exit codes'.")
+    r.add_argument("--config", required=True, metavar="JOB.toml", help="the job file (docs/jobs.md)")
+    r.add_argument("--force", action="store_true", help="build even if the gate fails (recorded in runs)")
+    r.set_defaults(func=cmd_run)
+
     b = sub.add_parser("build", parents=[common], help="assemble the twins", description="Assemble one twin per patient.")
     b.add_argument("--as-of", metavar="T", help="the state as known at T (a date or date-time)")
     b.add_argument("--force", action="store_true", help="build even though the last gate failed (recorded in runs)")
@@ -327,5 +350,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(Exit.INTERNAL)
 
 
+def console_main() -> None:
+    """The `twin` executable: run, flush, and leave without interpreter finalisation.
+
+    Every run has committed (or rolled back) and fsynced its manifest before main()
+    returns, so nothing is left to do at exit; skipping finalisation avoids a rare abort
+    in native library threads torn down at interpreter shutdown ("terminate called
+    without an active exception", seen after kill -9 recovery), which a scheduler would
+    otherwise read as a crash.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+    finally:
+        os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -181,8 +181,11 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
             result.unchanged = len(hashes) - len(todo)
             if todo:
                 twins, timeline = _assemble(snap, pa.array(todo, pa.string()), hashes, now, run)
-                _write(store, "twin", twins, run, now)
-                _write(store, "timeline", timeline, run, now, unit_column="twin_id", all_units=todo)
+                # a twin's content hash leaves out the build time, so that rebuilding the same inputs the
+                # same way gives the same hash; an as-of build is a different state and says so
+                mode = f"as-of {as_of.isoformat()}" if as_of else "current"
+                _write(store, "twin", twins, run, mode)
+                _write(store, "timeline", timeline, run, mode, all_units=todo)
                 result.rebuilt = twins.num_rows
                 result.timeline_rows = timeline.num_rows
             if gone:
@@ -214,7 +217,7 @@ def _last_as_of(store: Store) -> datetime | None:
     return None if mark == "as_of=now" else datetime.fromisoformat(mark.split("=", 1)[1])
 
 
-def _write(store: Store, table_name: str, data: pa.Table, run: Run, now: datetime, *, unit_column: str = "twin_id",
+def _write(store: Store, table_name: str, data: pa.Table, run: Run, mode: str, *, unit_column: str = "twin_id",
            all_units: Sequence[str] | None = None) -> None:
     table = store.schema.table(table_name)
     n = data.num_rows
@@ -232,8 +235,11 @@ def _write(store: Store, table_name: str, data: pa.Table, run: Run, now: datetim
         idx.append(i)
         prev = k
     digests: dict[str, hashlib.blake2b] = {}
-    for k, row in zip(key_list, _row_blobs(data), strict=True):
-        digests.setdefault(k, hashlib.blake2b(digest_size=16)).update(row)
+    for k, row in zip(key_list, _row_blobs(data.drop_columns([c for c in ("as_of",) if c in data.column_names])),
+                      strict=True):
+        if k not in digests:
+            digests[k] = hashlib.blake2b(mode.encode(), digest_size=16)
+        digests[k].update(row)
     hx = {k: d.hexdigest() for k, d in digests.items()}
     cols = {c: data.column(c) for c in data.column_names}
     cols.update({

@@ -128,10 +128,9 @@ def test_lock_is_exclusive_and_a_dead_holder_leaves_no_stale_lock(tmp_path):
     finally:
         holder.kill()  # kill -9: the kernel drops the flock with the process
         holder.wait()
-    with Store(root).locked("third"):
-        # the same process may take it again (a job's steps): nesting does not deadlock
-        with Store(root).locked("nested"):
-            pass
+    # the same process may take it again (a job's steps): nesting does not deadlock
+    with Store(root).locked("third"), Store(root).locked("nested"):
+        pass
 
 
 def test_tables_are_plain_delta_readable_by_duckdb(tmp_path):
