@@ -1,0 +1,241 @@
+"""The gate on a balanced synthetic population: it passes as built, and each way of breaking
+it fails exactly the check made to catch that break, and no other.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.validation import load_gate_config, run_gate
+from pipeline.validation.synthetic import population, uniform_reference_csv
+
+REPO = Path(__file__).resolve().parent.parent
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return json.loads((REPO / "schemas" / "twin-v1.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gate-config")
+    (d / "reference.csv").write_text(uniform_reference_csv())
+    (d / "gate.toml").write_text('[bias]\nreference = "reference.csv"\n')
+    return load_gate_config(d / "gate.toml")
+
+
+@pytest.fixture(scope="module")
+def base(schema) -> dict[str, pa.Table]:
+    return population(schema, NOW, per_cell=10)
+
+
+def failing(result) -> set[str]:
+    return {c.id for c in result.checks if not c.passed}
+
+
+# --------------------------------------------------------------------------- helpers that break the data
+
+
+def where(table: pa.Table, column: str, mask, value) -> pa.Table:
+    """`table` with `column` set to `value` on the rows of `mask`."""
+    col = table.column(column)
+    new = pc.if_else(mask, pa.scalar(value, col.type), col)
+    return table.set_column(table.schema.get_field_index(column), column, new)
+
+
+def every(table: pa.Table, k: int, offset: int = 0) -> pa.Array:
+    """Every k-th row."""
+    import numpy as np
+
+    return pa.array((np.arange(table.num_rows) % k) == offset)
+
+
+def patient_attr(tables, table: str, column: str) -> pa.ChunkedArray:
+    """A patient attribute for each row of `table`."""
+    pat = tables["patient"]
+    idx = pc.index_in(tables[table].column("patient_id"), value_set=pat.column("patient_id"))
+    return pc.take(pat.column(column), idx)
+
+
+def keep_patients(tables, mask) -> dict[str, pa.Table]:
+    kept = tables["patient"].filter(mask).column("patient_id")
+    out = {}
+    for name, t in tables.items():
+        out[name] = t.filter(pc.is_in(t.column("patient_id"), value_set=kept)) if name not in ("device",) else t
+    return out
+
+
+def most_women_removed(t):
+    pat = t["patient"]
+    keep = pc.or_(pc.equal(pat.column("sex"), "male"), every(pat, 4))
+    return keep_patients(t, keep)
+
+
+def spo2_removed_for_black_patients(t):
+    obs = t["observation"]
+    drop = pc.and_(pc.equal(obs.column("code"), "59408-5"), pc.equal(patient_attr(t, "observation", "race_code"), "2054-5"))
+    return {**t, "observation": obs.filter(pc.invert(drop))}
+
+
+def future_dates(t):
+    obs = t["observation"]
+    return {**t, "observation": where(obs, "effective_start", every(obs, 20), NOW + timedelta(days=60))}
+
+
+def impossible_values(t):
+    obs = t["observation"]
+    spo2 = pc.equal(obs.column("code"), "59408-5")
+    return {**t, "observation": where(obs, "value_number", pc.and_(spo2, every(obs, 10)), 300.0)}
+
+
+def broken_references(t):
+    obs = t["observation"]
+    return {**t, "observation": where(obs, "encounter_id", every(obs, 500), "no-such-encounter")}
+
+
+def duplicate_keys(t):
+    obs = t["observation"]
+    hr = obs.filter(pc.equal(obs.column("code"), "8867-4")).slice(0, 3)
+    return {**t, "observation": pa.concat_tables([obs, hr])}
+
+
+def missing_required(t):
+    obs = t["observation"]
+    return {**t, "observation": where(obs, "status", every(obs, 500), None)}
+
+
+def unknown_category(t):
+    obs = t["observation"]
+    return {**t, "observation": where(obs, "category_code", every(obs, 500), "vital-sign")}
+
+
+def wrong_unit(t):
+    obs = t["observation"]
+    hba1c = pc.equal(obs.column("code"), "4548-4")
+    return {**t, "observation": where(obs, "value_unit", pc.and_(hba1c, every(obs, 5)), "mmol/mol")}
+
+
+def local_code_system(t):
+    cond = t["condition"]
+    return {**t, "condition": where(cond, "code_system", every(cond, 10), "urn:oid:1.2.3.4.local")}
+
+
+def pregnant_men(t):
+    cond = t["condition"]
+    htn_of_men = pc.and_(pc.equal(cond.column("code"), "38341003"), pc.equal(patient_attr(t, "condition", "sex"), "male"))
+    extra = cond.filter(htn_of_men).slice(0, 30)
+    extra = where(extra, "code", pa.array([True] * extra.num_rows), "72892002")
+    extra = extra.set_column(0, "condition_id", pc.binary_join_element_wise(extra.column("condition_id"), "x", ""))
+    return {**t, "condition": pa.concat_tables([cond, extra])}
+
+
+def events_before_birth(t):
+    cond = t["condition"]
+    return {**t, "condition": where(cond, "onset", every(cond, 20), datetime(1900, 1, 1, tzinfo=UTC))}
+
+
+def events_after_death(t):
+    """Some patients died 100 days ago; all their events are older, but their conditions' onsets are not."""
+    pat = t["patient"]
+    dead = every(pat, 10)
+    died, before = NOW - timedelta(days=100), NOW - timedelta(days=120)
+    out = {**t, "patient": where(where(pat, "deceased_at", dead, died), "deceased_at_precision", dead, "day")}
+    gone = pat.filter(dead).column("patient_id")
+    for name, cols in (("encounter", ("period_start", "period_end")), ("observation", ("effective_start",)),
+                       ("imaging_study", ("started",))):
+        tab = out[name]
+        for c in cols:
+            tab = where(tab, c, pc.is_in(tab.column("patient_id"), value_set=gone), before)
+        out[name] = tab
+    return out
+
+
+def period_reversed(t):
+    enc = t["encounter"]
+    return {**t, "encounter": where(enc, "period_end", every(enc, 10), NOW - timedelta(days=400))}
+
+
+def patients_without_data(t):
+    pat = t["patient"]
+    extra = pat.filter(every(pat, 10))
+    extra = extra.set_column(0, "patient_id", pc.binary_join_element_wise(extra.column("patient_id"), "nodata", "-"))
+    extra = extra.set_column(extra.schema.get_field_index("twin_id"), "twin_id",
+                             pc.binary_join_element_wise("T", extra.column("patient_id"), ""))
+    return {**t, "patient": pa.concat_tables([pat, extra])}
+
+
+def unknown_race(t):
+    pat = t["patient"]
+    return {**t, "patient": where(pat, "race_code", every(pat, 10), None)}
+
+
+def stale_source(t):
+    img = t["imaging_study"]
+    return {**t, "imaging_study": where(img, "ingested_at", every(img, 1), NOW - timedelta(days=30))}
+
+
+def one_oximeter_for_black_patients(t):
+    obs = t["observation"]
+    black_spo2 = pc.and_(pc.equal(obs.column("code"), "59408-5"),
+                         pc.equal(patient_attr(t, "observation", "race_code"), "2054-5"))
+    return {**t, "observation": where(obs, "device_id", black_spo2, "ox-b")}
+
+
+def value_number_as_float32(t):
+    obs = t["observation"]
+    i = obs.schema.get_field_index("value_number")
+    return {**t, "observation": obs.set_column(i, "value_number", pc.cast(obs.column("value_number"), pa.float32()))}
+
+
+def encounter_status_dropped(t):
+    return {**t, "encounter": t["encounter"].drop_columns(["status"])}
+
+
+BREAKS = {
+    most_women_removed: "representation:patient.sex",
+    spo2_removed_for_black_patients: "coverage-gap:observation.spo2/race",
+    future_dates: "future-date:observation.effective_start",
+    impossible_values: "value-range:observation.value_number",
+    broken_references: "reference:observation.encounter_id",
+    duplicate_keys: "unique-key:observation",
+    missing_required: "required:observation.status",
+    unknown_category: "allowed-values:observation.category_code",
+    wrong_unit: "unit:observation.value_unit",
+    local_code_system: "code-system:condition.code_system",
+    pregnant_men: "sex-specific:condition.code",
+    events_before_birth: "after-birth:condition.onset",
+    events_after_death: "before-death:condition.onset",
+    period_reversed: "start-before-end:encounter.period_end",
+    patients_without_data: "patients-without-data:patient",
+    unknown_race: "unknown-demographics:patient.race",
+    stale_source: "freshness:imaging_study.ingested_at@test",
+    one_oximeter_for_black_patients: "device-mix:observation.spo2/race",
+    value_number_as_float32: "column-type:observation",
+    encounter_status_dropped: "column-present:encounter",
+}
+
+
+def test_the_balanced_population_passes_every_check(base, config, schema):
+    result = run_gate(base, config, now=NOW, schema=schema)
+    assert failing(result) == set()
+    assert result.passed
+    assert list(result.row_failures) == []
+    categories = {c.category for c in result.checks if c.status == "passed"}
+    assert categories == {"conformance", "completeness", "plausibility", "uniqueness", "freshness", "bias"}
+
+
+@pytest.mark.parametrize("breaker", list(BREAKS), ids=[b.__name__ for b in BREAKS])
+def test_each_break_fails_its_check_and_only_it(breaker, base, config, schema):
+    result = run_gate(breaker(base), config, now=NOW, schema=schema)
+    assert failing(result) == {BREAKS[breaker]}
+    check = next(c for c in result.checks if c.id == BREAKS[breaker])
+    assert check.failing_count > 0 and check.message
+    assert result.passed == (check.severity == "warn")
