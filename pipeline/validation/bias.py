@@ -166,6 +166,8 @@ def coverage_gap(measure: Measure, dim: Dimension, labels: np.ndarray, covered: 
     missing = int((~covered & known).sum())
     rate = missing / n if n else 0.0
     groups, judged, flagged, worst = [], 0, 0, 0.0
+    more: list[str] = []
+    less: list[str] = []
     sizes = Counter(labels[known].tolist())
     shown = suppress(dict(sizes), b.suppress_below)
     for g, size in sorted(sizes.items()):
@@ -176,6 +178,8 @@ def coverage_gap(measure: Measure, dim: Dimension, labels: np.ndarray, covered: 
         ratio, is_flagged = _gap_rule(rate_g, rate, b, cc.threshold) if is_judged else (None, False)
         judged += is_judged
         flagged += is_flagged
+        if is_flagged:
+            (more if rate_g > rate else less).append(g)
         if is_judged:
             worst = max(worst, abs(rate_g - rate))
         hide = shown[g] is None
@@ -188,10 +192,10 @@ def coverage_gap(measure: Measure, dim: Dimension, labels: np.ndarray, covered: 
     if judged == 0:
         return Finding("coverage-gap", measure.table, column, 0, 0, details=details,
                        summary=f"not judged: no group has {b.min_group_size} patients")
-    names = [g["group"] for g in groups if g["flagged"]]
     summary = (f"{measure.name} missing for {rate:.1%} of patients overall; {flagged} of {judged} groups by "
                f"{dim.name} differ beyond the ratio bounds and by at least {cc.threshold:.0%}"
-               + (f" ({', '.join(names)})" if names else ""))
+               + (f"; missing more often: {', '.join(more)}" if more else "")
+               + (f"; less often: {', '.join(less)}" if less else ""))
     return Finding("coverage-gap", measure.table, column, flagged, judged, observed=round(worst, 4),
                    details=details, verdict=flagged == 0, summary=summary)
 
