@@ -239,3 +239,46 @@ def test_each_break_fails_its_check_and_only_it(breaker, base, config, schema):
     check = next(c for c in result.checks if c.id == BREAKS[breaker])
     assert check.failing_count > 0 and check.message
     assert result.passed == (check.severity == "warn")
+
+
+def test_great_expectations_writes_nothing_to_the_working_directory(base, config, schema, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_gate(base, config, now=NOW, schema=schema)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hostile_shapes_do_not_crash_the_gate(base, config, schema):
+    assert run_gate({}, config, now=NOW, schema=schema).checks == []
+    # no patient table: references to it are not applicable, bias is not judged
+    alone = run_gate({"observation": base["observation"]}, config, now=NOW.replace(tzinfo=None), schema=schema)
+    assert alone.passed
+    ref = next(c for c in alone.checks if c.id == "reference:observation.patient_id")
+    assert ref.status == "not-applicable" and "patient" in ref.details["note"]
+    assert not any(c.category == "bias" for c in alone.checks)
+    # a table the schema does not know is skipped; empty tables and all-null columns are fine
+    empty = {n: t.slice(0, 0) for n, t in base.items()}
+    assert run_gate({**empty, "not_a_table": pa.table({"x": [1]})}, config, now=NOW, schema=schema).passed
+    pat = base["patient"]
+    nulls = pat.set_column(pat.schema.get_field_index("birth_date"), "birth_date", pa.nulls(pat.num_rows, pa.timestamp("us", tz="UTC")))
+    result = run_gate({**base, "patient": nulls}, config, now=NOW, schema=schema)
+    assert failing(result) == {"unknown-demographics:patient.age_band"}
+    assert next(c for c in result.checks if c.id == "representation:patient.age_band").status == "not-applicable"
+
+
+def test_a_person_with_conflicting_records_takes_the_first_source(base, config, schema):
+    """Two records of one twin disagree on sex: the gate reads the first by (source, patient_id)."""
+    pat = base["patient"]
+    twin = pat.slice(0, 1)
+    other = where(twin, "sex", pa.array([True]), "male" if twin.column("sex")[0].as_py() == "female" else "female")
+    other = where(other, "source", pa.array([True]), "zz-later-source")
+    result = run_gate({**base, "patient": pa.concat_tables([pat, other])}, config, now=NOW, schema=schema)
+    assert failing(result) == set()
+    assert next(c for c in result.checks if c.id == "unknown-demographics:patient.sex").denominator == pat.num_rows
+
+
+def test_no_locators_in_the_report_when_examples_is_zero(base, schema, tmp_path):
+    (tmp_path / "ref.csv").write_text(uniform_reference_csv())
+    (tmp_path / "gate.toml").write_text('[bias]\nreference = "ref.csv"\n[report]\nexamples = 0\n')
+    result = run_gate(future_dates(base), load_gate_config(tmp_path / "gate.toml"), now=NOW, schema=schema)
+    check = next(c for c in result.checks if not c.passed)
+    assert "examples" not in check.details and result.row_failure_count == check.failing_count

@@ -43,7 +43,10 @@ def report(tmp_path_factory):
     keep = pc.or_(pc.equal(pat.column("sex"), "male"), pa.array([i % 4 == 0 for i in range(pat.num_rows)]))
     kept = pat.filter(keep).column("patient_id")
     t = {n: (x.filter(pc.is_in(x.column("patient_id"), value_set=kept)) if n != "device" else x) for n, x in t.items()}
-    obs = _set(t["observation"], "category_code", 50, SECRET)
+    obs = t["observation"]
+    black = pc.is_in(obs.column("patient_id"), value_set=pat.filter(pc.equal(pat.column("race_code"), "2054-5")).column("patient_id"))
+    obs = obs.filter(pc.invert(pc.and_(black, pc.equal(obs.column("code"), "59408-5"))))
+    obs = _set(obs, "category_code", 50, SECRET)
     obs = _set(obs, "effective_start", 40, NOW + timedelta(days=90))
     t["observation"] = obs
     result = run_gate(t, load_gate_config(d / "gate.toml"), now=NOW, schema=schema)
@@ -58,12 +61,12 @@ def test_json_and_html_hold_the_same_checks(report):
     assert [c["id"] for c in data["checks"]] == [c.id for c in result.checks]
     failed = {c["id"] for c in data["checks"] if not c["passed"]}
     assert failed == {"allowed-values:observation.category_code", "future-date:observation.effective_start",
-                      "representation:patient.sex"}
+                      "representation:patient.sex", "coverage-gap:observation.spo2/race"}
     page = html.read_text()
     assert set(re.findall(r'<article class="check failed[^"]*" data-check-id="([^"]+)"', page)) == failed
     for c in data["checks"]:
         assert c["advice"] and c["message"]
-    assert len(failed_lines(result)) == 3 and failed_lines(result)[0].startswith("ERROR")
+    assert len(failed_lines(result)) == 4 and failed_lines(result)[0].startswith("ERROR")
 
 
 def test_the_report_needs_nothing_from_the_network(report):
@@ -116,7 +119,7 @@ def test_headless_chromium_renders_the_report_with_its_plots(report, tmp_path):
     dom = _browser(tmp_path, "--dump-dom", html.as_uri()).stdout
     assert 'id="verdict"' in dom and 'data-passed="false"' in dom
     articles = re.findall(r'<article class="check failed[^"]*" data-check-id="([^"]+)"', dom)
-    assert "future-date:observation.effective_start" in articles and len(articles) == 3
+    assert "future-date:observation.effective_start" in articles and len(articles) == 4
     plots = re.findall(r'<svg class="plot" data-plot="([^"]+)"', dom)
     assert {"summary", "representation", "coverage-gap", "device-mix", "unknown-demographics"} <= set(plots)
     assert dom.count("<rect") > 50

@@ -103,6 +103,7 @@ class GateConfig:
     sex_specific: tuple[SexCode, ...]
     bias: BiasConfig
     source: str
+    examples: int = 5  # [report] examples: locators of failing rows shown per check
 
     def check(self, kind: str, table: str | None = None, column: str | None = None) -> CheckConfig:
         """The settings for `kind`, with the most specific override (table.column, then table) applied."""
@@ -239,6 +240,7 @@ _SEX_CODE = _Table({"table": _Str(), "system": _Str(), "code": _Str(), "prefix":
                    required=("table", "system"))
 _SPEC = _Table({
     "checks": _Table({k: _check_spec(k) for k in KINDS}),
+    "report": _Table({"examples": _Num(0, integer=True)}),
     "code_lists": _MapOf(_List(_Str())),
     "references": _Table({"extra": _List(_List(_Str(), length=4)), "exclude": _List(_Str())}),
     "loinc": _MapOf(_Table({"display": _Str(), "units": _MapOf(_List(_Num(), length=2))})),
@@ -356,6 +358,7 @@ def _build(raw: dict[str, Any], ref_base: Path, source: str, problems: list[str]
         references_exclude=frozenset(refs.get("exclude", [])),
         loinc=loinc, loinc_display={c: r.get("display", "") for c, r in raw.get("loinc", {}).items()},
         sex_specific=tuple(sex_codes), bias=bias, source=source,
+        examples=raw.get("report", {}).get("examples", 5),
     )
 
 

@@ -31,7 +31,6 @@ from .plausibility import life_checks, period_checks, sex_checks
 from .quality import column_checks
 
 log = logging.getLogger(__name__)
-EXAMPLES = 5  # locators of failing rows shown per check
 
 
 def structure_checks(tables: Mapping[str, pa.Table], lay: Mapping[str, TableLayout], config: GateConfig) -> list[Finding]:
@@ -86,8 +85,8 @@ def run_gate(tables: Mapping[str, pa.Table], config: GateConfig, *, now: datetim
 
     results, quarantined = [], []
     for f in findings:
-        if f.rows is not None and len(f.rows) and "source_ref" in known[f.table].column_names:
-            refs = known[f.table].column("source_ref").take(pa.array(f.rows[:EXAMPLES], pa.int64())).to_pylist()
+        if config.examples and f.rows is not None and len(f.rows) and "source_ref" in known[f.table].column_names:
+            refs = known[f.table].column("source_ref").take(pa.array(f.rows[:config.examples], pa.int64())).to_pylist()
             f.details.setdefault("examples", refs)
         result, rows = judge(f, config)
         results.append(result)

@@ -92,26 +92,23 @@ details summary{cursor:pointer;font-weight:600;margin:8px 0}
 """
 
 
-def _fmt_observed(c: dict[str, Any]) -> str:
-    v = c["observed"]
-    if v is None:
+def _fmt(value: float | None, unit: str) -> str:
+    """A number in the unit of its check: shares and gaps as percentages, days as days."""
+    if value is None:
         return "—"
-    unit = c["details"].get("observed_unit", "share")
     if unit == "days":
-        return f"{v:g} days"
+        return f"{value:g} days"
     if unit == "share" or "gap" in unit:
-        return f"{v * 100:.3g}%"
-    return f"{v:.3f}"
+        return f"{value * 100:.3g}%"
+    return f"{value:.3g}"
+
+
+def _fmt_observed(c: dict[str, Any]) -> str:
+    return _fmt(c["observed"], c["details"].get("observed_unit", "share"))
 
 
 def _fmt_threshold(c: dict[str, Any]) -> str:
-    unit = c["details"].get("observed_unit", "share")
-    t = c["threshold"]
-    if unit == "days":
-        return f"{t:g} days"
-    if unit == "share" or "gap" in unit:
-        return f"{t * 100:.3g}%"
-    return f"{t:g}"
+    return _fmt(c["threshold"], c["details"].get("observed_unit", "share"))
 
 
 def _plot(c: dict[str, Any]) -> str:
