@@ -282,3 +282,42 @@ def test_no_locators_in_the_report_when_examples_is_zero(base, schema, tmp_path)
     result = run_gate(future_dates(base), load_gate_config(tmp_path / "gate.toml"), now=NOW, schema=schema)
     check = next(c for c in result.checks if not c.passed)
     assert "examples" not in check.details and result.row_failure_count == check.failing_count
+
+
+def _garbage(rng, typ):
+    if pa.types.is_string(typ):
+        return rng.choice(["", "\x00", "é" * 300, "<script>x</script>", "UNK", "2135-2", "O", None])
+    if pa.types.is_floating(typ):
+        return rng.choice([float("nan"), float("inf"), -float("inf"), -1e308, None])
+    if pa.types.is_timestamp(typ):
+        return rng.choice([datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC), None])
+    if pa.types.is_integer(typ):
+        return rng.choice([0, -1, 2**31 - 1, None])
+    return rng.choice([True, False, None]) if pa.types.is_boolean(typ) else None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_garbage_values_and_missing_or_mistyped_columns_never_crash_the_gate(seed, schema, config):
+    """Random columns dropped or cast to string, random values replaced by hostile ones."""
+    import random
+
+    from pipeline.validation.report import render_html, report_data
+
+    rng = random.Random(seed)
+    tables = {}
+    for name, t in population(schema, NOW, per_cell=2).items():
+        t = t.select([c for c in t.column_names if rng.random() > 0.15])
+        for c in t.column_names:
+            if rng.random() < 0.25:
+                col = t.column(c)
+                values = [_garbage(rng, col.type) if rng.random() < 0.3 else v for v in col.to_pylist()]
+                t = t.set_column(t.schema.get_field_index(c), c, pa.array(values, col.type))
+            elif rng.random() < 0.05:
+                t = t.set_column(t.schema.get_field_index(c), c, t.column(c).cast(pa.string()))
+        tables[name] = t
+    result = run_gate(tables, config, now=NOW, schema=schema)
+    assert result.checks and all(c.message for c in result.checks)
+    for c in result.checks:
+        assert 0 <= c.failing_count <= max(c.denominator, tables[c.table].num_rows if c.table in tables else 0)
+    assert sum(1 for _ in result.row_failures) == result.row_failure_count
+    assert "<script>" not in render_html(report_data(result))

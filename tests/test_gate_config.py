@@ -160,3 +160,14 @@ def test_small_counts_are_suppressed_and_cannot_be_recovered():
     assert suppress({"a": 100, "b": 5, "c": 3}, 11) == {"a": 100, "b": None, "c": None}
     assert suppress({"a": 100, "b": 0}, 11) == {"a": 100, "b": 0}
     assert suppress({"a": 100, "b": 11}, 11) == {"a": 100, "b": 11}
+
+
+def test_importing_the_gate_does_not_import_great_expectations():
+    """GX takes seconds to import: only running the checks may pay for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.validation, pipeline.validation.report; "
+            "print(any(m.startswith('great_expectations') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

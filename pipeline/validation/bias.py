@@ -58,7 +58,8 @@ def suppress(counts: Mapping[str, int], below: int) -> dict[str, int | None]:
 
 
 def group_labels(persons: People, dim: Dimension, reference: BiasConfig, now: datetime) -> np.ndarray:
-    """The group of each person along `dim` (UNKNOWN, UNLISTED, or a reference group label)."""
+    """The group of each person along `dim`: UNKNOWN, UNLISTED, or a reference group label
+    (or, for a dimension the reference file does not cover, the value itself)."""
     n = len(persons)
     labels = np.full(n, UNKNOWN, dtype=object)
     if dim.bands:
@@ -73,10 +74,12 @@ def group_labels(persons: People, dim: Dimension, reference: BiasConfig, now: da
     if values is None:
         return labels
     raw = np.asarray(values.to_pylist(), dtype=object)
-    by_code = {c: g.group for g in reference.reference_for(dim.name) for c in g.codes}
+    groups = reference.reference_for(dim.name)
+    by_code = {c: g.group for g in groups for c in g.codes}
     for i, v in enumerate(raw):
         if v is not None and v not in dim.unknown:
-            labels[i] = by_code.get(v, UNLISTED)
+            # without a reference for this dimension, the values themselves are the groups
+            labels[i] = by_code.get(v, UNLISTED) if groups else str(v)
     return labels
 
 

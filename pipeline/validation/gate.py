@@ -64,15 +64,14 @@ def run_gate(tables: Mapping[str, pa.Table], config: GateConfig, *, now: datetim
     if unknown:
         log.warning("gate: tables not in the twin schema are not checked: %s", ", ".join(unknown))
     known = {n: t for n, t in tables.items() if n in lay}
-    # sex is needed by the sex-specific check even when no bias dimension uses it
-    attrs = tuple(dict.fromkeys([*(d.column for d in config.bias.dimensions.values() if not d.bands), "sex"]))
-    persons = people(known.get("patient"), lay.get("patient"), attrs)
-
     findings: list[Finding] = []
     findings += structure_checks(known, lay, config)
     # Tables whose columns have the wrong type are left to column-type: the other checks would misread them.
     typed = {n: t for n, t in known.items()
              if all(t.schema.field(c).type.equals(s.arrow) for c, s in lay[n].columns.items() if c in t.column_names)}
+    # sex is needed by the sex-specific check even when no bias dimension uses it
+    attrs = tuple(dict.fromkeys([*(d.column for d in config.bias.dimensions.values() if not d.bands), "sex"]))
+    persons = people(typed.get("patient"), lay.get("patient"), attrs)
     findings += column_checks(typed, lay, config, now)
     findings += measurement_checks(typed.get("observation"), config)
     findings += reference_checks(typed, lay, config)

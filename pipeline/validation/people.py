@@ -86,12 +86,19 @@ def people(patient: pa.Table | None, layout: TableLayout | None, columns: tuple[
         return People(empty, {c: empty for c in columns}, pa.array([], pa.timestamp("us", tz="UTC")),
                       pa.array([], pa.timestamp("us", tz="UTC")))
     keys = person_keys(patient, layout)
-    t = pa.table({"__key": keys, "__s": patient.column("source"), "__p": patient.column("patient_id")})
+    if keys is None:  # neither twin_id nor source + patient_id: nobody can be named
+        return people(None, None, columns)
+    t = pa.table({"__key": keys})
+    order = [("__key", "ascending")]
+    for c in ("source", "patient_id"):  # a fixed order, so the first known value does not depend on row order
+        if c in patient.column_names:
+            t = t.append_column(f"__{c}", patient.column(c))
+            order.append((f"__{c}", "ascending"))
     wanted = [c for c in dict.fromkeys((*columns, "birth_date", "deceased_at", "deceased_at_precision"))
               if c in patient.column_names]
     for c in wanted:
         t = t.append_column(c, patient.column(c))
-    t = t.sort_by([("__key", "ascending"), ("__s", "ascending"), ("__p", "ascending")])
+    t = t.sort_by(order)
     g = t.group_by("__key", use_threads=False).aggregate([(c, "first") for c in wanted])
     get = {c: g.column(f"{c}_first").combine_chunks() for c in wanted}
     n = g.num_rows
