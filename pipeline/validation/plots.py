@@ -12,7 +12,7 @@ from __future__ import annotations
 from html import escape
 
 PALETTE = ("#3465a4", "#f57900", "#4e9a06", "#75507b", "#c17d11", "#cc0000", "#555753", "#06989a")
-LABEL_W, BAR_W, ROW_H, GAP = 170, 280, 16, 10
+LABEL_W, BAR_W, ROW_H, GAP = 160, 250, 16, 10
 
 
 def _text(x: float, y: float, s: str, anchor: str = "start", size: int = 11, fill: str = "#222") -> str:
