@@ -74,6 +74,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Libraries that log chattily at INFO (Great Expectations announces its temporary
+    # folders) speak only at -vv.
+    for name in ("great_expectations", "py4j", "urllib3"):
+        lib = logging.getLogger(name)
+        lib.setLevel(logging.DEBUG if args.verbose >= 2 else logging.WARNING)
+        lib.handlers[:] = []
+        lib.propagate = True
 
 
 def _progress_bar(label: str):
@@ -169,6 +176,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif result.gate_passed is False:
         print("twins not built: the gate failed (see the report; --force builds anyway)")
     return int(result.exit_code)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .gate_runs import run_check
+
+    outcome = run_check(_store(args), config=args.config, report_dir=args.report)
+    print(outcome.summary())
+    return int(Exit.OK if outcome.passed else Exit.GATE_FAILED)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -284,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, metavar="JOB.toml", help="the job file (docs/jobs.md)")
     r.add_argument("--force", action="store_true", help="build even if the gate fails (recorded in runs)")
     r.set_defaults(func=cmd_run)
+
+    ch = sub.add_parser("check", parents=[common], help="the quality and bias gate",
+                        description="Check data quality and bias over the stored tables; write an HTML + JSON "
+                                    "report; exit 4 when an error-level check fails (docs/gate.md).")
+    ch.add_argument("--report", metavar="DIR", help="where to write report.html and report.json "
+                                                     "(default: the store's _twin/reports/<run id>)")
+    ch.add_argument("--config", metavar="FILE", help="gate thresholds (default: config/gate.toml)")
+    ch.set_defaults(func=cmd_check)
 
     b = sub.add_parser("build", parents=[common], help="assemble the twins", description="Assemble one twin per patient.")
     b.add_argument("--as-of", metavar="T", help="the state as known at T (a date or date-time)")

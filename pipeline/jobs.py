@@ -290,8 +290,8 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
             result.exit_code = Exit.SOURCE_UNAVAILABLE
         if nothing_new and not _build_pending(store):
             return result
-        if spec.gate.get("enabled", True) and _gate_available():
-            from .gate_runs import run_check  # type: ignore[attr-defined]
+        if spec.gate.get("enabled", True):
+            from .gate_runs import run_check
 
             check = run_check(store, config=spec.gate.get("config"), report_dir=spec.gate.get("report"))
             result.gate_passed = check.passed
@@ -303,7 +303,7 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
         if spec.build.get("enabled", True) and (result.gate_passed is not False or forced):
             from .twins import build_twins
 
-            result.build_summary = build_twins(store, force=forced and result.gate_passed is False).summary()
+            result.build_summary = build_twins(store, force=forced).summary()
     return result
 
 
@@ -327,9 +327,3 @@ def pa_array(values):
     return pa.array(values)
 
 
-def _gate_available() -> bool:
-    try:
-        import pipeline.gate_runs  # noqa: F401
-    except ImportError:
-        return False
-    return True

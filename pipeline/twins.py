@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from .codes import KEY_LABS, VITAL_SIGNS
-from .errors import ConfigError
+from .errors import ConfigError, GateFailed
 from .runs import Run
 from .schema import TIMESTAMP
 from .store import Store
@@ -158,11 +158,15 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
     with store.locked("build"):
         if not store.exists("patient"):
             raise ConfigError("nothing to build: the store has no patients yet (import something first)")
+        from .gate_runs import last_gate_failed
+
+        if last_gate_failed(store) and not force:
+            raise GateFailed("the last `twin check` failed: twins are not built on data that failed the gate. "
+                             "Read its report (`twin status` shows the run), fix the data, or `twin build --force`")
         run = Run(store, "build", inputs=[f"as_of={as_of.isoformat()}" if as_of else "as_of=now"])
-        run.forced = force
         snap = Snapshot(store, as_of)
         now = as_of or utc_now()
-        result = BuildResult(run.run_id, now, forced=force)
+        result = BuildResult(run.run_id, now)
         try:
             hashes = _inputs_hash(snap)
             stored: dict[str, str] = {}
@@ -197,7 +201,10 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
             run.counts[BUILD_SOURCE].unchanged = len(hashes) - len(todo)
             run.rows["twin"]["written"] = result.rebuilt
             run.rows["timeline"]["written"] = result.timeline_rows
-            run.record(status="ok", exit_code=0, message="forced past a failed gate" if force else None)
+            forced = force and last_gate_failed(store)
+            run.forced = forced
+            result.forced = forced
+            run.record(status="ok", exit_code=0, message="forced past a failed gate" if forced else None)
             store.commit(run.run_id)
         except BaseException:
             store.rollback()

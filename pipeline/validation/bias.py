@@ -255,7 +255,9 @@ def _device_labels(device_ids: pa.Array, device: pa.Table | None) -> np.ndarray:
     if device is None or "device_id" not in device.column_names:
         return np.where(ids == None, NO_DEVICE, ids)  # noqa: E711 (numpy elementwise)
     parts = [device.column(c) for c in ("manufacturer", "model") if c in device.column_names]
-    names = pc.binary_join_element_wise(*parts, " ", null_handling="skip") if parts else device.column("device_id")
+    # nulls filled first: pyarrow's null_handling="skip" returns a wrong-length result for all-null inputs
+    names = (pc.utf8_trim_whitespace(pc.binary_join_element_wise(*(pc.fill_null(p, "") for p in parts), " "))
+             if parts else device.column("device_id"))
     names = pc.coalesce(pc.if_else(pc.equal(pc.utf8_length(names), 0), None, names), device.column("device_id"))
     idx = pc.index_in(device_ids, value_set=device.column("device_id"))
     labels = np.asarray(pc.take(names, idx).to_pylist(), dtype=object)

@@ -1,0 +1,87 @@
+"""`twin check`: the gate as a run, and the verdict `twin build` obeys.
+
+The checks themselves live in pipeline.validation; this module reads the committed
+tables, runs them, sends rows that fail a row-level check to quarantine (stage
+`gate`, reason = the check; nothing is deleted from the tables), writes the report
+and records the run, whose status (`ok` or `gate_failed`) is what `twin build` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from .errors import Exit
+from .runs import Run
+from .store import Store
+from .temporal import utc_now
+from .units import Rejected
+
+GATE_TABLES = ("patient", "patient_identifier", "encounter", "observation", "condition", "medication", "procedure",
+               "immunization", "allergy", "diagnostic_report", "imaging_study", "imaging_series", "device")
+
+
+@dataclass
+class CheckOutcome:
+    run: Run
+    passed: bool
+    report_html: Path
+    report_json: Path
+    failed: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = self.counts
+        lines = [f"run {self.run.run_id} (check): {'passed' if self.passed else 'FAILED'}: {s.get('checks', 0)} checks, "
+                 f"{s.get('failed_errors', 0)} error(s), {s.get('failed_warnings', 0)} warning(s), "
+                 f"{s.get('rows_to_quarantine', 0):,} row(s) quarantined",
+                 f"  report: {self.report_html}"]
+        lines += [f"  {line}" for line in self.failed]
+        return "\n".join(lines)
+
+
+def run_check(store: Store, *, config: str | Path | None = None, report_dir: str | Path | None = None,
+              now: datetime | None = None) -> CheckOutcome:
+    from .validation import load_gate_config, run_gate
+    from .validation.report import failed_lines, write_report
+
+    cfg = load_gate_config(config)
+    with store.locked("check"):
+        run = Run(store, "check", inputs=[str(config) if config else "config/gate.toml"])
+        try:
+            tables = {t: store.read(t).combine_chunks() for t in GATE_TABLES if store.exists(t)}
+            result = run_gate(tables, cfg, now=now or utc_now(), schema=store.schema.raw)
+            for f in result.row_failures:
+                run.quarantine(f.source or "unknown", "gate", Rejected(
+                    "gate", f.check, f.message, f.source_ref or f"{f.table}:{f.unit_key}",
+                    payload_ref=f"{f.table}:{f.unit_key}", target_table=f.table))
+            out = Path(report_dir) if report_dir else store.meta / "reports" / run.run_id
+            html, js = write_report(result, out)
+            summary = result.summary()
+            run.checks_passed = sum(1 for c in result.checks if c.passed)
+            run.checks_failed = sum(1 for c in result.checks if not c.passed)
+            # gate rows are not units read from a source: keep the source tallies out of it
+            for c in run.counts.values():
+                c.read = c.quarantined
+            run.record(status="ok" if result.passed else "gate_failed",
+                       exit_code=int(Exit.OK if result.passed else Exit.GATE_FAILED),
+                       message=f"report {html}")
+            store.commit(run.run_id)
+        except BaseException:
+            store.rollback()
+            raise
+    return CheckOutcome(run, result.passed, html, js, failed_lines(result), summary)
+
+
+def last_gate_failed(store: Store) -> bool:
+    """Did the most recent `check` run fail? (`twin build` refuses to build after it unless forced.)"""
+    if not store.exists("runs"):
+        return False
+    runs = store.read("runs", ["run_id", "command", "status"], filter=pc.field("command") == "check", latest=True)
+    if runs.num_rows == 0:
+        return False
+    last = max(runs.to_pylist(), key=lambda r: r["run_id"])
+    return last["status"] == "gate_failed"

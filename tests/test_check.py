@@ -1,0 +1,54 @@
+"""`twin check` as a run: report, quarantine of failing rows, and the verdict `twin build` obeys."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pyarrow.compute as pc
+
+from pipeline.cli import main as twin
+from pipeline.store import Store
+from tests.conftest import FIXTURES
+
+
+def test_fixtures_pass_and_the_report_is_written(tmp_path, capsys):
+    store = str(tmp_path / "s")
+    assert twin(["import", "fhir", str(FIXTURES / "fhir"), "--store", store]) == 0
+    assert twin(["check", "--store", store, "--report", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "(check): passed" in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["passed"] is True and report["summary"]["failed_errors"] == 0
+    assert (tmp_path / "r" / "report.html").stat().st_size > 10_000
+    runs = Store(tmp_path / "s").read("runs", filter=pc.field("command") == "check").to_pylist()
+    assert runs[0]["status"] == "ok" and runs[0]["checks_passed"] > 100 and runs[0]["checks_failed"] == 0
+
+
+def test_a_failed_gate_stops_the_build_until_forced(tmp_path, capsys):
+    store = str(tmp_path / "s")
+    assert twin(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", store]) == 0
+    # impossible values: heart rates of 900/min for every patient
+    bad = []
+    for i, pid in enumerate(["2354df0f-349f-4042-a827-2ef12013e69d", "beaf00da-c197-4e72-8b27-7ee1131348f1",
+                             "32342551-fcab-4a4f-bbcd-1e4bc156d781"] * 10):
+        bad.append({"resourceType": "Observation", "id": f"hr-{i}", "status": "final",
+                    "category": [{"coding": [{"code": "vital-signs"}]}],
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                    "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2020-01-01T00:00:00Z",
+                    "valueQuantity": {"value": 900, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}})
+    (tmp_path / "bad.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in bad))
+    assert twin(["import", "fhir", str(tmp_path / "bad.ndjson"), "--store", store]) == 0
+    assert twin(["check", "--store", store, "--report", str(tmp_path / "r")]) == 4
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "range" in out
+    assert twin(["build", "--store", store]) == 4
+    assert "failed the gate" in capsys.readouterr().err
+    assert twin(["build", "--store", store, "--force"]) == 0
+    s = Store(tmp_path / "s")
+    builds = s.read("runs", filter=pc.field("command") == "build").to_pylist()
+    assert [b["forced"] for b in builds] == [True]
+    # the rows that failed are in quarantine (stage gate), and still in the table: nothing is deleted
+    q = s.read("quarantine", filter=pc.field("stage") == "gate").to_pylist()
+    assert len(q) == 30 and all(e["target_table"] == "observation" for e in q)
+    assert s.read("observation", filter=pc.field("value_number") == 900.0).num_rows == 30
