@@ -227,6 +227,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if not args.id:
             raise ConfigError("`twin quarantine show` needs the entry id (from `twin quarantine list`)")
         print(quarantine.show_entry(store, args.id, payload=args.payload))
+    elif args.action == "retry":
+        run = quarantine.retry(store, ids=[args.id] if args.id else None, reason=args.reason, source=args.source)
+        print_run_summary(run)
+        return int(run.exit_code())
     return int(Exit.OK)
 
 
@@ -327,10 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")
     st.set_defaults(func=cmd_status)
 
-    q = sub.add_parser("quarantine", parents=[common], help="inspect quarantined units",
-                       description="List or show units that could not be used.")
-    q.add_argument("action", choices=["list", "show"])
-    q.add_argument("id", nargs="?", help="entry id (show)")
+    q = sub.add_parser("quarantine", parents=[common], help="inspect and retry quarantined units",
+                       description="List or show units that could not be used; retry them after a mapping is "
+                                   "fixed (an entry leaves quarantine only when its unit is stored).")
+    q.add_argument("action", choices=["list", "show", "retry"])
+    q.add_argument("id", nargs="?", help="entry id, or its first characters (show; retry: only this one)")
+    q.add_argument("--source", help="retry: only entries of this source")
     q.add_argument("--limit", type=int, default=50, help="entries to list (default 50)")
     q.add_argument("--reason", help="only entries with this reason code")
     q.add_argument("--all", action="store_true", help="include resolved entries")

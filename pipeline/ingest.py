@@ -99,8 +99,16 @@ class TableView:
     # (view column index, output positions, converter or None for temporal)
     plan: list[tuple[int, tuple[int, ...], Callable[[Any], Any] | None, str]] = field(default_factory=list)
     width: int = 0
+    required: list[tuple[int, str]] = field(default_factory=list)  # (position, column) that may not be null
 
     def convert(self, row: tuple) -> list[Any]:
+        out = self._convert(row)
+        for pos, name in self.required:
+            if out[pos] is None:
+                raise _Missing(f"column {name} is required and the resource gives no value for it")
+        return out
+
+    def _convert(self, row: tuple) -> list[Any]:
         out: list[Any] = [None] * self.width
         for i, pos, conv, name in self.plan:
             v = row[i]
@@ -122,6 +130,10 @@ class TableView:
             except BadTemporal as e:
                 raise _BadValue(f"column {name}: {e}") from None
         return out
+
+
+class _Missing(Exception):
+    pass
 
 
 def _raise_list():
@@ -191,6 +203,7 @@ class ViewSet:
                    and not c.name.endswith(("_precision", "_offset"))]
         if missing:
             raise ValueError(f"required columns not given: {missing}")
+        tv.required = [(index[c.name], c.name) for c in table.columns if c.required and c.name in seen]
         return tv
 
 
@@ -289,6 +302,9 @@ class ResourceMapper:
         except _BadValue as e:
             return Rejected("view", "wrong-type", f"{rtype}: {e}", unit.source_ref, **_payload(unit),
                             target_table=tv.table.name)
+        except _Missing as e:
+            return Rejected("schema", "missing-required", f"{rtype} into {tv.table.name}: {e}", unit.source_ref,
+                            **_payload(unit), target_table=tv.table.name)
         except RowError as e:  # the resource breaks a rule the view relies on (two values for one column, ...)
             return Rejected("view", e.reason, f"{rtype}: view {tv.path.name}: {e}", unit.source_ref, **_payload(unit),
                             target_table=tv.table.name)

@@ -53,3 +53,70 @@ def show_entry(store: Store, entry_id: str, *, payload: bool = False) -> str:
         else:
             lines.append(f"payload          {len(data):,} bytes (--payload prints it; it may hold patient data)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- retry
+
+
+def retry(store: Store, *, ids: list[str] | None = None, reason: str | None = None, source: str | None = None):
+    """Replay open quarantine entries through the current mappings (after a fix).
+
+    An entry leaves quarantine (status `resolved`, with the run that stored it) only
+    when its unit is stored this time; one that fails again stays open, unchanged.
+    Gate entries are not replayed: their rows are already in the tables.
+    """
+    import pyarrow as pa
+
+    from .connectors import FILE_CONNECTORS
+    from .identity import TwinIds, stored_links
+    from .imports import finish_run
+    from .ingest import Ingest, ViewSet
+    from .runs import Run
+
+    if not store.exists("quarantine"):
+        raise ConfigError("quarantine is empty: nothing to retry")
+    with store.locked("retry"):
+        t = store.read("quarantine", latest=True, filter=pc.field("status") == "open")
+        entries = [e for e in t.to_pylist()
+                   if (not ids or any(e["quarantine_id"].startswith(i) for i in ids))
+                   and (reason is None or e["reason"] == reason) and (source is None or e["source"] == source)]
+        run = Run(store, "retry", inputs=[f"{len(entries)} quarantine entries"])
+        views = ViewSet(store.schema)
+        resolved: list[dict] = []
+        skipped: dict[str, int] = {}
+        try:
+            ingests: dict[tuple[str, str], Ingest] = {}
+            for e in entries:
+                conn = FILE_CONNECTORS.get(e["source_kind"])
+                why = ("gate entries are checked again by `twin check`, not replayed" if e["stage"] == "gate" else
+                       "no payload kept (re-import the file)" if e["payload"] is None else
+                       f"{e['source_kind']} units cannot be replayed alone (re-import the file)"
+                       if conn is None or conn.replay is None else None)
+                if why:
+                    skipped[why] = skipped.get(why, 0) + 1
+                    continue
+                key = (e["source"], e["source_kind"])
+                if key not in ingests:
+                    ingests[key] = Ingest(store, run, e["source"], e["source_kind"], views,
+                                          twin_ids=TwinIds(stored_links(store)))
+                ingest = ingests[key]
+                before = run.counts[e["source"]].quarantined
+                for unit in conn.replay(e["payload"], e["source_ref"]):
+                    ingest.feed(unit)
+                if run.counts[e["source"]].quarantined == before:
+                    resolved.append(e)
+            for ingest in ingests.values():
+                ingest.finish()
+            if resolved:
+                schema = store.schema.table("quarantine").arrow_schema
+                for e in resolved:
+                    e["status"] = "resolved"
+                    e["resolved_run_id"] = run.run_id
+                store.merge_by_key("quarantine", pa.Table.from_pylist(resolved, schema=schema))
+            run.notes.append(f"{len(resolved)} of {len(entries)} entries stored and resolved")
+            run.notes += [f"{n} not replayed: {why}" for why, n in sorted(skipped.items())]
+            finish_run(store, run)
+        except BaseException:
+            store.rollback()
+            raise
+    return run

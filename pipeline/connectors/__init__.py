@@ -30,6 +30,8 @@ class FileConnector:
     accept: Callable[[Path], bool]
     read_file: Callable[[Path, dict[str, Any]], Iterable[Unit]] | None = None
     read_all: Callable[[list[Path], dict[str, Any]], Iterable[Unit]] | None = None
+    # `twin quarantine retry`: the units of a quarantined payload (None: cannot be replayed alone)
+    replay: Callable[[bytes, str], Iterable[Unit]] | None = None
 
     def files(self, paths: Iterable[str | Path]) -> Iterator[Path]:
         return fhir_files.walk(paths, self.accept)
@@ -41,5 +43,5 @@ def _fhir_file(path: Path, options: dict[str, Any]) -> fhir_files.FhirFile:
 
 FILE_CONNECTORS: dict[str, FileConnector] = {
     "fhir": FileConnector("fhir", "FHIR R4 NDJSON (.ndjson, .ndjson.gz), Bundles and single resources (.json)",
-                          fhir_files.is_fhir_file, read_file=_fhir_file),
+                          fhir_files.is_fhir_file, read_file=_fhir_file, replay=fhir_files.replay),
 }

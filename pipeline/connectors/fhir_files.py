@@ -298,6 +298,41 @@ class FhirFile:
         return {"payload_ref": self.ref}
 
 
+def replay(payload: bytes, source_ref: str, limits: Limits = DEFAULT_LIMITS) -> Iterator[Unit]:
+    """The units of a quarantined payload, read again (for `twin quarantine retry`).
+
+    A payload is an NDJSON line, a Bundle entry, or a whole document; each is read
+    with the same checks as a file, under its original locator.
+    """
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        yield Rejected("parse", "invalid-json", f"not valid JSON ({_json_error(e)})", source_ref, payload=payload)
+        return
+    f = FhirFile(Path(source_ref), limits)
+    f.ref = source_ref
+    if isinstance(obj, dict) and "resourceType" not in obj and isinstance(obj.get("resource"), dict):
+        entry_ref = source_ref
+        f.ref = source_ref.split("#entry[", 1)[0]
+        for unit in f._bundle({"resourceType": "Bundle", "type": "collection", "entry": [obj]}):
+            yield _relocate(unit, entry_ref)
+        return
+    if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
+        yield from f._bundle(obj)
+        return
+    yield f._resource(obj, source_ref, None, lambda: payload, raw=payload)
+
+
+def _relocate(unit: Unit, ref: str) -> Unit:
+    if isinstance(unit, Resource):
+        return Resource(unit.resource, ref, unit.full_urls, unit.raw)
+    if isinstance(unit, Rejected):
+        return Rejected(unit.stage, unit.reason, unit.message, ref, unit.payload, unit.payload_ref, unit.target_table)
+    if isinstance(unit, Deletion):
+        return Deletion(unit.resource_type, unit.resource_id, ref)
+    return unit
+
+
 def read_fhir(paths: Iterable[str | Path], limits: Limits = DEFAULT_LIMITS) -> Iterator[Unit]:
     """Every unit of every FHIR file under `paths` (convenience for tests and tools)."""
     for path in walk(paths):
