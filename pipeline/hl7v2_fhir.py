@@ -560,7 +560,9 @@ class Run:
         return v is not None and v != '""'
 
     def raw_element(self, p: Path) -> str | None:
-        """The whole text of an element (all its parts), as written: what ids hash."""
+        """The whole text of an element, all its parts, unescaped and joined with fixed separators
+        (^ between components, & between subcomponents): what ids hash, the same whatever the
+        message's delimiters."""
         pos = self.locate(p.segment)
         if pos is None:
             return None
@@ -569,17 +571,17 @@ class Run:
         r = p.repetition or 1
         if r > len(reps):
             return None
-        text = reps[r - 1]
+        comps = msg.components(reps[r - 1])
         if p.component is not None:
-            comps = msg.components(text)
             if p.component > len(comps):
                 return None
-            text = comps[p.component - 1]
+            comps = comps[p.component - 1:p.component]
             if p.subcomponent is not None:
-                subs = msg.subcomponents(text)
+                subs = msg.subcomponents(comps[0])
                 if p.subcomponent > len(subs):
                     return None
-                text = subs[p.subcomponent - 1]
+                comps = subs[p.subcomponent - 1:p.subcomponent]
+        text = "^".join("&".join(msg.text(s) for s in msg.subcomponents(c)) for c in comps).rstrip("^&")
         return text or None
 
     def field_reps(self, p: Path) -> list[str]:
