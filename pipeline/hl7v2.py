@@ -274,8 +274,8 @@ def compile_path(text: str) -> Path:
         subcomponent=None if m["sub"] is None else int(m["sub"]),
         text=text.strip(),
     )
-    if path.occurrence < 1 or path.field < 1 or (path.repetition or 1) < 0 or (path.component or 1) < 1 \
-            or (path.subcomponent or 1) < 1:
+    if path.occurrence < 1 or path.field < 1 or 0 in (path.component, path.subcomponent) \
+            or (path.repetition is not None and rep != "*" and path.repetition < 1):
         raise ValueError(f"accessor positions are 1-based: {text!r}")
     return path
 
@@ -744,7 +744,7 @@ class _Framer:
             return
         self.cur_size += len(data) + 1
         if self.cur_size > self.limits.max_message_bytes:
-            if self.cur_problem is None or self.cur_problem[0] != "message-too-large":
+            if self.cur_problem is None:
                 self.cur_problem = ("message-too-large", f"the message is larger than {self.limits.max_message_bytes} bytes")
             if self.cur:
                 self.cur.clear()
@@ -848,6 +848,8 @@ def _iter_lines(stream: BinaryIO, limits: Limits, lineno: int = 1, base: int = 0
             if skipping:
                 yield lineno, skip_start, base + s, None
                 skipping = False
+            elif s - pos > max_line:
+                yield lineno, base + pos, base + s, None
             else:
                 yield lineno, base + pos, base + s, buf[pos:s]
             lineno += 1

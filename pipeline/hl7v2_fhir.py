@@ -409,7 +409,7 @@ def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str
     if "from" in entry:
         conv = CONVERTERS.get(entry.get("as", ""))
         if conv is None:
-            problems.append(f"{where}: `as` must name a conversion, one of {sorted(CONVERTERS)}")
+            problems.append(f"{where}: `as = {entry.get('as')!r}` is no conversion; use one of {sorted(CONVERTERS)}")
             return None
     table = None
     if "table" in entry:
@@ -1429,10 +1429,14 @@ def _resource_id(run: Run, rmap: ResourceMap, pos: int) -> str:
 def known_segments() -> frozenset[str]:
     """Segment ids HL7 v2.3 to v2.8.2 define, from hl7apy's structure tables (loaded on first use)."""
     from hl7apy import load_library
+    from hl7apy.exceptions import UnsupportedVersion
 
     names: set[str] = set()
     for v in ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2"):
-        names.update(load_library(v).SEGMENTS)
+        try:
+            names.update(load_library(v).SEGMENTS)
+        except UnsupportedVersion:  # hl7apy 1.3 has no 2.7.1 / 2.8.1 tables: their segments are in 2.8.2's
+            continue
     return frozenset(names)
 
 
