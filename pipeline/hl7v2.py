@@ -155,7 +155,8 @@ def delimiters_from(field: str, encoding: str) -> Delimiters:
         raise HL7ParseError("bad-encoding-characters", "MSH-1/MSH-2 repeat a delimiter or use a letter, digit or space")
     e = encoding + "\0" * (5 - len(encoding))
     pick = lambda c: "" if c == "\0" else c  # noqa: E731
-    return Delimiters(field, pick(e[0]), pick(e[1]), pick(e[2]), pick(e[3]), pick(e[4]))
+    d = Delimiters(field, pick(e[0]), pick(e[1]), pick(e[2]), pick(e[3]), pick(e[4]))
+    return DEFAULT_DELIMITERS if d == DEFAULT_DELIMITERS else d  # one object: `is` tells standard messages
 
 
 _FORMATTING_DROPPED = {"H", "N"}

@@ -31,6 +31,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigError
 from .hl7v2 import (
+    DEFAULT_DELIMITERS as STANDARD,
+)
+from .hl7v2 import (
     DEFAULT_LIMITS,
     HL7ParseError,
     Limits,
@@ -190,6 +193,9 @@ class Rule:
     type_from: Path | None
     unit_from: Path | None
     types: dict[str, str]
+    probe: tuple[str, int] | None = None   # (segment, field): when that field is empty the rule does nothing
+    key: str | None = None                 # the target is one plain key of the resource (most rules)
+    apply: Callable[[Run, dict], None] | None = None  # the compiled rule (compile_apply)
 
 
 @dataclass(slots=True)
@@ -421,7 +427,12 @@ def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str
         problems.append(f"{where}: {entry.get('as')} reads whole fields: give `from` without a component")
     if (steps[-1][0] == _VALUEX) != (conv is not None and conv.kind == VALUEX):
         problems.append(f"{where}: a `value[x]` target goes with `as = \"varies[value]\"` and only with it")
-    return Rule(
+    probe = None
+    if len(sources) == 1 and "when" not in entry and "unless" not in entry and "default" not in entry \
+            and not entry.get("required"):
+        probe = (sources[0].segment, sources[0].field)
+    rule = Rule(
+        probe=probe, key=steps[0][1] if len(steps) == 1 and steps[0][0] == _KEY else None,
         to=to, steps=steps, sources=sources, const=entry.get("value"), conv=conv, table=table,
         system=entry.get("system"), repeat=bool(entry.get("repeat", False)), required=bool(entry.get("required", False)),
         default=entry.get("default"), has_default="default" in entry,
@@ -431,6 +442,8 @@ def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str
         unit_from=(_as_paths(entry["unit_from"], where, problems) or (None,))[0] if "unit_from" in entry else None,
         types=dict(entry.get("types", {})),
     )
+    rule.apply = compile_apply(rule)
+    return rule
 
 
 @lru_cache(maxsize=8)
@@ -478,6 +491,16 @@ class Run:
         self.comps = msg.components        # split a repetition into components
         self.subs = msg.subcomponents      # split a component into subcomponents
 
+    def leaves(self, raw: str, pad: int = 0) -> list[str]:
+        """Components of a repetition, unescaped and stripped, padded with '' to at least `pad` items."""
+        msg = self.msg
+        es = msg.delims.escape
+        comps = msg.components(raw)
+        out = [msg.text(x).strip() for x in comps] if es and es in raw else [x.strip() for x in comps]
+        if len(out) < pad:
+            out.extend([""] * (pad - len(out)))
+        return out
+
     def note_invalid(self, text: str) -> None:
         """A part of a value did not convert and was left out (strict mode refuses the message)."""
         self.invalid.append((self.locator(self.loc) if self.loc else "?", text))
@@ -494,10 +517,13 @@ class Run:
         next segment that ends the anchor's group; any other segment: the nearest one
         before the anchor (its parent group: the OBR of an OBX, the PID of everything).
         """
+        a = self._anchor
+        if name == self.names[a]:
+            return a
         cache = self._loc_cache
         if name in cache:
             return cache[name]
-        names, a = self.names, self._anchor
+        names = self.names
         rmap = self._rmap
         assert rmap is not None
         found: int | None = None
@@ -571,7 +597,11 @@ class Run:
         r = p.repetition or 1
         if r > len(reps):
             return None
-        comps = msg.components(reps[r - 1])
+        text = reps[r - 1]
+        d = msg.delims
+        if d is STANDARD and p.component is None and "\\" not in text:
+            return text.rstrip("^&") or None   # already in canonical form
+        comps = msg.components(text)
         if p.component is not None:
             if p.component > len(comps):
                 return None
@@ -670,7 +700,27 @@ def _dtm_parts(text: str) -> re.Match:
     return m
 
 
+_DTM_CACHE: dict[tuple[str, str], str] = {}
+
+
 def dtm_to_fhir(run: Run, text: str, want: str) -> str:
+    """HL7 DTM/TS/DT -> FHIR date, dateTime or instant text; see `_dtm_to_fhir`.
+
+    Results that do not depend on the message (the value has its own offset, or no time
+    of day) are cached: the same times recur in every OBX of a report and across messages.
+    """
+    hit = _DTM_CACHE.get((text, want))
+    if hit is not None:
+        return hit
+    out = _dtm_to_fhir(run, text, want)
+    if len(text) <= 8 or "+" in text or "-" in text:
+        if len(_DTM_CACHE) > 50_000:
+            _DTM_CACHE.clear()
+        _DTM_CACHE[(text, want)] = out
+    return out
+
+
+def _dtm_to_fhir(run: Run, text: str, want: str) -> str:
     """HL7 DTM/TS/DT -> FHIR date, dateTime or instant text (offset kept as written).
 
     A time without an offset takes MSH-7's, else the configured time zone's (FHIR requires
@@ -851,7 +901,7 @@ def _cx(run: Run, rule: Rule, raw: str) -> Any:
 
 @converter("EI[Identifier]", COMPOSITE)
 def _ei(run: Run, rule: Rule, raw: str) -> Any:
-    c = [run.text(x).strip() for x in run.comps(raw)] + ["", "", ""]
+    c = run.leaves(raw, 4)
     if not c[0]:
         return None
     ident: dict[str, Any] = {"value": c[0]}
@@ -875,7 +925,7 @@ def _ei_reference(run: Run, rule: Rule, raw: str) -> Any:
 @converter("XPN[HumanName]", COMPOSITE)
 def _xpn(run: Run, rule: Rule, raw: str) -> Any:
     c = run.comps(raw)
-    t = [run.text(x).strip() for x in c] + [""] * 7
+    t = run.leaves(raw, 7)
     family = run.text(run.subs(c[0])[0]).strip() if c[0] else ""
     name: dict[str, Any] = {}
     if family:
@@ -899,7 +949,7 @@ def _xpn(run: Run, rule: Rule, raw: str) -> Any:
 @converter("XAD[Address]", COMPOSITE)
 def _xad(run: Run, rule: Rule, raw: str) -> Any:
     c = run.comps(raw)
-    t = [run.text(x).strip() for x in c] + [""] * 9
+    t = run.leaves(raw, 9)
     street = run.text(run.subs(c[0])[0]).strip() if c[0] else ""
     addr: dict[str, Any] = {}
     lines = [x for x in (street, t[1]) if x]
@@ -921,7 +971,7 @@ def _xad(run: Run, rule: Rule, raw: str) -> Any:
 
 @converter("XTN[ContactPoint]", COMPOSITE)
 def _xtn(run: Run, rule: Rule, raw: str) -> Any:
-    t = [run.text(x).strip() for x in run.comps(raw)] + [""] * 12
+    t = run.leaves(raw, 12)
     use_code, equip = t[1], t[2]
     system = _lookup(run, "telecom-system", equip) if equip else None
     if equip in ("Internet", "X.400") or use_code == "NET":
@@ -949,7 +999,7 @@ def _xcn_display(t: list[str]) -> str:
 @converter("XCN[Reference]", COMPOSITE)
 def _xcn(run: Run, rule: Rule, raw: str) -> Any:
     c = run.comps(raw)
-    t = [run.text(x).strip() for x in c] + [""] * 9
+    t = run.leaves(raw, 9)
     t[1] = run.text(run.subs(c[1])[0]).strip() if len(c) > 1 and c[1] else ""
     ref: dict[str, Any] = {}
     if t[0]:
@@ -976,7 +1026,7 @@ def _pl(run: Run, rule: Rule, raw: str) -> Any:
 
 @converter("CWE[Reference]", COMPOSITE)
 def _cwe_reference(run: Run, rule: Rule, raw: str) -> Any:
-    t = [run.text(x).strip() for x in run.comps(raw)] + [""] * 3
+    t = run.leaves(raw, 3)
     ref: dict[str, Any] = {}
     if t[0]:
         ident = {"value": t[0]}
@@ -992,7 +1042,7 @@ def _cwe_reference(run: Run, rule: Rule, raw: str) -> Any:
 def cwe_to_cc(run: Run, raw: str, table: Table | None = None) -> dict | None:
     """CWE/CE/CNE -> CodeableConcept (IG CWE[CodeableConcept]): the primary, alternate and second
     alternate codings, original text (CWE.9) as text, or CWE.2 as text when nothing is coded."""
-    t = [run.text(x).strip() for x in run.comps(raw)] + [""] * 12
+    t = run.leaves(raw, 12)
     codings = []
     for code_i, text_i, sys_i, ver_i in ((0, 1, 2, 6), (3, 4, 5, 7), (9, 10, 11, 12)):
         code = t[code_i]
@@ -1048,7 +1098,7 @@ def _omb_extension(run: Run, reps: list[str], url: str, table_name: str, all_cdc
     parts: list[dict] = []
     texts: list[str] = []
     for raw in reps:
-        t = [run.text(x).strip() for x in run.comps(raw)] + ["", ""]
+        t = run.leaves(raw, 2)
         code, display = t[0], t[1]
         mapped = table.map.get(code)
         if mapped:
@@ -1080,15 +1130,30 @@ def _ethnicity(run: Run, rule: Rule, reps: list[str]) -> Any:
     return _omb_extension(run, reps, ETHNICITY_URL, "ethnicity-omb", set())
 
 
+def _unit(run: Run, unit_raw: str) -> tuple[str, str | None]:
+    """(unit as written, UCUM code or None) of a CWE unit; cached, units recur in every message."""
+    key = (unit_raw, run.msg.delims, id(run.vocab))
+    hit = _UNIT_CACHE.get(key)
+    if hit is None:
+        t = run.leaves(unit_raw, 3)
+        code, text, system = t[0], t[1], t[2]
+        ucum = code if system.upper() == "UCUM" and code else (run.vocab.ucum_for(code) or run.vocab.ucum_for(text))
+        hit = (code or text, ucum)
+        if len(_UNIT_CACHE) > 10_000:
+            _UNIT_CACHE.clear()
+        _UNIT_CACHE[key] = hit
+    return hit
+
+
+_UNIT_CACHE: dict[tuple[str, Any, int], tuple[str, str | None]] = {}
+
+
 def _quantity(run: Run, value: int | float, unit_raw: str | None) -> dict:
     q: dict[str, Any] = {"value": value}
     if unit_raw:
-        t = [run.text(x).strip() for x in run.comps(unit_raw)] + ["", "", ""]
-        code, text, system = t[0], t[1], t[2]
-        shown = code or text
+        shown, ucum = _unit(run, unit_raw)
         if shown:
             q["unit"] = shown
-        ucum = code if system.upper() == "UCUM" and code else (run.vocab.ucum_for(code) or run.vocab.ucum_for(text))
         if ucum:
             q["system"] = UCUM
             q["code"] = ucum
@@ -1138,7 +1203,7 @@ _COMPARATORS = {"<", ">", "<=", ">="}
 
 def _sn(run: Run, rule: Rule, raw: str) -> tuple[str, Any]:
     """SN -> Quantity (with comparator), Range ('-'), Ratio (':' '/'), else string (IG OBX-5 rows for SN)."""
-    t = [run.text(x).strip() for x in run.comps(raw)] + ["", "", "", ""]
+    t = run.leaves(raw, 4)
     comp, n1, sep, n2 = t[0], t[1], t[2], t[3]
     unit = _unit_raw(run, rule)
     try:
@@ -1159,7 +1224,7 @@ def _sn(run: Run, rule: Rule, raw: str) -> tuple[str, Any]:
     if not text:
         raise _Invalid("an empty structured numeric (SN)")
     if unit:
-        u = [run.text(x).strip() for x in run.comps(unit)]
+        u = run.leaves(unit)
         if u and u[0]:
             text += f" {u[0]}"
     return "String", text
@@ -1280,96 +1345,220 @@ def _shape(rule: Rule, value: Any) -> Any:
     return value
 
 
-def _apply(run: Run, rule: Rule, res: dict) -> None:
-    for p in rule.when:
-        if not run.valued(p):
-            return
-    for p in rule.unless:
-        if run.valued(p):
-            return
+def compile_apply(rule: Rule) -> Callable[[Run, dict], None]:
+    """The rule as one closure with everything it needs bound: what runs per message per rule."""
+    body = _compile_body(rule)
+    when, unless = rule.when, rule.unless
+    if not when and not unless:
+        return body
+
+    def guarded(run: Run, res: dict) -> None:
+        for p in when:
+            if not run.valued(p):
+                return
+        for p in unless:
+            if run.valued(p):
+                return
+        body(run, res)
+
+    return guarded
+
+
+def _compile_body(rule: Rule) -> Callable[[Run, dict], None]:
+    steps, key = rule.steps, rule.key
     if rule.sources:
-        _apply_from(run, rule, res)
-    elif rule.ref is not None:
-        pos = run.locate(rule.ref)
-        targets = run.by_pos.get(pos) if pos is not None else None
-        if targets:
-            rtype, rid = targets[0]
-            _put(res, rule.steps, _shape(rule, {"reference": f"{rtype}/{rid}"}), False)
-    elif rule.refs is not None:
-        refs = []
-        for pos in run.children_positions(rule.refs):
-            for rtype, rid in run.by_pos.get(pos, ()):
-                refs.append(_shape(rule, {"reference": f"{rtype}/{rid}"}))
-        if refs:
-            _put(res, rule.steps, refs, True)
-    else:
-        _put(res, rule.steps, _shape(rule, rule.const) if isinstance(rule.const, dict) else rule.const, False)
+        return _compile_from(rule)
+    if rule.ref is not None:
+        name = rule.ref
+
+        def ref(run: Run, res: dict) -> None:
+            pos = run.locate(name)
+            targets = run.by_pos.get(pos) if pos is not None else None
+            if targets:
+                rtype, rid = targets[0]
+                _put(res, steps, _shape(rule, {"reference": f"{rtype}/{rid}"}), False)
+
+        return ref
+    if rule.refs is not None:
+        child = rule.refs
+
+        def refs(run: Run, res: dict) -> None:
+            out = [_shape(rule, {"reference": f"{rtype}/{rid}"})
+                   for pos in run.children_positions(child) for rtype, rid in run.by_pos.get(pos, ())]
+            if out:
+                _put(res, steps, out, True)
+
+        return refs
+    const = _shape(rule, rule.const) if isinstance(rule.const, dict) else rule.const
+    if key is not None and not isinstance(const, dict | list):
+        def constant(run: Run, res: dict) -> None:
+            res[key] = const
+
+        return constant
+
+    def constant_copy(run: Run, res: dict) -> None:  # a fresh copy: resources never share objects
+        _put(res, steps, _copy(const), False)
+
+    return constant_copy
 
 
-def _apply_from(run: Run, rule: Rule, res: dict) -> None:
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
     conv = rule.conv
     assert conv is not None
-    msg = run.msg
-    src = seg = None
-    for p in rule.sources:  # the first source with a value
-        pos = run.locate(p.segment)
-        if pos is None:
-            continue
-        s = msg.segments[pos]
-        f = p.field
-        if f >= len(s) or not s[f] or s[f] == '""':
-            continue
-        if p.component is not None or p.repetition is not None:
-            v = msg.value(s, f, p.repetition or 1, p.component, p.subcomponent)
-            if v is None or v == '""':
-                continue
-        src, seg = p, s
-        break
-    if src is None:
-        if rule.has_default:
-            _put(res, rule.steps, rule.default, False)
-        elif rule.required:
-            run.errors.append(("missing-field", run.locator(rule.sources[0]), "required and empty"))
-        return
-    run.loc = src
-    try:
-        if conv.kind == SCALAR:
-            if rule.repeat and src.repetition is None:
-                reps = range(1, len(msg.repetitions(seg, src.field)) + 1)
-            else:
-                reps = (src.repetition or 1,)
-            values = []
-            for i in reps:
-                leaf = msg.value(seg, src.field, i, src.component, src.subcomponent)
-                if leaf is not None and leaf != '""':
-                    values.append(_convert_scalar(run, rule, leaf))
-        else:
-            reps = [r for r in msg.repetitions(seg, src.field) if r and r != '""']
+    kind, fn = conv.kind, conv.fn
+    sources, steps, key = rule.sources, rule.steps, rule.key
+    required, has_default, default = rule.required, rule.has_default, rule.default
+    repeat, shaped = rule.repeat, bool(rule.wrap or rule.with_)
+    append = steps[-1][0] == _APPEND
+
+    def missing(run: Run, res: dict, src: Path | None) -> None:
+        if required and not has_default:
+            run.errors.append(("missing-field", run.locator(src or sources[0]),
+                               "required and empty" if src is None else "no usable value"))
+        elif has_default:
+            _put(res, steps, _copy(default), False)
+
+    if len(sources) == 1 and sources[0].component is None and sources[0].repetition is None:
+        p0 = sources[0]
+        name0, field0 = p0.segment, p0.field
+
+        def find(run: Run) -> tuple[Path | None, list[str] | None]:
+            pos = run.locate(name0)
+            if pos is None:
+                return None, None
+            seg = run.msg.segments[pos]
+            if field0 < len(seg):
+                text = seg[field0]
+                if text and text != '""':
+                    return p0, seg
+            return None, None
+    else:
+        def find(run: Run) -> tuple[Path | None, list[str] | None]:
+            msg = run.msg
+            for p in sources:  # the first source with a value
+                pos = run.locate(p.segment)
+                if pos is None:
+                    continue
+                seg = msg.segments[pos]
+                f = p.field
+                if f >= len(seg) or not seg[f] or seg[f] == '""':
+                    continue
+                if p.component is not None or p.repetition is not None:
+                    v = msg.value(seg, f, p.repetition or 1, p.component, p.subcomponent)
+                    if v is None or v == '""':
+                        continue
+                return p, seg
+            return None, None
+
+    if kind == SCALAR and not repeat and key is not None and not shaped:
+        def scalar_into_key(run: Run, res: dict) -> None:
+            src, seg = find(run)
+            if src is None:
+                return missing(run, res, None)
+            run.loc = src
+            leaf = run.msg.value(seg, src.field, src.repetition or 1, src.component, src.subcomponent)
+            try:
+                v = _convert_scalar(run, rule, leaf or '""')
+            except _Invalid as e:
+                return _invalid(run, rule, res, run.locator(src), str(e))
+            if v is None or v is _DROP:
+                return missing(run, res, src)
+            res[key] = v
+
+        return scalar_into_key
+
+    if kind in (COMPOSITE, VALUEX) and not repeat and not append and not shaped:
+        def one_value(run: Run, res: dict) -> None:
+            src, seg = find(run)
+            if src is None:
+                return missing(run, res, None)
+            run.loc = src
+            reps = run.msg.repetitions(seg, src.field)
             if src.repetition:
                 reps = reps[src.repetition - 1:src.repetition]
-            if conv.kind == COMPOSITE:
-                values = [conv.fn(run, rule, r) for r in (reps if rule.repeat else reps[:1])]
-            else:  # MANY, VALUEX
-                values = [conv.fn(run, rule, reps)]
-    except _Invalid as e:
-        return _invalid(run, rule, res, run.locator(src), str(e))
-    values = [v for v in values if v is not None and v is not _DROP]
-    if not values:
-        if rule.required:
-            run.errors.append(("missing-field", run.locator(src), "no usable value"))
-        elif rule.has_default:
-            _put(res, rule.steps, rule.default, False)
-        return
-    if rule.steps[-1][0] == _APPEND:
-        _put(res, rule.steps, [_shape(rule, v) for v in values], True)
-    else:
-        _put(res, rule.steps, _shape(rule, values[0]) if isinstance(values[0], dict) else values[0], False)
+            try:
+                if kind == VALUEX:
+                    v = fn(run, rule, [r for r in reps if r and r != '""'])
+                else:
+                    v = None
+                    for r in reps:
+                        if r and r != '""':
+                            v = fn(run, rule, r)
+                            if v is not None:
+                                break
+            except _Invalid as e:
+                return _invalid(run, rule, res, run.locator(src), str(e))
+            if v is None:
+                return missing(run, res, src)
+            if key is not None:
+                res[key] = v
+            else:
+                _put(res, steps, v, False)
+
+        return one_value
+
+    def general(run: Run, res: dict) -> None:
+        src, seg = find(run)
+        if src is None:
+            return missing(run, res, None)
+        run.loc = src
+        msg = run.msg
+        try:
+            if kind == SCALAR:
+                if repeat and src.repetition is None:
+                    reps = range(1, len(msg.repetitions(seg, src.field)) + 1)
+                else:
+                    reps = (src.repetition or 1,)
+                values = []
+                for i in reps:
+                    leaf = msg.value(seg, src.field, i, src.component, src.subcomponent)
+                    if leaf is not None and leaf != '""':
+                        v = _convert_scalar(run, rule, leaf)
+                        if v is not None and v is not _DROP:
+                            values.append(v)
+            else:
+                raw = msg.repetitions(seg, src.field)
+                if src.repetition:
+                    raw = raw[src.repetition - 1:src.repetition]
+                if kind in (VALUEX, MANY):
+                    v = fn(run, rule, [r for r in raw if r and r != '""'])
+                    values = [] if v is None else [v]
+                else:
+                    values = []
+                    for r in raw:
+                        if r and r != '""':
+                            v = fn(run, rule, r)
+                            if v is not None:
+                                values.append(v)
+                                if not repeat:
+                                    break
+        except _Invalid as e:
+            return _invalid(run, rule, res, run.locator(src), str(e))
+        if not values:
+            return missing(run, res, src)
+        if append:
+            _put(res, steps, [_shape(rule, v) for v in values] if shaped else values, True)
+        else:
+            first = values[0]
+            _put(res, steps, _shape(rule, first) if shaped and isinstance(first, dict) else first, False)
+
+    return general
 
 
 _DROP = object()
 
 
 def _convert_scalar(run: Run, rule: Rule, leaf: str) -> Any:
+    if leaf == '""':
+        return None
     conv = rule.conv
     assert conv is not None
     table = rule.table
@@ -1511,8 +1700,13 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
     for rmap, pos, rid in plan:
         run.set_anchor(rmap, pos)
         res: dict[str, Any] = {"resourceType": rmap.type, "id": rid}
+        seg = msg.segments[pos]
+        nfields, anchor = len(seg), rmap.anchor
         for rule in rmap.rules:
-            _apply(run, rule, res)
+            probe = rule.probe
+            if probe is not None and probe[0] == anchor and (probe[1] >= nfields or not seg[probe[1]]):
+                continue  # the only field it reads is empty: nothing to do (the common case)
+            rule.apply(run, res)
         out.append(Resource(resource=res, source_ref=f"{prefix} {msg.locator(pos)}", raw=raw))
     if run.errors:
         reason = run.errors[0][0]
