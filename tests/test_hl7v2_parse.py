@@ -11,21 +11,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import hl7v2
+from pipeline import hl7v2, hl7v2_framing
 from pipeline.hl7v2 import (
     DEFAULT_DELIMITERS,
-    FramingProblem,
     HL7ParseError,
     Limits,
-    MLLPDecoder,
-    RawMessage,
     compile_path,
     delimiters_from,
-    frame_bytes,
-    frame_stream,
     parse_message,
     unescape,
 )
+from pipeline.hl7v2_framing import FramingProblem, MLLPDecoder, RawMessage, frame_bytes, frame_stream
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "hl7v2"
 
@@ -265,7 +261,7 @@ def test_framing_limits():
 def test_stream_framing_does_not_depend_on_block_boundaries(monkeypatch):
     data = read("syntax-bom-mixed-terminators.hl7") + read("syntax-batch.hl7") + read("python-hl7/sample_file1.hl7")
     whole = frame_bytes(data)
-    monkeypatch.setattr(hl7v2, "_BLOCK", 7)
+    monkeypatch.setattr(hl7v2_framing, "_BLOCK", 7)
     pieces = list(frame_stream(io.BytesIO(data)))
     assert [(type(u), getattr(u, "data", None), u.line) for u in pieces] == \
         [(type(u), getattr(u, "data", None), u.line) for u in whole]
@@ -274,7 +270,7 @@ def test_stream_framing_does_not_depend_on_block_boundaries(monkeypatch):
 
 
 def test_stream_memory_follows_the_message_not_the_file(monkeypatch):
-    monkeypatch.setattr(hl7v2, "_BLOCK", 1 << 16)
+    monkeypatch.setattr(hl7v2_framing, "_BLOCK", 1 << 16)
     one = read("twin-oru-r01.hl7")
     data = one * 4000  # ~5 MB
     tracemalloc.start()

@@ -24,8 +24,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..hl7v2 import DEFAULT_LIMITS, FramingProblem, Limits, RawMessage, frame_stream
+from ..hl7v2 import DEFAULT_LIMITS, Limits
 from ..hl7v2_fhir import Mappings, map_message
+from ..hl7v2_framing import FramingProblem, RawMessage, frame_stream
 from ..units import Rejected, Resource
 
 log = logging.getLogger(__name__)

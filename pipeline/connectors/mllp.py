@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..hl7v2 import DEFAULT_LIMITS, HL7ParseError, Limits, MLLPDecoder, build_ack, read_msh
+from ..hl7v2 import DEFAULT_LIMITS, HL7ParseError, Limits, build_ack, read_msh
+from ..hl7v2_framing import MLLPDecoder
 from ..units import Rejected
 
 log = logging.getLogger(__name__)
