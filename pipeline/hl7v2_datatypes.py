@@ -280,22 +280,28 @@ def _hd_system(run: Run, namespace: str, universal: str, utype: str) -> str | No
     return None
 
 
+def _identifier(run: Run, value: str, namespace: str, universal: str, utype: str) -> dict[str, Any]:
+    """An Identifier qualified by an HD: system from its universal id or the site's table,
+    assigner from its name (IG CX[Identifier] rows 4 and EI[Identifier] rows 2-4)."""
+    ident: dict[str, Any] = {"value": value}
+    system = _hd_system(run, namespace, universal, utype)
+    if system:
+        ident["system"] = system
+    if namespace or universal:
+        ident["assigner"] = {"display": namespace or universal}
+    return ident
+
+
 @converter("CX[Identifier]", COMPOSITE)
 def _cx(run: Run, rule: Rule, raw: str) -> Any:
     c = run.comps(raw)
     value = run.text(c[0]).strip() if c[0] else ""
     if not value or value == '""':
         return None
-    ident: dict[str, Any] = {"value": value}
+    hd = [run.text(s).strip() for s in run.subs(c[3])] + ["", ""] if len(c) > 3 and c[3] else ["", "", ""]
+    ident = _identifier(run, value, hd[0], hd[1], hd[2])
     if len(c) > 4 and c[4]:
         ident["type"] = {"coding": [{"system": V2_0203, "code": run.text(c[4]).strip()}]}
-    if len(c) > 3 and c[3]:
-        hd = [run.text(s).strip() for s in run.subs(c[3])] + ["", ""]
-        system = _hd_system(run, hd[0], hd[1], hd[2])
-        if system:
-            ident["system"] = system
-        if hd[0] or hd[1]:
-            ident["assigner"] = {"display": hd[0] or hd[1]}
     period = {}
     for idx, key in ((6, "start"), (7, "end")):
         if len(c) > idx and c[idx]:
@@ -311,15 +317,7 @@ def _cx(run: Run, rule: Rule, raw: str) -> Any:
 @converter("EI[Identifier]", COMPOSITE)
 def _ei(run: Run, rule: Rule, raw: str) -> Any:
     c = run.leaves(raw, 4)
-    if not c[0]:
-        return None
-    ident: dict[str, Any] = {"value": c[0]}
-    system = _hd_system(run, c[1], c[2], c[3])
-    if system:
-        ident["system"] = system
-    if c[1] or c[2]:
-        ident["assigner"] = {"display": c[1] or c[2]}
-    return ident
+    return _identifier(run, c[0], c[1], c[2], c[3]) if c[0] else None
 
 
 @converter("EI[Reference]", COMPOSITE)
@@ -337,43 +335,30 @@ def _first_part(run: Run, raw: str) -> str:
     return run.text(run.subs(first)[0]).strip() if first else ""
 
 
+def _compact(d: dict[str, Any]) -> dict[str, Any] | None:
+    """The dict without its empty values; None when nothing is left."""
+    out = {k: v for k, v in d.items() if v}
+    return out or None
+
+
 @converter("XPN[HumanName]", COMPOSITE)
 def _xpn(run: Run, rule: Rule, raw: str) -> Any:
     t = run.leaves(raw, 7)
-    family = _first_part(run, raw)
-    name: dict[str, Any] = {}
-    if family:
-        name["family"] = family
-    given = [g for g in (t[1], *t[2].split()) if g]
-    if given:
-        name["given"] = given
-    if t[4]:
-        name["prefix"] = [t[4]]
-    suffix = [s for s in (t[3], t[5]) if s]
-    if suffix:
-        name["suffix"] = suffix
-    if not name:
-        return None
-    use = _lookup(run, "name-use", t[6]) if t[6] else None
-    if use:
-        name["use"] = use
+    name = _compact({"family": _first_part(run, raw), "given": [g for g in (t[1], *t[2].split()) if g],
+                     "prefix": [t[4]] if t[4] else None, "suffix": [x for x in (t[3], t[5]) if x]})
+    if name is not None and t[6]:
+        use = _lookup(run, "name-use", t[6])
+        if use:
+            name["use"] = use
     return name
 
 
 @converter("XAD[Address]", COMPOSITE)
 def _xad(run: Run, rule: Rule, raw: str) -> Any:
     t = run.leaves(raw, 9)
-    street = _first_part(run, raw)
-    addr: dict[str, Any] = {}
-    lines = [x for x in (street, t[1]) if x]
-    if lines:
-        addr["line"] = lines
-    for idx, key in ((2, "city"), (3, "state"), (4, "postalCode"), (5, "country"), (8, "district")):
-        if t[idx]:
-            addr[key] = t[idx]
-    if not addr:
-        return None
-    if t[6]:
+    addr = _compact({"line": [x for x in (_first_part(run, raw), t[1]) if x], "city": t[2], "state": t[3],
+                     "postalCode": t[4], "country": t[5], "district": t[8]})
+    if addr is not None and t[6]:
         use = _lookup(run, "address-use", t[6])
         if use:
             addr["use"] = use
