@@ -440,7 +440,7 @@ def _cwe_reference(run: Run, rule: Rule, raw: str) -> Any:
 def cwe_to_cc(run: Run, raw: str, table: Table | None = None) -> dict | None:
     """CWE/CE/CNE -> CodeableConcept (IG CWE[CodeableConcept]): the primary, alternate and second
     alternate codings, original text (CWE.9) as text, or CWE.2 as text when nothing is coded."""
-    t = run.leaves(raw, 12)
+    t = run.leaves(raw, 13)
     codings = []
     for code_i, text_i, sys_i, ver_i in ((0, 1, 2, 6), (3, 4, 5, 7), (9, 10, 11, 12)):
         code = t[code_i]

@@ -15,6 +15,7 @@ downstream, and a later message about the same patient, visit or order updates i
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -265,10 +266,23 @@ def known_segments() -> frozenset[str]:
 
 
 def _safe_ref(text: str | None) -> str | None:
+    """A control id as a locator: printable, at most 64 characters."""
     if not text:
         return None
     clean = "".join(ch if ch.isprintable() else "?" for ch in text.strip())[:64]
     return clean or None
+
+
+_VERSION_SHAPE = re.compile(r"\d{1,2}(?:\.\d{1,3}){0,3}\Z")
+_TYPE_SHAPE = re.compile(r"[A-Z0-9]{3}\^[A-Z0-9]{0,3}\Z")
+
+
+def _shown(text: str, shape: re.Pattern, what: str) -> str:
+    """A header value quoted in a refusal only when it has the shape of one: a field shifted by a
+    broken message can hold anything, patient data included."""
+    if not text:
+        return "(empty)"
+    return text if shape.match(text) else f"(not {what})"
 
 
 def _reject(stage: str, reason: str, message: str, source_ref: str, raw: bytes, control_id: str | None,
@@ -294,6 +308,8 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
         return _reject("parse", e.reason, str(e), source_ref, raw, None, None)
     control_id = _safe_ref(msg.control_id)
     mtype = msg.message_type
+    if mtype is not None and not _TYPE_SHAPE.match(mtype):
+        mtype = None
     if not msg.control_id:
         return _reject("parse", "missing-field", "MSH-10 (message control id) is empty", source_ref, raw, None, mtype)
     version = msg.version
@@ -304,12 +320,12 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
                 return _reject("map", "unsupported-version", f"version {version} message uses segments HL7 v2.3-2.8 "
                                f"do not define ({', '.join(unknown)}): not mapped", source_ref, raw, control_id, mtype)
         else:
-            shown = _safe_ref(version) or "(empty)"
+            shown = _shown(version, _VERSION_SHAPE, "a version number")
             return _reject("map", "unsupported-version", f"MSH-12 version {shown} is not supported "
                            f"(mapped: {', '.join(sorted(maps.versions))})", source_ref, raw, control_id, mtype)
     mmap = maps.messages.get(mtype or "")
     if mmap is None:
-        shown = _safe_ref(mtype) or "(empty)"
+        shown = mtype or ("(empty)" if not msg.message_code else "(not a message type)")
         return _reject("map", "unsupported-message-type", f"message type {shown} (MSH-9) is not mapped "
                        f"(mapped: {', '.join(sorted(maps.messages))})", source_ref, raw, control_id, mtype)
     idx = msg.index()

@@ -354,20 +354,26 @@ class MLLPDecoder:
         self.offset = 0          # stream offset of buf[0]
         self.oversize = False
         self.junk = bytearray()
+        self.junk_len = 0
         self.junk_start = 0
+        self.cr_pending = False
 
     def _junk(self, data: bytes | bytearray, at: int) -> None:
-        if not data.strip(b"\r\n \t\x00"):
+        """Bytes outside frames, kept until the next frame (or the end) decides if they were junk."""
+        if not data:
             return
-        if not self.junk:
+        if not self.junk_len:
             self.junk_start = at
+        self.junk_len += len(data)
         if len(self.junk) < self.max_junk:
             self.junk += data[: self.max_junk - len(self.junk)]
 
     def _flush_junk(self, events: list) -> None:
-        if self.junk:
+        """Blank bytes between frames (line ends, spaces) are no junk; anything else is, whole."""
+        if self.junk_len and self.junk.strip(b"\r\n \t\x00"):
             events.append(("junk", bytes(self.junk), self.junk_start))
-            self.junk = bytearray()
+        self.junk = bytearray()
+        self.junk_len = 0
 
     def feed(self, data: bytes) -> list[tuple[str, bytes, int]]:
         events: list[tuple[str, bytes, int]] = []
@@ -375,6 +381,10 @@ class MLLPDecoder:
         scan_from = len(buf)
         buf += data
         pos = 0
+        if self.cr_pending and buf:
+            self.cr_pending = False
+            if not self.in_frame and buf[0] == 0x0D:
+                pos = scan_from = 1
         while True:
             if not self.in_frame:
                 i = buf.find(b"\x0b", pos)
@@ -410,8 +420,11 @@ class MLLPDecoder:
                 events.append(("frame", bytes(buf[pos:j]), self.frame_start))
             self.in_frame = False
             pos = j + 1
-            if pos < len(buf) and buf[pos] == 0x0D:
-                pos += 1
+            if pos < len(buf):
+                if buf[pos] == 0x0D:
+                    pos += 1
+            else:
+                self.cr_pending = True   # the CR of this 0x1C 0x0D may come with the next bytes
             scan_from = pos
         del buf[:pos]
         self.offset += pos

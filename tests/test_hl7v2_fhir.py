@@ -379,6 +379,16 @@ def test_refusals_have_a_reason_and_an_ack_code(change, reason, ack):
         assert not any(v in out.rejected.message for v in NAMES_AND_VALUES)
 
 
+def test_refusals_never_echo_header_fields_that_hold_something_else():
+    # a message whose fields are shifted: MSH-12 and MSH-9 now hold what should be elsewhere
+    raw = b"MSH|^~\\&|A|B|C|D|2024||Quillfeather^Odile|CTL1|P|Quillfeather\rPID|1||X^^^H^MR\r"
+    out = map_message(raw, "x")
+    assert out.rejected.reason == "unsupported-version" and "Quillfeather" not in out.rejected.message
+    assert "(not a version number)" in out.rejected.message and out.message_type is None
+    out = map_message(raw.replace(b"|P|Quillfeather", b"|P|2.5"), "x")
+    assert out.rejected.reason == "unsupported-message-type" and "Quillfeather" not in out.rejected.message
+
+
 def test_v29_maps_when_its_segments_are_known():
     raw = read("twin-oru-r01.hl7").replace(b"|2.5.1|", b"|2.9|")
     assert map_message(raw, "x").ack_code == "AA"          # ZLB is a Z-segment: allowed

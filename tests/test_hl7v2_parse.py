@@ -21,6 +21,7 @@ from pipeline.hl7v2 import (
     parse_message,
     unescape,
 )
+from pipeline.hl7v2_fhir import map_message
 from pipeline.hl7v2_framing import FramingProblem, MLLPDecoder, RawMessage, frame_bytes, frame_stream
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "hl7v2"
@@ -297,6 +298,16 @@ def test_mllp_decoder_byte_by_byte_equals_whole():
         ("frame", b"MSH|D\r"), ("truncated", b"MSH|E")]
 
 
+def test_mllp_decoder_end_split_from_its_cr():
+    """0x1C and its 0x0D in two reads: the CR is no junk."""
+    dec = MLLPDecoder()
+    events = dec.feed(b"\x0bMSH|A\x1c") + dec.feed(b"\r\x0bMSH|B\x1c\r") + dec.close()
+    assert [(k, d) for k, d, _ in events] == [("frame", b"MSH|A"), ("frame", b"MSH|B")]
+    dec = MLLPDecoder()  # junk split over reads is one junk event, blanks and all
+    events = dec.feed(b"ab ") + dec.feed(b"\r\n") + dec.feed(b" cd\x0bMSH|C\x1c\r") + dec.close()
+    assert [(k, d) for k, d, _ in events] == [("junk", b"ab \r\n cd"), ("frame", b"MSH|C")]
+
+
 def test_mllp_decoder_oversized_frame():
     dec = MLLPDecoder(max_frame=10)
     events = dec.feed(b"\x0b" + b"M" * 50 + b"\x1c\r\x0bMSH|ok\x1c\r")
@@ -343,3 +354,6 @@ def test_framing_and_parsing_never_crash(data):
                         msg.get_all(f"{seg[0]}-{n}.1")
     with contextlib.suppress(HL7ParseError):
         parse_message(data)
+    for strict in (False, True):  # mapping never raises either, and refusals say why
+        out = map_message(data, "fuzz", strict=strict)
+        assert out.ack_code in ("AA", "AE", "AR") and (out.rejected is None or out.rejected.reason)
