@@ -437,9 +437,12 @@ def _cwe_reference(run: Run, rule: Rule, raw: str) -> Any:
     return ref or None
 
 
-def cwe_to_cc(run: Run, raw: str, table: Table | None = None) -> dict | None:
+def cwe_to_cc(run: Run, raw: str, table: Table | None = None, default_system: str | None = None) -> dict | None:
     """CWE/CE/CNE -> CodeableConcept (IG CWE[CodeableConcept]): the primary, alternate and second
-    alternate codings, original text (CWE.9) as text, or CWE.2 as text when nothing is coded."""
+    alternate codings, original text (CWE.9) as text, or CWE.2 as text when nothing is coded.
+
+    `default_system` is the system of a primary code that names none: the HL7 table of a field
+    typed IS or ID in older versions (PV1-36 is IS, table 0112, before v2.7 made it CWE)."""
     t = run.leaves(raw, 13)
     codings = []
     for code_i, text_i, sys_i, ver_i in ((0, 1, 2, 6), (3, 4, 5, 7), (9, 10, 11, 12)):
@@ -457,7 +460,7 @@ def cwe_to_cc(run: Run, raw: str, table: Table | None = None) -> dict | None:
                 codings.append(coding)
                 continue
         coding = {}
-        system = run.vocab.system_for(t[sys_i])
+        system = run.vocab.system_for(t[sys_i]) or (default_system if code_i == 0 and not t[sys_i] else None)
         if system:
             coding["system"] = system
         if t[ver_i]:
@@ -488,7 +491,7 @@ def table_hit(table: Table, code: str) -> tuple[str | None, Any] | None:
 
 @converter("CWE[CodeableConcept]", COMPOSITE)
 def _cwe_cc(run: Run, rule: Rule, raw: str) -> Any:
-    return cwe_to_cc(run, raw, rule.table)
+    return cwe_to_cc(run, raw, rule.table, rule.system)
 
 
 def _omb_extension(run: Run, reps: list[str], url: str, table_name: str, all_cdc: set[str]) -> dict | None:
