@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--mllp-messages", type=int, default=150, help="per client")
     args = ap.parse_args()
 
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} cores, load average {load:.1f} at start (other work shares them)")
     rows = bench_parse_map(args.messages)
     base = rows[0][1]
     print("\n| path | messages per CPU-second | x python-hl7 parse |\n|---|---:|---:|")
