@@ -340,8 +340,14 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
     for rmap in mmap.resources:
         for pos in idx.get(rmap.anchor, ()):
             run.set_anchor(rmap, pos)
+            if rmap.when and not all(run.valued(p) for p in rmap.when):
+                continue
             rid = _resource_id(run, rmap, pos)
-            if (rmap.type, rid) in seen:  # two segments that identify the same way: keep both apart
+            if (rmap.type, rid) in seen:
+                if rmap.shared:  # the same device again: one resource, referenced from both places
+                    run.by_pos.setdefault(pos, []).append((rmap.type, rid))
+                    continue
+                # two segments that identify the same way: keep both apart
                 rid = hashlib.blake2b(f"{rid}\x1f{pos}".encode(), digest_size=16).hexdigest()
             seen.add((rmap.type, rid))
             plan.append((rmap, pos, rid))

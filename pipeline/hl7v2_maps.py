@@ -145,6 +145,7 @@ class Rule:
     when: tuple[Path, ...]
     unless: tuple[Path, ...]
     ref: str | None
+    ref_type: str | None
     refs: str | None
     wrap: str | None
     with_: dict | None
@@ -172,6 +173,8 @@ class ResourceMap:
     boundary: frozenset[str]
     ids: list[list[IdPart]]
     rules: list[Rule]
+    when: tuple[Path, ...] = ()   # make the resource only when these have a value
+    shared: bool = False          # the same id twice in a message is one resource (a Device)
 
 
 @dataclass(slots=True)
@@ -204,8 +207,8 @@ def _compile_target(text: str) -> tuple[tuple[int, str], ...]:
 
 
 _RULE_KEYS = {"to", "from", "value", "as", "table", "system", "repeat", "required", "default", "when", "unless",
-              "ref", "refs", "wrap", "with", "type_from", "unit_from", "types"}
-_MAP_KEYS = {"resource", "anchor", "children", "group_ends", "id", "map"}
+              "ref", "ref_type", "refs", "wrap", "with", "type_from", "unit_from", "types"}
+_MAP_KEYS = {"resource", "anchor", "children", "group_ends", "id", "map", "when", "shared"}
 _MSG_KEYS = {"types", "requires", "resources"}
 
 
@@ -348,8 +351,10 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
         referenced.update(x for x in (r.ref,) if x)
     for alt in ids:
         referenced.update(p.path.segment for p in alt if p.path is not None)
+    when = _as_paths(spec.get("when"), where, problems)
+    referenced.update(p.segment for p in when)
     boundary = frozenset({anchor, "MSH"} | (referenced - children) | set(spec.get("group_ends", [])))
-    return ResourceMap(name, rtype, anchor, children, boundary, ids, rules)
+    return ResourceMap(name, rtype, anchor, children, boundary, ids, rules, when, bool(spec.get("shared", False)))
 
 
 def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str]) -> Rule | None:
@@ -395,7 +400,7 @@ def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str
         system=entry.get("system"), repeat=bool(entry.get("repeat", False)), required=bool(entry.get("required", False)),
         default=entry.get("default"), has_default="default" in entry,
         when=_as_paths(entry.get("when"), where, problems), unless=_as_paths(entry.get("unless"), where, problems),
-        ref=entry.get("ref"), refs=entry.get("refs"), wrap=entry.get("wrap"), with_=entry.get("with"),
+        ref=entry.get("ref"), ref_type=entry.get("ref_type"), refs=entry.get("refs"), wrap=entry.get("wrap"), with_=entry.get("with"),
         type_from=(_as_paths(entry["type_from"], where, problems) or (None,))[0] if "type_from" in entry else None,
         unit_from=(_as_paths(entry["unit_from"], where, problems) or (None,))[0] if "unit_from" in entry else None,
         types=dict(entry.get("types", {})),
@@ -508,22 +513,23 @@ def _compile_body(rule: Rule) -> Callable[[Run, dict], None]:
     if rule.sources:
         return _compile_from(rule)
     if rule.ref is not None:
-        name = rule.ref
+        name, rtype_wanted = rule.ref, rule.ref_type
 
         def ref(run: Run, res: dict) -> None:
             pos = run.locate(name)
-            targets = run.by_pos.get(pos) if pos is not None else None
-            if targets:
-                rtype, rid = targets[0]
-                _put(res, steps, _shape(rule, {"reference": f"{rtype}/{rid}"}), False)
+            for rtype, rid in run.by_pos.get(pos, ()) if pos is not None else ():
+                if rtype_wanted is None or rtype == rtype_wanted:
+                    _put(res, steps, _shape(rule, {"reference": f"{rtype}/{rid}"}), False)
+                    return
 
         return ref
     if rule.refs is not None:
-        child = rule.refs
+        child, rtype_wanted = rule.refs, rule.ref_type
 
         def refs(run: Run, res: dict) -> None:
             out = [_shape(rule, {"reference": f"{rtype}/{rid}"})
-                   for pos in run.children_positions(child) for rtype, rid in run.by_pos.get(pos, ())]
+                   for pos in run.children_positions(child) for rtype, rid in run.by_pos.get(pos, ())
+                   if rtype_wanted is None or rtype == rtype_wanted]
             if out:
                 _put(res, steps, out, True)
 

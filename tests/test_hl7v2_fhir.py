@@ -199,6 +199,9 @@ def test_oru_r01_observations_and_report():
     (patient,) = of_type(resources, "Patient")
     obs = of_type(resources, "Observation")
     (report,) = of_type(resources, "DiagnosticReport")
+    (device,) = of_type(resources, "Device")                     # two OBX-18, one monitor
+    assert device["identifier"] == [{"value": "MON-0042", "system": "urn:oid:2.16.840.1.113883.3.7777.9",
+                                     "assigner": {"display": "TWINHOSP"}}]
     subject = {"reference": f"Patient/{patient['id']}"}
     lab = [{"coding": [{"system": OBS_CAT, "code": "laboratory"}]}]
     expected = [
@@ -226,7 +229,10 @@ def test_oru_r01_observations_and_report():
         {"category": [{"coding": [{"system": OBS_CAT, "code": "vital-signs"}]}],             # a vital sign
          "code": {"coding": [{"code": "8867-4"}]},
          "valueQuantity": {"value": 72, "system": UCUM, "code": "/min"},
-         "effectiveDateTime": "2024-03-06T02:05:00-05:00"},                                   # offset kept
+         "effectiveDateTime": "2024-03-06T02:05:00-05:00",                                    # offset kept
+         "device": {"reference": f"Device/{device['id']}"}},
+        {"category": [{"coding": [{"code": "vital-signs"}]}], "code": {"coding": [{"code": "9279-1"}]},
+         "valueQuantity": {"value": 16, "code": "/min"}, "device": {"reference": f"Device/{device['id']}"}},
     ]
     assert len(obs) == len(expected)
     for e, a in zip(expected, obs, strict=True):
