@@ -83,14 +83,14 @@ def dtm_offset(text: str) -> str | None:
 
 
 def parse_nm(text: str) -> int | float:
+    """HL7 NM: optional sign, digits, optional decimal point (no exponent, no thousands separator)."""
+    if text.isdigit():  # the common case, without the regex
+        return int(text)
     m = _NM.match(text)
     if not m:
         raise _Invalid("not a number (NM)")
     s = m.group(1)
-    if "." in s:
-        v = float(s)
-        return v
-    return int(s)
+    return float(s) if "." in s else int(s)
 
 
 def _dtm_parts(text: str) -> re.Match:
@@ -587,16 +587,31 @@ def _reference_range(run: Run, rule: Rule, v: str) -> Any:
     if not text:
         return None
     rr: dict[str, Any] = {"text": text}
-    unit = _unit_raw(run, rule)
+    bounds = _RANGE_CACHE.get(text)
+    if bounds is None:
+        bounds = _range_bounds(text)
+        if len(_RANGE_CACHE) > 10_000:
+            _RANGE_CACHE.clear()
+        _RANGE_CACHE[text] = bounds
+    if bounds:
+        unit = _unit_raw(run, rule)
+        for key, value in bounds:
+            rr[key] = _quantity(run, value, unit)
+    return rr
+
+
+_RANGE_CACHE: dict[str, tuple] = {}
+
+
+def _range_bounds(text: str) -> tuple:
+    """(('low', a), ('high', b)) for 'a-b', (('high', b),) for '<b', (('low', a),) for '>a', else ()."""
     m = _RANGE.match(text)
     if m:
-        rr["low"] = _quantity(run, parse_nm(m[1]), unit)
-        rr["high"] = _quantity(run, parse_nm(m[2]), unit)
-    else:
-        m = _LIMIT.match(text)
-        if m:
-            rr["high" if m[1] == "<" else "low"] = _quantity(run, parse_nm(m[2]), unit)
-    return rr
+        return (("low", parse_nm(m[1])), ("high", parse_nm(m[2])))
+    m = _LIMIT.match(text)
+    if m:
+        return (("high" if m[1] == "<" else "low", parse_nm(m[2])),)
+    return ()
 
 
 _COMPARATORS = {"<", ">", "<=", ">="}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -114,9 +115,7 @@ class Run:
         rmap = self._rmap
         assert rmap is not None
         found: int | None = None
-        if name == names[a]:
-            found = a
-        elif name == "MSH":
+        if name == "MSH":
             found = 0
         elif name in rmap.children:
             boundary = rmap.boundary
@@ -127,11 +126,11 @@ class Run:
                     break
                 if n in boundary:
                     break
-        else:
-            for i in range(a - 1, -1, -1):
-                if names[i] == name:
-                    found = i
-                    break
+        else:  # the nearest before: a binary search in that segment's positions, no scan
+            positions = self.msg.index().get(name)
+            if positions:
+                k = bisect_left(positions, a)
+                found = positions[k - 1] if k else None
         cache[name] = found
         return found
 
@@ -186,8 +185,12 @@ class Run:
             return None
         text = reps[r - 1]
         d = msg.delims
-        if d is STANDARD and p.component is None and "\\" not in text:
-            return text.rstrip("^&") or None   # already in canonical form
+        if d is STANDARD and "\\" not in text:   # already canonical, but for the parts asked for
+            if p.component is None:
+                return text.rstrip("^&") or None
+            if p.subcomponent is None:
+                comps = text.split("^")
+                return (comps[p.component - 1].rstrip("&") or None) if p.component <= len(comps) else None
         comps = msg.components(text)
         if p.component is not None:
             if p.component > len(comps):
@@ -358,12 +361,11 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
         run.set_anchor(rmap, pos)
         res: dict[str, Any] = {"resourceType": rmap.type, "id": rid}
         seg = msg.segments[pos]
-        nfields, anchor = len(seg), rmap.anchor
-        for rule in rmap.rules:
-            probe = rule.probe
-            if probe is not None and probe[0] == anchor and (probe[1] >= nfields or not seg[probe[1]]):
+        nfields = len(seg)
+        for f, apply in rmap.program:
+            if f and (f >= nfields or not seg[f]):
                 continue  # the only field it reads is empty: nothing to do (the common case)
-            rule.apply(run, res)
+            apply(run, res)
         out.append(Resource(resource=res, source_ref=f"{prefix} {msg.locator(pos)}", raw=raw))
     if run.errors:
         reason = run.errors[0][0]

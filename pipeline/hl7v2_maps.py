@@ -175,6 +175,9 @@ class ResourceMap:
     rules: list[Rule]
     when: tuple[Path, ...] = ()   # make the resource only when these have a value
     shared: bool = False          # the same id twice in a message is one resource (a Device)
+    # (field of the anchor to look at first, or 0; the compiled rule), in rule order: a rule whose
+    # only source is an empty field of the anchor (the common case) is skipped without a call
+    program: tuple[tuple[int, Callable[[Run, dict], None]], ...] = ()
 
 
 @dataclass(slots=True)
@@ -354,7 +357,9 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
     when = _as_paths(spec.get("when"), where, problems)
     referenced.update(p.segment for p in when)
     boundary = frozenset({anchor, "MSH"} | (referenced - children) | set(spec.get("group_ends", [])))
-    return ResourceMap(name, rtype, anchor, children, boundary, ids, rules, when, bool(spec.get("shared", False)))
+    program = tuple((r.probe[1] if r.probe is not None and r.probe[0] == anchor else 0, r.apply) for r in rules)
+    return ResourceMap(name, rtype, anchor, children, boundary, ids, rules, when, bool(spec.get("shared", False)),
+                       program)
 
 
 def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str]) -> Rule | None:
@@ -649,6 +654,29 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
                 _put(res, steps, v, False)
 
         return one_value
+
+    if kind == SCALAR and not repeat and append and len(steps) == 1 and not shaped:
+        list_key = steps[0][1]
+
+        def scalar_appended(run: Run, res: dict) -> None:
+            src, seg = find(run)
+            if src is None:
+                return missing(run, res, None)
+            run.loc = src
+            leaf = run.msg.value(seg, src.field, src.repetition or 1, src.component, src.subcomponent)
+            try:
+                v = _convert_scalar(run, rule, leaf or '""')
+            except _Invalid as e:
+                return _invalid(run, rule, res, run.locator(src), str(e))
+            if v is None or v is _DROP:
+                return missing(run, res, src)
+            lst = res.get(list_key)
+            if lst is None:
+                res[list_key] = [v]
+            else:
+                lst.append(v)
+
+        return scalar_appended
 
     def general(run: Run, res: dict) -> None:
         src, seg = find(run)
