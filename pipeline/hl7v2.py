@@ -1,4 +1,4 @@
-"""HL7 v2 (ER7, the pipe-and-hat syntax): framing, parsing, a terser-like accessor, ACKs.
+"""HL7 v2 (ER7, the pipe-and-hat syntax): parsing one message, a terser-like accessor, ACKs.
 
 Why hand-written: on these machines hl7apy parses 50-90 messages/s and python-hl7 about
 2,500/s (NOTES.md), while the twin needs thousands per second for parse + map on one
@@ -17,9 +17,8 @@ What the syntax allows and we accept (HL7 v2.5 chapter 2, "Message construction 
   (\\C..\\, \\M..\\), other formatting commands and local \\Z..\\ escapes are kept as written.
 - The character set of MSH-18 (table 0211). Without it, or with ASCII, text is read as
   UTF-8, else Latin-1 (what senders that declare ASCII actually send).
-- Files with one or many messages, batch and file envelopes (FHS/BHS/BTS/FTS), and MLLP
-  dumps (0x0B message 0x1C 0x0D). Everything that is not a usable message comes out as
-  a `FramingProblem` with a stable reason code, so that nothing read is lost.
+
+Cutting files and streams into messages is `hl7v2_framing`'s job.
 
 Locators and error texts name positions (line, byte, segment, field), never values.
 """
@@ -34,7 +33,6 @@ from functools import lru_cache
 
 BOM = b"\xef\xbb\xbf"
 MLLP_START = 0x0B
-MLLP_END = 0x1C
 ENVELOPE = frozenset(("FHS", "BHS", "BTS", "FTS"))
 HEADERS = frozenset(("MSH", "FHS", "BHS"))  # segments whose 4th character declares the field separator
 
@@ -328,10 +326,6 @@ class Message:
         return seg if field is None else f"{seg}-{field}"
 
     # -- header fields ----------------------------------------------------------------
-    @property
-    def msh(self) -> list[str]:
-        return self.segments[0]
-
     def msh_field(self, n: int) -> str:
         """MSH-n, first repetition, component 1, unescaped ('' when absent)."""
         return self.value(self.segments[0], n, 1, 1, None) or ""
@@ -360,10 +354,6 @@ class Message:
         return f"{code}^{self.trigger_event}"
 
     # -- values -----------------------------------------------------------------------
-    def field(self, seg: list[str], n: int) -> str:
-        """Raw text of field n of a segment ('' when absent)."""
-        return seg[n] if n < len(seg) else ""
-
     def repetitions(self, seg: list[str], n: int) -> list[str]:
         """Raw repetitions of field n (no empty list for a present field; [] when absent/empty)."""
         if n >= len(seg):
