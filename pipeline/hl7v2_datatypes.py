@@ -82,6 +82,11 @@ def dtm_offset(text: str) -> str | None:
     return f"{m['sign']}{m['oh']}:{m['om']}" if m and m["sign"] else None
 
 
+def code_text(text: str) -> str:
+    """Text fit for a FHIR code: no leading, trailing or repeated whitespace (of any kind)."""
+    return " ".join(text.split())
+
+
 def parse_nm(text: str) -> int | float:
     """HL7 NM: optional sign, digits, optional decimal point (no exponent, no thousands separator)."""
     if text.isdigit():  # the common case, without the regex
@@ -167,8 +172,7 @@ def _st(run: Run, rule: Rule, v: str) -> Any:
 def _id_code(run: Run, rule: Rule, v: Any) -> Any:
     if isinstance(v, Coded):
         v = v.code
-    v = " ".join(str(v).split())
-    return v or None
+    return code_text(str(v)) or None
 
 
 @converter("ID[boolean]", SCALAR, primitive=True)
@@ -227,7 +231,7 @@ class Coded:
 
 
 def _coded(rule: Rule, v: Any) -> Coded:
-    return v if isinstance(v, Coded) else Coded(rule.system, v.strip() if isinstance(v, str) else v)
+    return v if isinstance(v, Coded) else Coded(rule.system, code_text(v) if isinstance(v, str) else v)
 
 
 def _coding(rule: Rule, c: Coded) -> dict | None:
@@ -300,8 +304,9 @@ def _cx(run: Run, rule: Rule, raw: str) -> Any:
         return None
     hd = [run.text(s).strip() for s in run.subs(c[3])] + ["", ""] if len(c) > 3 and c[3] else ["", "", ""]
     ident = _identifier(run, value, hd[0], hd[1], hd[2])
-    if len(c) > 4 and c[4]:
-        ident["type"] = {"coding": [{"system": V2_0203, "code": run.text(c[4]).strip()}]}
+    type_code = code_text(run.text(c[4])) if len(c) > 4 and c[4] else ""
+    if type_code:
+        ident["type"] = {"coding": [{"system": V2_0203, "code": type_code}]}
     period = {}
     for idx, key in ((6, "start"), (7, "end")):
         if len(c) > idx and c[idx]:
@@ -446,7 +451,7 @@ def cwe_to_cc(run: Run, raw: str, table: Table | None = None, default_system: st
     t = run.leaves(raw, 13)
     codings = []
     for code_i, text_i, sys_i, ver_i in ((0, 1, 2, 6), (3, 4, 5, 7), (9, 10, 11, 12)):
-        code = t[code_i]
+        code = code_text(t[code_i])
         if not code or code == '""':
             continue
         if table is not None and code_i == 0:

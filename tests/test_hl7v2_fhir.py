@@ -408,6 +408,18 @@ def test_refusals_never_echo_header_fields_that_hold_something_else():
     assert out.rejected.reason == "unsupported-message-type" and "Quillfeather" not in out.rejected.message
 
 
+def test_codes_are_made_fit_for_fhir():
+    """Found by bench/fuzz_hl7v2.py: a code with a line break or a non-breaking space from an
+    escape, or one that escapes to nothing, must still give valid FHIR (codes have single spaces)."""
+    raw = read("twin-adt-a03.hl7").replace(b"|01|", b"|01\\X0A\\ \\XC2A0\\home|")
+    raw = raw.replace(b"^SMARTHOSP&", b"^SMARTHOSP&").replace(b"&URI^MR", b"&URI^\\H\\")
+    patient, encounter = (r.resource for r in map_message(raw, "x").resources)
+    assert encounter["hospitalization"]["dischargeDisposition"]["coding"][0]["code"] == "01 home"
+    assert "type" not in patient["identifier"][0]
+    validate(patient)
+    validate(encounter)
+
+
 def test_v29_maps_when_its_segments_are_known():
     raw = read("twin-oru-r01.hl7").replace(b"|2.5.1|", b"|2.9|")
     assert map_message(raw, "x").ack_code == "AA"          # ZLB is a Z-segment: allowed
