@@ -21,9 +21,10 @@ from pathlib import Path
 
 import hl7
 import hl7.client
+import orjson
 import pytest
 
-from pipeline.connectors.mllp import InboundMessage, ServerStats, serve_mllp, tls_context
+from pipeline.connectors.mllp import InboundMessage, ServerStats, mapping_handler, serve_mllp, tls_context
 from pipeline.hl7v2_fhir import map_message
 
 pytestmark = pytest.mark.server
@@ -185,6 +186,29 @@ def test_framing_errors_reach_the_handler_and_are_never_acknowledged(tmp_path):
     assert cut.rejected.payload.startswith(b"MSH|") and cut.rejected.stage == "read"
     assert stats.framing_errors == 2 and stats.acks == {"AA": 1, "AE": 0, "AR": 0}
     assert handler.stored() == ["F1"]
+
+
+def test_mapping_handler_commits_each_batch_once_before_the_acks(tmp_path):
+    store = tmp_path / "store.ndjson"
+    commits: list[tuple[int, int]] = []
+
+    def commit(resources, rejected):  # what the store does: write everything, fsync, return
+        with open(store, "ab") as f:
+            for r in resources:
+                f.write(orjson.dumps({"ref": r.source_ref, "id": r.resource["id"]}) + b"\n")
+            for r in rejected:
+                f.write(orjson.dumps({"ref": r.source_ref, "reason": r.reason}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        commits.append((len(resources), len(rejected)))
+
+    with running(mapping_handler(commit)) as stats, hl7.client.MLLPClient("127.0.0.1", stats.address[1]) as c:
+        ack = parse_ack(c.send_message(message("M1")))
+        lines = store.read_bytes().splitlines()       # on disk when the ACK arrived
+        bad = parse_ack(c.send_message(message("M2").replace(b"\rOBR|", b"\rZZZ|")))
+    assert str(ack.segment("MSA")[1]) == "AA" and len(lines) == 12   # Patient, 9 Observations, Device, report
+    assert str(bad.segment("MSA")[1]) == "AE" and commits == [(12, 0), (0, 1)]
+    assert orjson.loads(store.read_bytes().splitlines()[-1])["reason"] == "missing-segment"
 
 
 def test_a_failing_handler_gets_ar_and_the_sender_can_resend(tmp_path):

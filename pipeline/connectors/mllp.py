@@ -49,11 +49,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..hl7v2 import DEFAULT_LIMITS, HL7ParseError, Limits, build_ack, read_msh
 from ..hl7v2_framing import MLLPDecoder
-from ..units import Rejected
+from ..units import Rejected, Resource
+
+if TYPE_CHECKING:
+    from ..hl7v2_maps import Mappings
 
 log = logging.getLogger(__name__)
 
@@ -436,6 +439,37 @@ def _error_of(result: Any, p: _Pending, failed: bool) -> tuple[str | None, str |
     return rej.reason, rej.message, m.group(0) if m else None
 
 
+def mapping_handler(commit: Callable[[list[Resource], list[Rejected]], None], *, strict: bool = False,
+                    mappings: Mappings | None = None) -> Handler:
+    """A handler that maps each message of a batch and commits the batch once.
+
+    `commit(resources, rejected)` must store both durably (the resources, and the
+    quarantine entries: framing errors and refused messages) before it returns, or raise.
+    The ACK of each message follows from its mapping: AA mapped, AE refused for its
+    content (it is in quarantine), AR refused for its type or version, or not parsable.
+    """
+    from ..hl7v2_fhir import map_message
+
+    def handle(batch: list[InboundMessage]) -> list[Any]:
+        resources: list[Resource] = []
+        rejected: list[Rejected] = []
+        results: list[Any] = []
+        for m in batch:
+            if m.rejected is not None:       # a framing error: quarantined, never acknowledged
+                rejected.append(m.rejected)
+                results.append("AE")
+                continue
+            mapped = map_message(m.raw, m.source_ref, strict=strict, mappings=mappings)
+            if mapped.rejected is not None:
+                rejected.append(mapped.rejected)
+            resources.extend(mapped.resources)
+            results.append(mapped)
+        commit(resources, rejected)
+        return results
+
+    return handle
+
+
 def serve_mllp(host: str, port: int, handler: Handler, *, batch_max: int = 100, batch_wait_ms: float = 20,
                ssl_context: ssl.SSLContext | None = None, ready: threading.Event | None = None,
                stop: threading.Event | None = None, limits: Limits = DEFAULT_LIMITS, max_connections: int = 256,
@@ -452,4 +486,4 @@ def serve_mllp(host: str, port: int, handler: Handler, *, batch_max: int = 100, 
     return asyncio.run(server.serve(ready, stop))
 
 
-__all__ = ["InboundMessage", "MLLPServer", "ServerStats", "serve_mllp", "tls_context"]
+__all__ = ["InboundMessage", "MLLPServer", "ServerStats", "mapping_handler", "serve_mllp", "tls_context"]
