@@ -487,10 +487,11 @@ def _put_absent(node: dict, rule: Rule) -> None:
 
 
 def _shape(rule: Rule, value: Any) -> Any:
+    """Apply `wrap` and `with`; the constants are copied, so that no two resources share an object."""
     if rule.wrap:
         value = {rule.wrap: value}
     if rule.with_:
-        value = {**value, **rule.with_}
+        value = {**value, **_copy(rule.with_)}
     return value
 
 
@@ -750,13 +751,13 @@ def _invalid(run: Run, rule: Rule, res: dict, loc: str, text: str) -> None:
     if rule.required:
         if rule.has_default:
             run.invalid.append((loc, text))
-            _put(res, rule.steps, rule.default, False)
+            _put(res, rule.steps, _copy(rule.default), False)
         else:
             run.errors.append(("bad-value", loc, text))
         return
     run.invalid.append((loc, text))
     if rule.has_default:
-        _put(res, rule.steps, rule.default, False)
+        _put(res, rule.steps, _copy(rule.default), False)
     else:
         _put_absent(res, rule)
 

@@ -343,6 +343,22 @@ def test_hand_made_fixtures_are_valid_hl7_for_an_independent_validator(name):
     assert hl7apy_parse(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
 
 
+def test_resources_share_no_objects():
+    """A later stage may change a resource in place (pseudonymise, drop a name): nothing it
+    touches may be shared with another resource or with the maps."""
+    first = mapped("twin-adt-a01.hl7")
+    second = mapped("twin-adt-a01.hl7")
+
+    def ids(node, out):
+        if isinstance(node, dict | list):
+            out.add(id(node))
+            for child in node.values() if isinstance(node, dict) else node:
+                ids(child, out)
+        return out
+
+    assert not ids(first, set()) & ids(second, set())
+
+
 def test_ids_do_not_depend_on_delimiters_or_message():
     ids = {name: mapped(name)[0]["id"] for name in
            ("twin-adt-a01.hl7", "twin-oru-r01.hl7", "twin-vxu-v04.hl7", "syntax-custom-delimiters.hl7",
