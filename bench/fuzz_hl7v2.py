@@ -11,14 +11,16 @@ delimiter, escape, framing and byte-level edits, and checks for every input:
   and no refusal message quotes a value of the message's PID segment;
 - a sample of the resources produced (`--validate`) is valid FHIR R4 (fhir.resources R4B).
 
-A failing input is written to fuzz-failure-<n>.hl7 beside this script; the exit code is 1.
+A failing input is written to $TMPDIR/fuzz-hl7v2-failure-<n>.hl7; the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -71,7 +73,10 @@ def pid_values(data: bytes) -> list[str]:
     seg = msg.segment("PID")
     if seg is None:
         return []
-    return [v for f in seg[1:] for v in f.replace("^", "|").replace("~", "|").split("|") if len(v) >= 6]
+    # values that have the shape of a version or message type may be quoted (they are checked
+    # for that shape before being quoted; a PID value of that shape is no identifying value)
+    return [v for f in seg[1:] for v in f.replace("^", "|").replace("~", "|").split("|")
+            if len(v) >= 6 and not re.fullmatch(r"\d{1,2}(?:\.\d{1,3}){0,3}", v)]
 
 
 def check(data: bytes, rnd: random.Random, validate: float, model) -> None:
@@ -127,7 +132,7 @@ def main() -> int:
             check(data, rnd, args.validate, get_fhir_model_class)
         except Exception:  # noqa: BLE001 - every failure is reported and kept
             failures += 1
-            out = Path(__file__).with_name(f"fuzz-failure-{failures}.hl7")
+            out = Path(tempfile.gettempdir()) / f"fuzz-hl7v2-failure-{failures}.hl7"
             out.write_bytes(data)
             print(f"FAILURE {failures}: input in {out}\n{traceback.format_exc()}", file=sys.stderr)
             if failures >= 5:
