@@ -609,8 +609,10 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
                 return p, seg
             return None, None
 
-    if kind == SCALAR and not repeat and key is not None and not shaped:
-        def scalar_into_key(run: Run, res: dict) -> None:
+    if kind == SCALAR and not repeat and not shaped and len(steps) == 1 and steps[0][0] in (_KEY, _APPEND):
+        target, appending = steps[0][1], steps[0][0] == _APPEND
+
+        def one_scalar(run: Run, res: dict) -> None:  # the common case, kept short: one value, one key
             src, seg = find(run)
             if src is None:
                 return missing(run, res, None)
@@ -622,9 +624,14 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
                 return _invalid(run, rule, res, run.locator(src), str(e))
             if v is None or v is _DROP:
                 return missing(run, res, src)
-            res[key] = v
+            if not appending:
+                res[target] = v
+            elif target in res:
+                res[target].append(v)
+            else:
+                res[target] = [v]
 
-        return scalar_into_key
+        return one_scalar
 
     if kind in (COMPOSITE, VALUEX) and not repeat and not append and not shaped:
         def one_value(run: Run, res: dict) -> None:
@@ -655,29 +662,6 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
                 _put(res, steps, v, False)
 
         return one_value
-
-    if kind == SCALAR and not repeat and append and len(steps) == 1 and not shaped:
-        list_key = steps[0][1]
-
-        def scalar_appended(run: Run, res: dict) -> None:
-            src, seg = find(run)
-            if src is None:
-                return missing(run, res, None)
-            run.loc = src
-            leaf = run.msg.value(seg, src.field, src.repetition or 1, src.component, src.subcomponent)
-            try:
-                v = _convert_scalar(run, rule, leaf or '""')
-            except _Invalid as e:
-                return _invalid(run, rule, res, run.locator(src), str(e))
-            if v is None or v is _DROP:
-                return missing(run, res, src)
-            lst = res.get(list_key)
-            if lst is None:
-                res[list_key] = [v]
-            else:
-                lst.append(v)
-
-        return scalar_appended
 
     def general(run: Run, res: dict) -> None:
         src, seg = find(run)
