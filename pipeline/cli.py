@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .connectors import FILE_CONNECTORS
 from .errors import ConfigError, Exit, TwinlineError
 from .store import Store, default_store_path
 
@@ -110,7 +111,7 @@ def _store(args: argparse.Namespace) -> Store:
 def cmd_import(args: argparse.Namespace) -> int:
     from .imports import run_import
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"strict": args.strict}
     update, close = _progress_bar(f"import {args.kind}")
     try:
         run = run_import(_store(args), args.kind, args.paths, source=args.source, options=options,
@@ -176,6 +177,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif result.gate_passed is False:
         print("twins not built: the gate failed (see the report; --force builds anyway)")
     return int(result.exit_code)
+
+
+def cmd_listen_mllp(args: argparse.Namespace) -> int:
+    from .connectors.mllp import ServerStats, tls_context
+    from .listen import listen_mllp
+
+    ctx = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        ctx = tls_context(args.tls_cert, args.tls_key, args.tls_ca, args.require_client_cert)
+    stats = ServerStats()
+    result = listen_mllp(_store(args), args.host, args.port, source=args.source, ssl_context=ctx,
+                         batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms, drain_every=args.drain_every,
+                         strict=args.strict, stats=stats)
+    print(f"listened on {args.host}:{args.port}: {result.drained_messages:,} message(s) stored in "
+          f"{result.drains:,} drain(s); {result.waits_for_lock:,} wait(s) for the store's lock")
+    return int(Exit.OK)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -257,9 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", parents=[common], help="import files and folders",
                          description="Import files and folders of one kind into the store, as one run.")
-    imp.add_argument("kind", choices=["fhir"], help="what the files hold")
+    imp.add_argument("kind", choices=sorted(FILE_CONNECTORS), help="what the files hold")
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (folders are walked)")
     imp.add_argument("--source", help="source name recorded on every row (default: the kind)")
+    imp.add_argument("--strict", action="store_true",
+                     help="hl7v2: reject a message when a value does not convert (default: leave it out, marked)")
     imp.add_argument("--reprocess", action="store_true",
                      help="read files again even if the ledger says they were imported unchanged")
     imp.set_defaults(func=cmd_import)
@@ -303,6 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, metavar="JOB.toml", help="the job file (docs/jobs.md)")
     r.add_argument("--force", action="store_true", help="build even if the gate fails (recorded in runs)")
     r.set_defaults(func=cmd_run)
+
+    li = sub.add_parser("listen", parents=[common], help="receive messages live")
+    lsub = li.add_subparsers(dest="listen_kind", required=True, metavar="KIND")
+    lm = lsub.add_parser("mllp", parents=[common], help="HL7 v2 over MLLP",
+                         description="An MLLP server: each message is acknowledged (AA/AE/AR) once it is durably "
+                                     "spooled, and moved into the store whenever the store's lock is free. "
+                                     "Stops on SIGTERM/SIGINT after storing what it acknowledged.")
+    lm.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    lm.add_argument("--port", type=int, required=True)
+    lm.add_argument("--source", default="hl7v2", help="source name recorded on every row (default: hl7v2)")
+    lm.add_argument("--tls-cert", metavar="PEM", help="serve MLLP over TLS with this certificate ...")
+    lm.add_argument("--tls-key", metavar="PEM", help="... and this private key")
+    lm.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify client certificates")
+    lm.add_argument("--require-client-cert", action="store_true", help="refuse clients without a certificate")
+    lm.add_argument("--batch-max", type=int, default=100, help="messages per spool write (default 100)")
+    lm.add_argument("--batch-wait-ms", type=float, default=20, help="wait for more messages (default 20 ms)")
+    lm.add_argument("--drain-every", type=float, default=2.0, help="seconds between moves into the store (default 2)")
+    lm.add_argument("--strict", action="store_true", help="reject a message when a value does not convert")
+    lm.set_defaults(func=cmd_listen_mllp)
 
     ch = sub.add_parser("check", parents=[common], help="the quality and bias gate",
                         description="Check data quality and bias over the stored tables; write an HTML + JSON "

@@ -93,7 +93,7 @@ class _Check:
 
 
 _FILE_SOURCE_KEYS = {"name", "kind", "paths", "reprocess", "privacy", "format", "patient_id", "device_id",
-                     "downsample", "patient_rule"}
+                     "downsample", "patient_rule", "strict"}
 _SERVER_KEYS = {"name", "kind", "base_url", "types", "since", "bulk", "group", "patient", "count", "timeout",
                 "retries", "rate_limit", "verify_tls", "allowed_origin", "auth", "privacy"}
 _AUTH_KEYS = {"kind", "token_env", "token_file", "username", "password_env", "password_file", "client_id",
@@ -145,7 +145,8 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
                     c.bad(f"{at}.paths[{j}]", "expected a string")
                 else:
                     resolved.append(c.file(f"{at}.paths[{j}]", p))
-            opts = {"paths": resolved, "reprocess": c.typed(at, s, "reprocess", (bool,), default=False)}
+            opts = {"paths": resolved, "reprocess": c.typed(at, s, "reprocess", (bool,), default=False),
+                    "strict": c.typed(at, s, "strict", (bool,), default=False)}
             for key in ("format", "patient_id", "device_id", "downsample", "patient_rule"):
                 v = c.typed(at, s, key, (str,))
                 if v is not None:

@@ -14,13 +14,14 @@ The registry is a plain dict: a new kind is one entry here.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..units import Unit
-from . import fhir_files
+from . import fhir_files, hl7v2_files
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,46 @@ def _fhir_file(path: Path, options: dict[str, Any]) -> fhir_files.FhirFile:
     return fhir_files.FhirFile(path)
 
 
+class HashedRead:
+    """The units of one file from a connector that does not hash as it reads.
+
+    The ledger needs the file's sha256; it is taken in a first pass (the second read
+    comes from the page cache), before the units, so a file that changes while it is
+    read is recorded with the hash of what was read first and read again next time.
+    """
+
+    def __init__(self, path: Path, units: Callable[[Path], Iterable[Unit]]):
+        self.path = path
+        self._units = units
+        self.sha256: str | None = None
+
+    def __iter__(self) -> Iterator[Unit]:
+        h = hashlib.sha256()
+        try:
+            with open(self.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self.sha256 = h.hexdigest()
+        except OSError:
+            self.sha256 = None  # the connector reports the unreadable file
+        yield from self._units(self.path)
+
+
+def _hl7v2_file(path: Path, options: dict[str, Any]) -> HashedRead:
+    strict = bool(options.get("strict", False))
+    return HashedRead(path, lambda p: hl7v2_files.read_hl7v2([p], strict=strict))
+
+
+def _hl7v2_replay(payload: bytes, source_ref: str) -> Iterable[Unit]:
+    from ..hl7v2_fhir import map_message
+
+    mapped = map_message(payload, source_ref)
+    return [mapped.rejected] if mapped.rejected is not None else mapped.resources
+
+
 FILE_CONNECTORS: dict[str, FileConnector] = {
     "fhir": FileConnector("fhir", "FHIR R4 NDJSON (.ndjson, .ndjson.gz), Bundles and single resources (.json)",
                           fhir_files.is_fhir_file, read_file=_fhir_file, replay=fhir_files.replay),
+    "hl7v2": FileConnector("hl7v2", "HL7 v2 messages: files, batch files (FHS/BHS), MLLP-framed dumps",
+                           hl7v2_files._accept, read_file=_hl7v2_file, replay=_hl7v2_replay),
 }

@@ -1,0 +1,224 @@
+"""`twin listen mllp`: HL7 v2 over MLLP, acknowledged only once durably stored.
+
+Why a spool: a listener runs for months, and scheduled jobs write the same store; if
+the listener held the store's lock, no job could run, and if it waited for the lock
+before acknowledging, senders would time out while a nightly job runs. So each batch
+the MLLP server receives is appended to a spool (length-prefixed records in segment
+files under `_twin/spool/<source>/`, fsynced once per batch) and only then
+acknowledged: that is the durable store an ACK waits for. A drainer thread moves
+sealed segments into the tables whenever it can take the store's lock, as runs of
+command `listen`, and deletes a segment only after its run has committed. A segment
+from a killed listener is drained by the next one; a record cut by the kill was never
+acknowledged (its fsync did not return) and is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from .errors import LockHeld
+from .hl7v2_fhir import map_message
+from .identity import TwinIds, stored_links
+from .imports import finish_run
+from .ingest import Ingest, ViewSet
+from .runs import Run
+from .store import Store
+from .units import Rejected
+
+log = logging.getLogger(__name__)
+
+_MSG, _REJ = b"M", b"R"
+
+
+class Spool:
+    """Append-only segments of received messages. Not thread-safe: one writer, one drainer, with a lock."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = None
+        self._path: Path | None = None
+        self._records = 0
+        for stale in folder.glob("*.open"):  # a segment of a listener that died: drain it
+            stale.rename(stale.with_suffix(".ready"))
+
+    def append(self, records: list[tuple[bytes, str, bytes]]) -> None:
+        """Write (kind, source_ref, data) records and fsync: when this returns, they survive a crash."""
+        with self._lock:
+            if self._file is None:
+                self._path = self.folder / f"{time.time_ns():020d}-{os.getpid()}.open"
+                self._file = open(self._path, "ab")  # noqa: SIM115 - closed in seal()
+            buf = bytearray()
+            for kind, ref, data in records:
+                r = ref.encode("utf-8", "replace")
+                buf += kind + len(r).to_bytes(4, "big") + len(data).to_bytes(4, "big") + r + data
+            self._file.write(buf)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._records += len(records)
+
+    def seal(self) -> None:
+        """Close the open segment (if it holds anything) so the drainer may take it."""
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.close()
+            assert self._path is not None
+            self._path.rename(self._path.with_suffix(".ready"))
+            self._file = None
+            self._records = 0
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def pending(self) -> int:
+        return self._records + len(self.ready())
+
+    def ready(self) -> list[Path]:
+        return sorted(self.folder.glob("*.ready"))
+
+    @staticmethod
+    def read(path: Path) -> Iterator[tuple[bytes, str, bytes]]:
+        data = path.read_bytes()
+        i = 0
+        while i + 9 <= len(data):
+            kind = data[i:i + 1]
+            n_ref = int.from_bytes(data[i + 1:i + 5], "big")
+            n_data = int.from_bytes(data[i + 5:i + 9], "big")
+            end = i + 9 + n_ref + n_data
+            if end > len(data):
+                break  # cut by a crash before its fsync returned: it was never acknowledged
+            yield kind, data[i + 9:i + 9 + n_ref].decode("utf-8", "replace"), data[i + 9 + n_ref:end]
+            i = end
+
+
+@dataclass
+class ListenStats:
+    drained_messages: int = 0
+    drains: int = 0
+    waits_for_lock: int = 0
+
+
+class Drainer:
+    """Moves sealed spool segments into the store, one `listen` run per drain."""
+
+    def __init__(self, store: Store, spool: Spool, source: str, *, strict: bool = False):
+        self.store = store
+        self.spool = spool
+        self.source = source
+        self.strict = strict
+        self.stats = ListenStats()
+        self.views = ViewSet(store.schema)
+
+    def drain(self) -> bool:
+        """Drain what is sealed; False if the store's lock is held by another process."""
+        self.spool.seal()
+        segments = self.spool.ready()
+        if not segments:
+            return True
+        try:
+            with self.store.locked("listen"):
+                run = Run(self.store, "listen", inputs=[s.name for s in segments])
+                try:
+                    ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
+                                    twin_ids=TwinIds(stored_links(self.store)))
+                    n = 0
+                    for seg in segments:
+                        for kind, ref, data in Spool.read(seg):
+                            n += 1
+                            if kind == _REJ:
+                                r = orjson.loads(data)
+                                ingest.feed(Rejected(r["stage"], r["reason"], r["message"], ref,
+                                                     payload=r["payload"].encode("latin-1") if r.get("payload") else None))
+                                continue
+                            mapped = map_message(data, ref, strict=self.strict)
+                            ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
+                    ingest.finish()
+                    run.notes.append(f"{n} message(s) from {len(segments)} spool segment(s)")
+                    finish_run(self.store, run)
+                except BaseException:
+                    self.store.rollback()
+                    raise
+        except LockHeld:
+            self.stats.waits_for_lock += 1
+            return False
+        for seg in segments:  # committed: the spool may forget them
+            seg.unlink()
+        self.stats.drained_messages += n
+        self.stats.drains += 1
+        return True
+
+
+def spooling_handler(spool: Spool, *, strict: bool = False):
+    """The MLLP handler: map for the ACK code, spool (fsync), then let the server acknowledge."""
+
+    def handle(batch) -> list:
+        records: list[tuple[bytes, str, bytes]] = []
+        results: list = []
+        for m in batch:
+            if m.rejected is not None:
+                r = m.rejected
+                records.append((_REJ, r.source_ref, orjson.dumps({
+                    "stage": r.stage, "reason": r.reason, "message": r.message,
+                    "payload": r.payload.decode("latin-1") if r.payload else None})))
+                results.append("AE")
+                continue
+            mapped = map_message(m.raw, m.source_ref, strict=strict)
+            records.append((_MSG, m.source_ref, m.raw))
+            results.append(mapped)
+        spool.append(records)
+        return results
+
+    return handle
+
+
+def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ssl_context=None,
+                batch_max: int = 100, batch_wait_ms: float = 20, drain_every: float = 2.0, strict: bool = False,
+                ready: threading.Event | None = None, stop: threading.Event | None = None, stats=None,
+                shutdown_wait: float = 60.0) -> ListenStats:
+    """Serve until SIGTERM/SIGINT (or `stop`); on the way out, drain what was acknowledged."""
+    from .connectors.mllp import ServerStats, serve_mllp
+
+    store.meta.mkdir(parents=True, exist_ok=True)
+    spool = Spool(store.meta / "spool" / _safe(source))
+    drainer = Drainer(store, spool, source, strict=strict)
+    done = threading.Event()
+
+    def drain_loop() -> None:
+        while not done.wait(drain_every):
+            try:
+                if spool.pending():
+                    drainer.drain()
+            except Exception:  # noqa: BLE001 - keep listening; the spool keeps the messages
+                log.exception("draining the spool failed; the messages stay in the spool and are retried")
+
+    thread = threading.Thread(target=drain_loop, name="twin-drain", daemon=True)
+    thread.start()
+    try:
+        serve_mllp(host, port, spooling_handler(spool, strict=strict), batch_max=batch_max,
+                   batch_wait_ms=batch_wait_ms, ssl_context=ssl_context, ready=ready, stop=stop,
+                   stats=stats if stats is not None else ServerStats())
+    finally:
+        done.set()
+        thread.join()
+        deadline = time.monotonic() + shutdown_wait
+        while not drainer.drain() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if spool.ready():
+            log.warning("the store stayed locked: %d spool segment(s) wait for the next listener", len(spool.ready()))
+    return drainer.stats
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "source"

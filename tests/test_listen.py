@@ -1,0 +1,124 @@
+"""`twin listen mllp` on real TCP sockets: ACK after durable storage, the store's lock, kill safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.connectors.mllp import ServerStats
+from pipeline.listen import listen_mllp
+from pipeline.store import Store
+from tests.conftest import FIXTURES, REPO
+
+hl7_client = pytest.importorskip("hl7.client")
+
+pytestmark = pytest.mark.server
+
+
+def messages() -> list[bytes]:
+    """The ORU and ADT fixture messages, one per file (CR segment ends)."""
+    out = []
+    for f in sorted((FIXTURES / "hl7v2").glob("*.hl7")):
+        text = f.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+        if text.startswith(b"MSH") and text.count(b"MSH|") == 1:
+            out.append(text.rstrip(b"\r") + b"\r")
+    assert len(out) >= 3
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send(port: int, msgs: list[bytes]) -> list[bytes]:
+    acks = []
+    with hl7_client.MLLPClient("127.0.0.1", port) as c:
+        for m in msgs:
+            acks.append(c.send_message(m))
+    return acks
+
+
+def test_acks_then_rows_in_the_store(tmp_path):
+    store = Store(tmp_path / "s")
+    stop, ready, stats = threading.Event(), threading.Event(), ServerStats()
+    port = free_port()
+    t = threading.Thread(target=listen_mllp, args=(store, "127.0.0.1", port),
+                         kwargs={"ready": ready, "stop": stop, "stats": stats, "drain_every": 0.2}, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    msgs = messages()
+    acks = send(port, msgs)
+    assert all(b"MSA|A" in a for a in acks)
+    codes = [a.split(b"MSA|")[1][:2] for a in acks]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (store.exists("patient") or store.exists("quarantine")):
+        time.sleep(0.2)
+    stop.set()
+    t.join(30)
+    runs = store.read("runs").to_pylist()
+    assert runs and all(r["command"] == "listen" for r in runs)
+    assert sum(r["units_read"] for r in runs) >= codes.count(b"AA")
+    assert not list((store.meta / "spool").rglob("*.ready")), "a committed segment was left in the spool"
+
+
+def _listener(store: Path, port: int) -> subprocess.Popen:
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from pipeline.cli import console_main; "
+            f"sys.argv = ['twin', 'listen', 'mllp', '--port', '{port}', '--store', {str(store)!r}, '--drain-every', '0.2']; "
+            "console_main()")
+    return subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TWIN_NO_PROGRESS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_port(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError("the listener did not start")
+
+
+def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
+    store_dir = tmp_path / "s"
+    port = free_port()
+    # a nightly job holds the store's lock: the listener still acknowledges (the spool is durable) ...
+    holder = subprocess.Popen([sys.executable, "-c", (
+        f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from pipeline.store import Store\n"
+        f"with Store({str(store_dir)!r}).locked('nightly'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    listener = _listener(store_dir, port)
+    try:
+        _wait_port(port)
+        acks = send(port, messages())
+        assert all(b"MSA|" in a for a in acks)
+        time.sleep(0.5)
+        assert not Store(store_dir).exists("patient")   # nothing could be written yet
+        os.kill(listener.pid, signal.SIGKILL)           # ... and the listener dies
+        listener.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert list((store_dir / "_twin" / "spool").rglob("*.open")) or list((store_dir / "_twin" / "spool").rglob("*.ready"))
+    # the next listener drains what the dead one acknowledged, then stops cleanly on SIGTERM
+    listener = _listener(store_dir, port)
+    _wait_port(port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not Store(store_dir).exists("patient"):
+        time.sleep(0.2)
+    listener.send_signal(signal.SIGTERM)
+    out, err = listener.communicate(timeout=60)
+    assert listener.returncode == 0, err.decode()[-500:]
+    assert Store(store_dir).count("patient") >= 1
+    assert b"stored" in out
