@@ -1,0 +1,478 @@
+"""Device CSV logs from files and folders: streamed with pyarrow, mapped in chunks.
+
+`read_csv_logs` is the connector the `twin import csv` command and the job runner call.
+It finds each file's format (pipeline.devices), reads the lines before the data (the
+preamble, a `sep=;` line, the header, a units row) itself, and streams the rest through
+pyarrow's CSV reader in record batches, so memory stays flat whatever the file size.
+
+Counting (units read = units produced + units rejected): a unit is one data line.
+Preamble, `sep=` and header lines, the units row, blank lines and a declared footer
+are not units. Each chunk of `chunk_rows` data lines yields one observation `Rows` whose
+`units` is the number of its lines that were not rejected (a line whose values are all
+missing is a unit that produces no row); each rejected line is one `Rejected`. A file
+that cannot be read at all is one `Rejected` (stage "read"). Device and
+patient_identifier `Rows` are derived from the data and count no units.
+
+Hostile input never stops the batch: lines that are not UTF-8 or longer than
+`MAX_LINE` bytes are cut out of the byte stream before pyarrow sees them (it would
+give up on the whole file) and come back as rejected lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from ..devices import (
+    FileContext,
+    FileKind,
+    FileMapper,
+    FileProblem,
+    Format,
+    detect,
+    ignored_by,
+    load_formats,
+    parse_window,
+    short_hash,
+    single_row_table,
+)
+from ..errors import ConfigError
+from ..units import Rejected, Rows
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20  # longer lines are rejected (line-too-long); pyarrow needs a block to hold a whole line
+BLOCK = 4 << 20  # pyarrow block size: one record batch per block
+PAYLOAD_LIMIT = 64 << 10  # a rejected line's bytes kept in quarantine up to this size
+HEAD_BYTES = 1 << 20  # the preamble, header and units row must fit in the first MiB
+_MARK = b"\x00twinline-cut:"
+_SEP_RE = re.compile(r'^"?sep=(.)"?\s*$')
+
+
+def read_csv_logs(paths: list[str], *, format: str | None = None, patient_id: str | None = None,
+                  device_id: str | None = None, downsample: str | None = None,
+                  chunk_rows: int = 1_000_000) -> Iterator[Rows | Rejected]:
+    """Yield observation, device and patient_identifier rows for device CSV files and folders.
+
+    `format` names a mapping (mappings/devices/*.toml); without it each file's format is
+    recognised by its name and first lines, and a file that fits none or several is a
+    usage error listing the candidates (raised before anything is read). `patient_id`
+    and `device_id` override what the mapping finds in the files. `downsample` ("1min",
+    "30s", or "raw") overrides the mapping's window; the raw stream is the default.
+    """
+    formats = load_formats()
+    if format is not None and format not in formats:
+        raise ConfigError(f"unknown device format {format!r}", [f"known formats: {', '.join(sorted(formats))}"])
+    window = parse_window(downsample) if downsample is not None else None
+    force_raw = downsample is not None and window is None
+    if chunk_rows < 1:
+        raise ConfigError("chunk_rows must be at least 1")
+    plan = _plan(paths, formats, format)
+    seen_devices: set[str] = set()
+    for path, kind in plan:
+        fmt = formats[kind.format]
+        if kind.skip:
+            log.info("%s: %s/%s is not mapped (%s)", path, kind.format, kind.kind, kind.skip)
+            continue
+        yield from _read_file(path, fmt, kind, patient_id=patient_id, device_id=device_id, window=window,
+                              force_raw=force_raw, chunk_rows=chunk_rows, seen_devices=seen_devices)
+
+
+def _plan(paths: Sequence[str], formats: dict[str, Format], name: str | None) -> list[tuple[Path, FileKind]]:
+    """Every file to read with its kind; all problems are reported together."""
+    problems: list[str] = []
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    plan = []
+    for f in files:
+        if ignored_by(f, formats.values()) is not None:
+            log.info("%s: part of an export but not data (mapping 'ignore'); skipped", f)
+            continue
+        try:
+            head = _head_lines(f, 8)
+        except OSError as e:
+            problems.append(f"{f}: cannot be read ({e.strerror})")
+            continue
+        if not any(line.strip() for line in head):
+            log.info("%s: empty; nothing to import", f)
+            continue
+        found = detect(f, head, formats, name)
+        if isinstance(found, str):
+            problems.append(f"{f}: {found}")
+        else:
+            plan.append((f, found))
+    if problems:
+        raise ConfigError("some inputs are not device logs Twinline can read", problems)
+    return plan
+
+
+def _head_lines(path: Path, n: int) -> list[str]:
+    with open(path, "rb") as fh:
+        data = fh.read(HEAD_BYTES)
+    lines = data.split(b"\n")[:n]
+    out = [line.rstrip(b"\r").decode("utf-8", "replace") for line in lines]
+    if out:
+        out[0] = out[0].lstrip("\ufeff")
+    if data and lines and not lines[-1] and len(lines) <= n:
+        out.pop()  # the empty string after the last newline is not a line
+    return out
+
+
+# --------------------------------------------------------------------------- one file
+
+
+class _Preamble:
+    """The lines before the data of one file, and where the data starts."""
+
+    def __init__(self, path: Path, kind: FileKind):
+        with open(path, "rb") as fh:
+            data = fh.read(HEAD_BYTES)
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        pieces = data[bom:].split(b"\n")
+        at_eof = len(data) < HEAD_BYTES
+        raw = [p + b"\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] and at_eof else [])
+        text = [r.rstrip(b"\r\n").decode("utf-8", "replace") for r in raw]
+        self.delimiter = kind.delimiter
+        i = 0
+        sep = _SEP_RE.match(text[0]) if text else None
+        if sep:
+            self.delimiter = sep.group(1)
+            i = 1
+        i += kind.skip_lines
+        need = i + int(kind.header) + int(kind.units_row)
+        if len(raw) < need and not at_eof:
+            raise FileProblem("bad-preamble", f"the lines before the data are longer than {HEAD_BYTES} bytes")
+        self.lines = text[:need]
+        self.raw_names: list[str] = []
+        self.names = list(kind.columns)
+        self.units: dict[str, str] = {}
+        if kind.header:
+            header = text[i] if i < len(text) else ""
+            self.raw_names = [h.strip() for h in next(csv.reader([header], delimiter=self.delimiter), [])]
+            self.names = _clean_names(self.raw_names, kind)
+            i += 1
+        if kind.units_row and i < len(text):
+            units = [u.strip() for u in next(csv.reader([text[i]], delimiter=self.delimiter), [])]
+            self.units = {n: u for n, u in zip(self.names, units, strict=False) if u}
+            i += 1
+        self.non_data = min(i, len(raw))
+        self.offset = bom + sum(len(r) for r in raw[: self.non_data])
+        self.first_line = self.non_data + 1
+
+
+def _clean_names(raw: list[str], kind: FileKind) -> list[str]:
+    out: list[str] = []
+    for i, name in enumerate(raw):
+        n = kind.strip_prefix.sub("", name, count=1) if kind.strip_prefix else name
+        n = n.strip() or f"column{i + 1}"
+        base, k = n, 2
+        while n in out:
+            n, k = f"{base}#{k}", k + 1
+        out.append(n)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | None, device_id: str | None,
+               window: int | None, force_raw: bool, chunk_rows: int, seen_devices: set[str]) -> Iterator[Rows | Rejected]:
+    ref = str(path)
+    try:
+        sha = _sha256(path)
+        pre = _Preamble(path, kind)
+        ctx = FileContext(path, sha, pre.lines, pre.raw_names, pre.names, pre.units)
+        mapper = FileMapper(fmt, kind, ctx, patient_id=patient_id, device_id=device_id, window=window)
+        if force_raw:
+            mapper.window = None
+    except OSError as e:
+        yield Rejected("read", "unreadable-file", f"the file cannot be read ({e.strerror})", ref, payload_ref=ref,
+                       target_table="observation")
+        return
+    except FileProblem as e:
+        yield Rejected("read", e.reason, f"{kind.format}/{kind.kind}: {e}", ref, payload_ref=ref,
+                       target_table="observation")
+        return
+    reader = _BodyReader(path, pre, kind)
+    emitted_patients: set[tuple[str | None, str]] = set()
+    chunk_no = 0
+    in_chunk = units = 0
+    first_row = None
+    last_row = 0
+    content = short_hash(sha, fmt.digest, kind.kind, str(mapper.window), patient_id or "", device_id or "")
+
+    def flush(final: bool) -> Iterator[Rows]:
+        nonlocal chunk_no, in_chunk, units, first_row
+        if in_chunk == 0 and not (final and mapper.carry):
+            return
+        unit_key = f"csv:{sha}:{chunk_no}"
+        table = mapper.take_chunk(unit_key, final)
+        lines = reader.lines_of(np.array([first_row or 0, last_row]))
+        span = f"{ref}:{lines[0]}-{lines[1]}" if in_chunk else ref
+        yield Rows("observation", table, span, units, short_hash(content, str(chunk_no)))
+        yield from _derived(mapper, fmt, sha, ref, seen_devices, emitted_patients)
+        chunk_no += 1
+        in_chunk = units = 0
+        first_row = None
+
+    try:
+        for batch, row0 in reader.batches():
+            yield from reader.drain_rejected()
+            pos = 0
+            while pos < batch.num_rows:
+                take = min(batch.num_rows - pos, chunk_rows - in_chunk)
+                part = batch.slice(pos, take)
+                keep = reader.non_blank(part)
+                rows = np.flatnonzero(keep)
+                if len(rows):
+                    sub = part if len(rows) == take else part.take(pa.array(rows))
+                    result = mapper.map_batch(sub)
+                    if first_row is None:
+                        first_row = row0 + pos + int(rows[0])
+                    last_row = row0 + pos + int(rows[-1])
+                    if result.bad:
+                        bad_rows = np.array(sorted(result.bad), np.int64)
+                        lines = reader.lines_of(row0 + pos + rows[bad_rows])
+                        for r, line in zip(bad_rows.tolist(), lines.tolist(), strict=True):
+                            reason, msgs = result.bad[r]
+                            yield Rejected("map", reason, f"line {line}: " + "; ".join(msgs), f"{ref}:{line}",
+                                           payload=_payload(sub, r, reader.delimiter), target_table="observation")
+                    units += len(rows) - len(result.bad)
+                    in_chunk += len(rows)
+                reader.blank_lines += take - len(rows)
+                pos += take
+                if in_chunk >= chunk_rows:
+                    yield from flush(False)
+        yield from reader.drain_rejected()
+    except (pa.ArrowInvalid, OSError) as e:
+        # The reader gave up (it should not after the guard): the rest of the file is one unit.
+        yield from reader.drain_rejected()
+        log.warning("%s: reading stopped after data line %d (%s)", ref, reader.rows_seen, type(e).__name__)
+        yield Rejected("read", "unreadable-rest", f"reading stopped after {reader.rows_seen} data lines; "
+                       "the rest of the file was not read", f"{ref}:{reader.lines_of(np.array([reader.rows_seen]))[0]}-",
+                       payload_ref=ref, target_table="observation")
+    finally:
+        reader.close()
+    yield from flush(True)
+    yield from _derived(mapper, fmt, sha, ref, seen_devices, emitted_patients)
+
+
+def _derived(mapper: FileMapper, fmt: Format, sha: str, ref: str, seen_devices: set[str],
+             emitted: set[tuple[str | None, str]]) -> Iterator[Rows]:
+    """Device and patient_identifier rows for ids not yet reported (no units: derived from data lines)."""
+    for row in mapper.device_rows():
+        if row["device_id"] in seen_devices:
+            continue
+        seen_devices.add(row["device_id"])
+        key = f"device:{row['device_id']}"
+        yield Rows("device", single_row_table("device", row, key), ref, 0, short_hash(fmt.digest, repr(sorted(
+            row.items(), key=lambda kv: kv[0]))))
+    for row in mapper.patient_rows():
+        k = (row["system"], row["value"])
+        if k in emitted:
+            continue
+        emitted.add(k)
+        key = f"patient-identifier:{sha}:{short_hash(row['system'] or '', row['value'])[:16]}"
+        yield Rows("patient_identifier", single_row_table("patient_identifier", row, key), ref, 0,
+                   short_hash(row["system"] or "", row["value"], row["patient_id"]))
+
+
+def _payload(batch: pa.RecordBatch, row: int, delimiter: str) -> bytes:
+    """The rejected line rebuilt from its fields (quoted where needed), cut at PAYLOAD_LIMIT."""
+    out = io.StringIO()
+    w = csv.writer(out, delimiter=delimiter, lineterminator="")
+    fields = [batch.column(i)[row].as_py() for i in range(batch.num_columns)]
+    w.writerow([(f or b"").decode("utf-8", "replace") for f in fields])
+    return out.getvalue().encode()[:PAYLOAD_LIMIT]
+
+
+# --------------------------------------------------------------------------- the body stream
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file's bytes from an offset, with every unusable line swapped for a marker line.
+
+    pyarrow stops reading a file at a line that does not fit in a block or (in a ragged
+    line) is not UTF-8. Such lines are replaced by a short marker that is always ragged,
+    so the reader's invalid-row handler sees them at their place and line numbers stay
+    right; the original bytes (cut at PAYLOAD_LIMIT) are kept for quarantine.
+    """
+
+    def __init__(self, fh: Any, width: int, delimiter: str):
+        self.fh = fh
+        self.filler = delimiter.encode() * (width + 1)
+        self.pending = bytearray()
+        self.partial = b""
+        self.skipping = False
+        self.eof = False
+        self.cut: list[tuple[str, bytes]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:  # pragma: no cover - pyarrow calls read()
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self.pending) < n) and not self.eof:
+            self._fill()
+        if n < 0:
+            n = len(self.pending)
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        return out
+
+    def _marker(self, reason: str, original: bytes) -> bytes:
+        self.cut.append((reason, original[:PAYLOAD_LIMIT]))
+        return _MARK + str(len(self.cut) - 1).encode() + self.filler
+
+    def _fill(self) -> None:
+        chunk = self.fh.read(MAX_LINE)
+        if not chunk:
+            self.eof = True
+            if self.skipping:
+                self.pending += b"\n"
+            elif self.partial:
+                self._emit(self.partial)
+            self.partial = b""
+            return
+        if self.skipping:
+            nl = chunk.find(b"\n")
+            if nl < 0:
+                return
+            self.pending += b"\n"
+            self.skipping = False
+            chunk = chunk[nl + 1:]
+        data = self.partial + chunk
+        last = data.rfind(b"\n")
+        complete, self.partial = (data[: last + 1], data[last + 1:]) if last >= 0 else (b"", data)
+        if complete:
+            self._emit(complete)
+        if len(self.partial) > MAX_LINE:
+            self.pending += self._marker("line-too-long", self.partial)
+            self.partial = b""
+            self.skipping = True
+
+    def _emit(self, data: bytes) -> None:
+        """Append complete lines, cutting a too-long first line and any line that is not UTF-8."""
+        first = data.find(b"\n")
+        if (first if first >= 0 else len(data)) > MAX_LINE:
+            self.pending += self._marker("line-too-long", data[:first]) + (b"\n" if first >= 0 else b"")
+            data = data[first + 1:] if first >= 0 else b""
+        pos = 0
+        while pos < len(data):
+            try:
+                data[pos:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                err = pos + e.start
+                start = data.rfind(b"\n", 0, err) + 1
+                end = data.find(b"\n", err)
+                end = len(data) if end < 0 else end
+                self.pending += data[pos:start]
+                self.pending += self._marker("not-utf8", data[start:end])
+                pos = end
+                continue
+            self.pending += data[pos:]
+            return
+
+
+class _BodyReader:
+    """pyarrow's streaming CSV reader over the guarded body, with line numbers and rejected lines."""
+
+    def __init__(self, path: Path, pre: _Preamble, kind: FileKind):
+        self.path, self.pre, self.kind = path, pre, kind
+        self.delimiter = pre.delimiter
+        self.invalid: list[int] = []  # body row numbers (1-based) the reader skipped, in order
+        self.rejected: list[Rejected] = []
+        self.rows_seen = 0
+        self.blank_lines = 0
+        self.footer_lines = 0
+        self._v: np.ndarray | None = None
+        self.fh = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self.fh.seek(pre.offset)
+        self.guard = _GuardedFile(self.fh, len(pre.names), self.delimiter)
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def _invalid_row(self, row: Any) -> str:
+        try:
+            line = self.pre.first_line + row.number - 1
+            self.invalid.append(row.number)
+            self._v = None
+            text: str = row.text
+            ref = f"{self.path}:{line}"
+            if text.startswith(_MARK.decode()):
+                reason, original = self.guard.cut[int(text[len(_MARK):].split(self.delimiter, 1)[0])]
+                what = "longer than 1 MiB" if reason == "line-too-long" else "not UTF-8 text"
+                self.rejected.append(Rejected("read", reason, f"line {line}: {what}", ref, payload=original,
+                                              target_table="observation"))
+            elif self.kind.footer is not None and self.kind.footer.search(text):
+                self.footer_lines += 1
+            else:
+                self.rejected.append(Rejected(
+                    "read", "ragged-row", f"line {line}: {row.actual_columns} fields where the header has "
+                    f"{row.expected_columns}", ref, payload=text.encode()[:PAYLOAD_LIMIT], target_table="observation"))
+        except Exception:  # noqa: BLE001 - an exception here would make pyarrow stop the whole file
+            log.exception("%s: could not record a skipped line", self.path)
+        return "skip"
+
+    def batches(self) -> Iterator[tuple[pa.RecordBatch, int]]:
+        names = self.pre.names
+        if not names:
+            return
+        reader = pacsv.open_csv(
+            self.guard,
+            read_options=pacsv.ReadOptions(column_names=names, block_size=BLOCK, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False,
+                                             ignore_empty_lines=False, invalid_row_handler=self._invalid_row),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
+                                                 strings_can_be_null=True, null_values=[""],
+                                                 quoted_strings_can_be_null=True),
+        )
+        for batch in reader:
+            row0 = self.rows_seen
+            self.rows_seen += batch.num_rows
+            yield batch, row0
+
+    def drain_rejected(self) -> Iterator[Rejected]:
+        out, self.rejected = self.rejected, []
+        yield from out
+
+    def non_blank(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Rows with at least one non-empty field (a blank line is not a unit)."""
+        keep = np.zeros(batch.num_rows, bool)
+        for col in batch.columns:
+            keep |= ~np.asarray(col.is_null())
+            if keep.all():
+                break
+        return keep
+
+    def lines_of(self, rows: np.ndarray) -> np.ndarray:
+        """File line numbers of data rows (0-based positions among the rows the reader kept)."""
+        if self._v is None:
+            inv = np.array(self.invalid, np.int64)
+            self._v = inv - 1 - np.arange(len(inv))  # valid rows before each skipped line
+        return self.pre.first_line + rows + np.searchsorted(self._v, rows, side="right")
