@@ -21,7 +21,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -612,10 +612,13 @@ def load_format(path: Path) -> Format:
                   model=model, device=device, patient=patient)
 
 
-@functools.cache
 def load_formats(directory: Path | None = None) -> dict[str, Format]:
-    """All mapping files of mappings/devices/ (or `directory`), by format name."""
-    d = directory or mappings_dir() / "devices"
+    """All mapping files of mappings/devices/ (or `directory`), by format name; read once per folder."""
+    return _load_formats((directory or mappings_dir() / "devices").resolve())
+
+
+@functools.cache
+def _load_formats(d: Path) -> dict[str, Format]:
     formats: dict[str, Format] = {}
     problems = []
     for p in sorted(d.glob("*.toml")):
@@ -686,12 +689,16 @@ class FileContext:
     """What is known about one file before its body is read: preamble lines, names, units row."""
 
     path: Path
-    sha256: str
+    digest: Callable[[], str]  # the file's sha256 (hex); may still be computing in another thread
     lines: list[str]  # the lines before the body, decoded (index 0 is line 1)
     raw_names: list[str]  # header names as written (before strip_prefix)
     names: list[str]  # column names used by the mapping
     units: dict[str, str] = field(default_factory=dict)
     _sidecars: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return self.digest()
 
     def sidecar(self, name: str) -> Any:
         if name not in self._sidecars:
@@ -801,9 +808,9 @@ def numbers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def part_of(col: pa.Array, sep: str, part: int) -> pa.Array:
-    """The part-th piece of each value split on sep ("65.0;85.0" -> "65.0"); null when absent."""
-    return pc.list_element(pc.split_pattern(col, sep, max_splits=part + 1), part) if part else \
-        pc.list_element(pc.split_pattern(col, sep, max_splits=1), 0)
+    """The part-th piece of each value split on sep ("65.0;85.0" -> "65.0"); empty when there is none."""
+    padded = pc.binary_join_element_wise(col, pa.scalar(sep.encode() * part, col.type), b"") if part else col
+    return pc.list_element(pc.split_pattern(padded, sep, max_splits=part + 1), part)
 
 
 def text_values(col: pa.Array) -> pa.Array:
@@ -818,8 +825,12 @@ def iso_times(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[t
     caller applies the mapping's time zone).
     """
     s, bad_utf8 = utf8(col)
-    s = pc.utf8_trim_whitespace(s)
-    has_off = np.asarray(pc.fill_null(pc.match_substring_regex(s, _OFFSET_RE), False))
+    zulu = np.asarray(pc.fill_null(pc.ends_with(s, "Z"), False))
+    all_zulu = bool(zulu.all())
+    if not all_zulu:  # the common export writes Z everywhere: trimming and the regex are for the rest
+        s = pc.utf8_trim_whitespace(s)
+        zulu = np.asarray(pc.fill_null(pc.ends_with(s, "Z"), False))
+    has_off = zulu if all_zulu else np.asarray(pc.fill_null(pc.match_substring_regex(s, _OFFSET_RE), False))
     try:
         if not (has_off.all() or not has_off.any()):
             raise pa.ArrowInvalid("offsets on some values only")
@@ -827,10 +838,10 @@ def iso_times(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[t
         bad = np.asarray(pc.is_null(us)) | bad_utf8
         out = np.where(bad, 0, us.to_numpy(zero_copy_only=False)).astype(np.int64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        out, bad = _iso_slow(s.to_pylist())
+        out, bad = _iso_slow(pc.utf8_trim_whitespace(s).to_pylist())
     offsets: list[tuple[np.ndarray, str]] = []
     if has_off.any():
-        if np.asarray(pc.fill_null(pc.ends_with(s, "Z"), False))[has_off].all():
+        if all_zulu or zulu[has_off].all():
             offsets.append((has_off, "+00:00"))
         else:
             found = pc.struct_field(pc.extract_regex(s, _OFFSET_RE), [0])
@@ -871,29 +882,38 @@ def local_to_utc(us: np.ndarray, tz: str) -> tuple[np.ndarray, np.ndarray]:
     return a, a != b
 
 
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+def _hex4_table() -> np.ndarray:
+    """Four hex digits (as one uint32 in memory) for each uint16 read natively from big-endian bytes."""
+    v = np.arange(65536, dtype=np.uint32)
+    value = ((v & 0xFF) << 8) | (v >> 8) if np.little_endian else v  # the number those two bytes spell
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    chars = np.stack([digits[(value >> s) & 15] for s in (12, 8, 4, 0)], axis=1).astype(np.uint8)
+    return np.ascontiguousarray(chars).view(np.uint32).ravel()
 
 
-def hex16(x: np.ndarray) -> np.ndarray:
-    """int64 values as 16 lowercase hex digits each (n x 16 uint8), without a Python loop."""
-    b = np.ascontiguousarray(x.astype(">u8")).view(np.uint8).reshape(-1, 8)
-    out = np.empty((len(x), 16), np.uint8)
-    out[:, 0::2] = _HEX[b >> 4]
-    out[:, 1::2] = _HEX[b & 15]
-    return out
+_HEX4 = _hex4_table()
 
 
 def fixed_strings(parts: Sequence[np.ndarray | bytes], n: int) -> pa.Array:
-    """A string array of n fixed-width values, each the concatenation of the parts.
+    """A string array of n fixed-width values: each the concatenation of the parts.
 
-    A part is bytes (the same for every row) or an (n x w) uint8 matrix. Building the
-    buffers directly is ~10x faster than formatting and joining strings in Arrow.
+    A part is bytes (the same for every row) or an int64 array written as 16 hex
+    digits. Building the buffers directly is ~10x faster than formatting and joining
+    strings in Arrow, and this is the one per-sample string column (observation_id).
     """
-    cols = [np.broadcast_to(np.frombuffer(p, np.uint8), (n, len(p))) if isinstance(p, bytes) else p for p in parts]
-    data = np.concatenate(cols, axis=1) if cols else np.empty((n, 0), np.uint8)
-    width = data.shape[1]
+    width = sum(len(p) if isinstance(p, bytes) else 16 for p in parts)
+    out = np.empty((n, width), np.uint8)
+    pos = 0
+    for p in parts:
+        if isinstance(p, bytes):
+            out[:, pos:pos + len(p)] = np.frombuffer(p, np.uint8)
+            pos += len(p)
+        else:
+            pairs = np.ascontiguousarray(p, dtype=">i8").view(np.uint16).reshape(n, 4)
+            out[:, pos:pos + 16].view(np.uint32)[:] = _HEX4[pairs]
+            pos += 16
     offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
-    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))])
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
 
 
 _BLOCK = 1 << 16
@@ -913,6 +933,13 @@ def constant(value: Any, n: int, typ: pa.DataType) -> list[pa.Array]:
     if n % _BLOCK:
         out.append(block.slice(0, n % _BLOCK))
     return out
+
+
+def _clean_id(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace").strip()
+    return text or None
 
 
 def short_hash(*parts: str) -> str:
@@ -949,8 +976,15 @@ class RowProblem:
     message: str
 
 
+Sample = tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None", np.ndarray]
+"""(signal, patient, device) indexes, then times, values, implausible flags, sequence numbers, time-meta."""
+
+
 @dataclass
 class BatchResult:
+    """What one batch gave: samples by (signal, patient, device), and the rows that cannot be used."""
+
+    samples: list[Sample]
     bad: dict[int, tuple[str, list[str]]]  # row -> (first reason, every problem of the row)
 
 
@@ -1024,10 +1058,7 @@ class FileMapper:
             self._system_col = next((s.arg for s in fmt.patient.system if s.kind == "column"), None)
         else:
             self._system_col = None
-        # No source names the device: one per file (its content) or per export folder (its name).
-        by_folder = fmt.device is not None and fmt.device.fallback == "folder"
-        self.derived_device = "dev-" + short_hash(fmt.name, "folder" if by_folder else "file",
-                                                  ctx.path.parent.name if by_folder else ctx.sha256)[:24]
+        self._derived: str | None = None
         self.tmeta: list[tuple[str | None, str | None]] = []
         self._tmeta_idx: dict[tuple[str | None, str | None], int] = {}
         self.groups: dict[tuple[int, int, int], _Group] = {}
@@ -1035,6 +1066,15 @@ class FileMapper:
         self.patient_systems: dict[int, str | None] = {}
 
     # ------------------------------------------------------------------ ids
+
+    @property
+    def derived_device(self) -> str:
+        """The device id when no source names the device: one per file (its content) or per export folder."""
+        if self._derived is None:
+            by_folder = self.fmt.device is not None and self.fmt.device.fallback == "folder"
+            self._derived = "dev-" + short_hash(self.fmt.name, "folder" if by_folder else "file",
+                                                self.ctx.path.parent.name if by_folder else self.ctx.sha256)[:24]
+        return self._derived
 
     def _id_setup(self, spec: IdSpec | None, cli: str | None) -> tuple[str | None, str | None]:
         """(file-level value, column name or None); the command line wins over the file."""
@@ -1065,48 +1105,39 @@ class FileMapper:
         return out
 
     def _ids(self, batch: pa.RecordBatch, which: tuple[str | None, str | None], table: list[str | None],
-             idx: dict[str | None, int], fallback: str | None) -> int | np.ndarray:
+             idx: dict[str | None, int], fallback: Callable[[], str | None]) -> int | np.ndarray:
         value, col = which
         if col is None:
-            return self._index([value if value is not None else fallback], table, idx)[0]
-        s = text_values(batch.column(col))
-        s = pc.if_else(pc.equal(s, ""), pa.scalar(None, pa.string()), s)
-        if fallback is not None:
-            s = pc.fill_null(s, fallback)
-        enc = pc.dictionary_encode(s)
-        dict_idx = np.array(self._index(enc.dictionary.to_pylist() + [None], table, idx), np.int64)
+            return self._index([value if value is not None else fallback()], table, idx)[0]
+        raw = batch.column(col)
+        if not raw.null_count and pc.all(pc.equal(raw, raw[0])).as_py():
+            return self._index([_clean_id(raw[0].as_py()) or fallback()], table, idx)[0]  # one id per file: usual
+        # Ids repeat: encode the raw bytes, then clean the few distinct values in Python.
+        enc = pc.dictionary_encode(raw)
+        names = [_clean_id(v) or fallback() for v in enc.dictionary.to_pylist()] + [fallback()]
+        dict_idx = np.array(self._index(names, table, idx), np.int64)
         codes = enc.indices.to_numpy(zero_copy_only=False)
-        codes = np.where(np.asarray(pc.is_null(enc.indices)), len(dict_idx) - 1, codes).astype(np.int64)
-        return dict_idx[codes]
+        if enc.indices.null_count:
+            codes = np.where(np.asarray(pc.is_null(enc.indices)), len(names) - 1, codes)
+        return dict_idx[codes.astype(np.int64)]
 
     # ------------------------------------------------------------------ time
 
     def _time_setup(self, clock: Clock) -> None:
         tz = self.kind.timezone
-        self.start_us = self.rate = self.date_us = None
-        try:
-            if clock.start is not None:
-                text = resolve(clock.start, self.ctx, self.kind.delimiter)
-                if text is None:
-                    raise ValueError
-                self.start_us = scalar_time(text, clock.start.format, tz)
-            if clock.rate is not None:
-                text = resolve(clock.rate, self.ctx, self.kind.delimiter)
-                self.rate = float(text) if text is not None else math.nan
-                if not (self.rate > 0 and math.isfinite(self.rate)):
-                    raise ValueError
-            if clock.date is not None:
-                text = resolve(clock.date, self.ctx, self.kind.delimiter)
-                if text is None:
-                    raise ValueError
-                d = datetime.strptime(text, clock.date.format or "%Y-%m-%d")
-                self.date_us = round((d - datetime(1970, 1, 1)) / timedelta(microseconds=1))
-        except (ValueError, OverflowError, TypeError):
-            src = next(s for s in (clock.start, clock.rate, clock.date)
-                       if s is not None and (s is clock.date or s is clock.rate or self.start_us is None))
-            raise FileProblem("bad-preamble", f"the time base ({src.describe()}) is missing or not understood") \
-                from None
-        default = {"rate": "millisecond" if (self.rate or 0) > 1 else "second",
+        self.start_us = self.date_us = None
+        self.rate = 0.0
+        if clock.start is not None:
+            self.start_us = self._scalar(clock.start, "start time", lambda t: scalar_time(t, clock.start.format, tz))
+        if clock.rate is not None:
+            self.rate = self._scalar(clock.rate, "sample rate", float)
+            if not (self.rate > 0 and math.isfinite(self.rate)):
+                raise FileProblem("bad-preamble", f"the sample rate ({clock.rate.describe()}) is not a positive number")
+        if clock.date is not None:
+            fmt = clock.date.format or "%Y-%m-%d"
+            self.date_us = self._scalar(clock.date, "date", lambda t: round(
+                (datetime.strptime(t, fmt) - datetime(1970, 1, 1)) / timedelta(microseconds=1)))
+        default = {"rate": "millisecond" if self.rate > 1 else "second",
                    "time-of-day": "minute" if not clock.second and clock.format != "hh:mm:ss" else "second",
                    "elapsed": "minute" if clock.format == "hh:mm" else "millisecond"}.get(clock.kind)
         if clock.kind == "column":
@@ -1115,6 +1146,15 @@ class FileMapper:
         self.sample_no = 0
         self.prev_tod: int | None = None
         self.day = 0
+
+    def _scalar(self, src: Source, what: str, parse: Callable[[str], Any]) -> Any:
+        text = resolve(src, self.ctx, self.kind.delimiter)
+        try:
+            if text is None:
+                raise ValueError
+            return parse(text)
+        except (ValueError, OverflowError, TypeError):
+            raise FileProblem("bad-preamble", f"the {what} ({src.describe()}) is missing or not understood") from None
 
     def _meta(self, precision: str | None, offset: str | None) -> int:
         k = (precision, offset)
@@ -1222,16 +1262,21 @@ class FileMapper:
     # ------------------------------------------------------------------ values
 
     def map_batch(self, batch: pa.RecordBatch) -> BatchResult:
-        """Turn one batch into samples (kept in the current chunk) and report the rows that cannot be used."""
+        """Turn one batch into samples and report the rows that cannot be used.
+
+        Batches must come in file order (clocks count samples and days across them);
+        `add` then puts the samples into the current chunk. The two steps are apart so
+        that mapping can run in the reader's thread while the chunk is built in another.
+        """
         n = batch.num_rows
         us, tbad, meta = self._times(batch)
         problems: list[RowProblem] = []
         if tbad.any():
             problems.append(RowProblem(np.flatnonzero(tbad), "bad-timestamp", "time is missing, malformed or impossible"))
-        pidx = self._ids(batch, self._patient, self.patients, self._pidx, None)
+        pidx = self._ids(batch, self._patient, self.patients, self._pidx, lambda: None)
         didx = self._ids(batch, self._device, self.devices, self._didx,
-                         self.derived_device if self.fmt.device is not None else None)
-        if self._system_col and self._system_col in self.names and isinstance(pidx, np.ndarray):
+                         lambda: self.derived_device if self.fmt.device is not None else None)
+        if self._system_col and self._system_col in self.names:
             self._note_systems(batch, pidx)
         absent = self._row_missing(batch)
         seq = None
@@ -1248,9 +1293,10 @@ class FileMapper:
         for p in problems:
             bad_row[p.rows] = True
         drop = bad_row if absent is None else bad_row | absent
+        samples: list[Sample] = []
         for sig, vals, missing, flags in streams:
             keep = ~missing & ~drop
-            self._collect(sig, pidx, didx, keep, us, vals, flags, seq, meta)
+            samples += self._samples(sig, pidx, didx, keep, us, vals, flags, seq, meta)
         bad: dict[int, tuple[str, list[str]]] = {}
         for p in sorted(problems, key=lambda p: _REASON_ORDER.index(p.reason)):
             for r in p.rows.tolist():
@@ -1259,13 +1305,19 @@ class FileMapper:
                     bad[r] = (p.reason, [p.message])
                 elif p.message not in entry[1]:
                     entry[1].append(p.message)
-        return BatchResult(bad)
+        return BatchResult(samples, bad)
 
-    def _note_systems(self, batch: pa.RecordBatch, pidx: np.ndarray) -> None:
-        s = text_values(batch.column(self._system_col))
-        for i, sysv in zip(pidx.tolist(), s.to_pylist(), strict=True):
-            if i not in self.patient_systems and sysv:
-                self.patient_systems[i] = sysv
+    def _note_systems(self, batch: pa.RecordBatch, pidx: int | np.ndarray) -> None:
+        """The identifier system of each patient: the first one its rows name."""
+        enc = pc.dictionary_encode(batch.column(self._system_col))
+        systems = [_clean_id(v) for v in enc.dictionary.to_pylist()]
+        codes = np.asarray(pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False), np.int64)
+        combo = np.asarray(pidx, np.int64) * (len(systems) + 1) + codes + 1
+        uniq, first = np.unique(np.broadcast_to(combo, codes.shape), return_index=True)
+        for c in uniq[np.argsort(first)].tolist():
+            p, code = divmod(c, len(systems) + 1)
+            if code and p not in self.patient_systems and systems[code - 1]:
+                self.patient_systems[p] = systems[code - 1]
 
     def _row_missing(self, batch: pa.RecordBatch) -> np.ndarray | None:
         rule = self.kind.row_missing_if
@@ -1353,28 +1405,38 @@ class FileMapper:
             return i, full_v, full_m, full_f
         return i, vals, missing | notnum, flags
 
-    def _collect(self, sig: int, pidx: int | np.ndarray, didx: int | np.ndarray, keep: np.ndarray,
+    def _samples(self, sig: int, pidx: int | np.ndarray, didx: int | np.ndarray, keep: np.ndarray,
                  us: np.ndarray, vals: np.ndarray, flags: np.ndarray, seq: np.ndarray | None,
-                 meta: np.ndarray) -> None:
-        sel = np.flatnonzero(keep)
-        if not len(sel):
-            return
+                 meta: np.ndarray) -> list[Sample]:
+        if isinstance(pidx, np.ndarray) and len(pidx) and pidx.min() == pidx.max():
+            pidx = int(pidx[0])
+        if isinstance(didx, np.ndarray) and len(didx) and didx.min() == didx.max():
+            didx = int(didx[0])
+        sel: np.ndarray | slice
+        if keep.all():
+            sel = slice(None)
+        else:
+            sel = np.flatnonzero(keep)
+            if not len(sel):
+                return []
+        parts: list[tuple[tuple[int, int, int], np.ndarray | slice]]
         if isinstance(pidx, np.ndarray) or isinstance(didx, np.ndarray):
+            sel = np.arange(len(keep))[sel]
             p = pidx[sel] if isinstance(pidx, np.ndarray) else np.full(len(sel), pidx)
             d = didx[sel] if isinstance(didx, np.ndarray) else np.full(len(sel), didx)
             combo = p * (1 << 32) + d
-            for c in np.unique(combo).tolist():
-                part = sel[combo == c]
-                self._add((sig, c >> 32, c & 0xFFFFFFFF), part, us, vals, flags, seq, meta)
+            parts = [((sig, c >> 32, c & 0xFFFFFFFF), sel[combo == c]) for c in np.unique(combo).tolist()]
         else:
-            self._add((sig, pidx, didx), sel, us, vals, flags, seq, meta)
+            parts = [((sig, pidx, didx), sel)]
+        return [(key, us[x], vals[x], flags[x], seq[x] if seq is not None else None, meta[x]) for key, x in parts]
 
-    def _add(self, key: tuple[int, int, int], sel: np.ndarray, us: np.ndarray, vals: np.ndarray,
-             flags: np.ndarray, seq: np.ndarray | None, meta: np.ndarray) -> None:
-        g = self.groups.get(key)
-        if g is None:
-            g = self.groups[key] = _Group()
-        g.add(us[sel], vals[sel], flags[sel], seq[sel] if seq is not None else None, meta[sel])
+    def add(self, result: BatchResult) -> None:
+        """Put a mapped batch's samples into the current chunk."""
+        for key, t, v, f, q, m in result.samples:
+            g = self.groups.get(key)
+            if g is None:
+                g = self.groups[key] = _Group()
+            g.add(t, v, f, q, m)
 
     # ------------------------------------------------------------------ output
 
@@ -1415,9 +1477,9 @@ class FileMapper:
         win = g.window
         prefix = short_hash(device_id or "", self.fmt.name, self.kind.kind, s.name, s.system, s.code,
                             str(win or ""))[:15] + "-"
-        parts: list[np.ndarray | bytes] = [prefix.encode(), hex16(t)]
+        parts: list[np.ndarray | bytes] = [prefix.encode(), t]
         if g.seqs:
-            parts += [b"-", hex16(np.concatenate(g.seqs))]
+            parts += [b"-", np.concatenate(g.seqs)]
         unit_display = s.unit_display or self.ctx.units.get(s.column or "") or s.unit
         const = {
             "patient_id": self.patients[pi] if pi < len(self.patients) else None,
@@ -1455,7 +1517,7 @@ class FileMapper:
             const["effective_end_precision"] = const_prec = self._window_precision(win)
             const["effective_start_precision"] = const_prec
         else:
-            if len(set(meta.tolist()) if len(meta) < 64 else np.unique(meta).tolist()) == 1:
+            if meta.min() == meta.max():
                 prec, off = self.tmeta[int(meta[0])]
                 const["effective_start_precision"] = prec
                 const["effective_start_offset"] = off
@@ -1544,8 +1606,9 @@ class FileMapper:
         if self.fmt.device is None:
             return []
         out = []
-        patient = self.patients[0] if len(self.patients) == 1 else None
-        for d in self.devices:
+        patients = [p for p in list(self.patients) if p is not None]
+        patient = patients[0] if len(patients) == 1 else None
+        for d in list(self.devices):
             if d is None:
                 continue
             derived = d == self.derived_device
@@ -1556,7 +1619,7 @@ class FileMapper:
 
     def patient_rows(self) -> list[dict[str, Any]]:
         out = []
-        for i, p in enumerate(self.patients):
+        for i, p in enumerate(list(self.patients)):
             if p is None:
                 continue
             system = self.patient_systems.get(i, self.patient_system)

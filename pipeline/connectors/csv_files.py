@@ -24,7 +24,10 @@ import csv
 import hashlib
 import io
 import logging
+import queue
 import re
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,18 +193,41 @@ def _clean_names(raw: list[str], kind: FileKind) -> list[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+class _Digest:
+    """The file's sha256, computed in a thread of its own while the file is parsed.
+
+    hashlib releases the GIL on large reads, so hashing costs (almost) no time of the
+    mapping thread; `__call__` waits for it where the unit key or an id needs it.
+    """
+
+    def __init__(self, path: Path):
+        self._value: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name="csv-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as fh:
+                self._value = hashlib.file_digest(fh, "sha256").hexdigest()
+        except OSError as e:
+            self._error = e
+
+    def __call__(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | None, device_id: str | None,
                window: int | None, force_raw: bool, chunk_rows: int, seen_devices: set[str]) -> Iterator[Rows | Rejected]:
     ref = str(path)
     try:
-        sha = _sha256(path)
+        digest = _Digest(path)
         pre = _Preamble(path, kind)
-        ctx = FileContext(path, sha, pre.lines, pre.raw_names, pre.names, pre.units)
+        ctx = FileContext(path, digest, pre.lines, pre.raw_names, pre.names, pre.units)
         mapper = FileMapper(fmt, kind, ctx, patient_id=patient_id, device_id=device_id, window=window)
         if force_raw:
             mapper.window = None
@@ -215,66 +241,62 @@ def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | Non
         return
     reader = _BodyReader(path, pre, kind)
     emitted_patients: set[tuple[str | None, str]] = set()
-    chunk_no = 0
-    in_chunk = units = 0
-    first_row = None
+    chunk_no = in_chunk = units = 0
+    first_row: int | None = None
     last_row = 0
-    content = short_hash(sha, fmt.digest, kind.kind, str(mapper.window), patient_id or "", device_id or "")
 
     def flush(final: bool) -> Iterator[Rows]:
         nonlocal chunk_no, in_chunk, units, first_row
         if in_chunk == 0 and not (final and mapper.carry):
             return
-        unit_key = f"csv:{sha}:{chunk_no}"
-        table = mapper.take_chunk(unit_key, final)
+        sha = digest()
+        content = short_hash(sha, fmt.digest, kind.kind, str(mapper.window), patient_id or "", device_id or "")
+        table = mapper.take_chunk(f"csv:{sha}:{chunk_no}", final)
         lines = reader.lines_of(np.array([first_row or 0, last_row]))
         span = f"{ref}:{lines[0]}-{lines[1]}" if in_chunk else ref
-        yield Rows("observation", table, span, units, short_hash(content, str(chunk_no)))
+        if table.num_rows or units:
+            yield Rows("observation", table, span, units, short_hash(content, str(chunk_no)))
         yield from _derived(mapper, fmt, sha, ref, seen_devices, emitted_patients)
         chunk_no += 1
         in_chunk = units = 0
         first_row = None
 
     try:
-        for batch, row0 in reader.batches():
+        for what, piece in reader.pieces(mapper, chunk_rows):
             yield from reader.drain_rejected()
-            pos = 0
-            while pos < batch.num_rows:
-                take = min(batch.num_rows - pos, chunk_rows - in_chunk)
-                part = batch.slice(pos, take)
-                keep = reader.non_blank(part)
-                rows = np.flatnonzero(keep)
-                if len(rows):
-                    sub = part if len(rows) == take else part.take(pa.array(rows))
-                    result = mapper.map_batch(sub)
-                    if first_row is None:
-                        first_row = row0 + pos + int(rows[0])
-                    last_row = row0 + pos + int(rows[-1])
-                    if result.bad:
-                        bad_rows = np.array(sorted(result.bad), np.int64)
-                        lines = reader.lines_of(row0 + pos + rows[bad_rows])
-                        for r, line in zip(bad_rows.tolist(), lines.tolist(), strict=True):
-                            reason, msgs = result.bad[r]
-                            yield Rejected("map", reason, f"line {line}: " + "; ".join(msgs), f"{ref}:{line}",
-                                           payload=_payload(sub, r, reader.delimiter), target_table="observation")
-                    units += len(rows) - len(result.bad)
-                    in_chunk += len(rows)
-                reader.blank_lines += take - len(rows)
-                pos += take
-                if in_chunk >= chunk_rows:
-                    yield from flush(False)
+            if what == "chunk-end":
+                yield from flush(False)
+                continue
+            rows, sub, result = piece
+            mapper.add(result)
+            if first_row is None:
+                first_row = int(rows[0])
+            last_row = int(rows[-1])
+            if result.bad:
+                bad_rows = np.array(sorted(result.bad), np.int64)
+                for r, line in zip(bad_rows.tolist(), reader.lines_of(rows[bad_rows]).tolist(), strict=True):
+                    reason, msgs = result.bad[r]
+                    yield Rejected("map", reason, f"line {line}: " + "; ".join(msgs), f"{ref}:{line}",
+                                   payload=_payload(sub, r, reader.delimiter), target_table="observation")
+            units += len(rows) - len(result.bad)
+            in_chunk += len(rows)
         yield from reader.drain_rejected()
     except (pa.ArrowInvalid, OSError) as e:
         # The reader gave up (it should not after the guard): the rest of the file is one unit.
         yield from reader.drain_rejected()
         log.warning("%s: reading stopped after data line %d (%s)", ref, reader.rows_seen, type(e).__name__)
+        line = reader.lines_of(np.array([reader.rows_seen]))[0]
         yield Rejected("read", "unreadable-rest", f"reading stopped after {reader.rows_seen} data lines; "
-                       "the rest of the file was not read", f"{ref}:{reader.lines_of(np.array([reader.rows_seen]))[0]}-",
-                       payload_ref=ref, target_table="observation")
+                       "the rest of the file was not read", f"{ref}:{line}-", payload_ref=ref,
+                       target_table="observation")
     finally:
         reader.close()
     yield from flush(True)
-    yield from _derived(mapper, fmt, sha, ref, seen_devices, emitted_patients)
+    try:
+        yield from _derived(mapper, fmt, digest(), ref, seen_devices, emitted_patients)
+    except OSError as e:
+        yield Rejected("read", "unreadable-file", f"the file cannot be read ({e.strerror})", ref, payload_ref=ref,
+                       target_table="observation")
 
 
 def _derived(mapper: FileMapper, fmt: Format, sha: str, ref: str, seen_devices: set[str],
@@ -399,80 +421,138 @@ class _GuardedFile(io.RawIOBase):
 
 
 class _BodyReader:
-    """pyarrow's streaming CSV reader over the guarded body, with line numbers and rejected lines."""
+    """pyarrow's streaming CSV reader over the guarded body, with line numbers and rejected lines.
+
+    Parsing and mapping run in a thread of their own (pyarrow and numpy release the
+    GIL) while the caller's thread builds the chunks' tables, so both cores work; the
+    queue between them is bounded, so memory stays flat.
+    """
+
+    AHEAD = 2
 
     def __init__(self, path: Path, pre: _Preamble, kind: FileKind):
         self.path, self.pre, self.kind = path, pre, kind
         self.delimiter = pre.delimiter
         self.invalid: list[int] = []  # body row numbers (1-based) the reader skipped, in order
-        self.rejected: list[Rejected] = []
+        self.rejected: deque[Rejected] = deque()
         self.rows_seen = 0
-        self.blank_lines = 0
         self.footer_lines = 0
-        self._v: np.ndarray | None = None
+        self._v: tuple[int, np.ndarray] = (0, np.zeros(0, np.int64))
         self.fh = open(path, "rb")  # noqa: SIM115 - closed in close()
         self.fh.seek(pre.offset)
         self.guard = _GuardedFile(self.fh, len(pre.names), self.delimiter)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         self.fh.close()
 
     def _invalid_row(self, row: Any) -> str:
         try:
             line = self.pre.first_line + row.number - 1
             self.invalid.append(row.number)
-            self._v = None
             text: str = row.text
             ref = f"{self.path}:{line}"
             if text.startswith(_MARK.decode()):
                 reason, original = self.guard.cut[int(text[len(_MARK):].split(self.delimiter, 1)[0])]
                 what = "longer than 1 MiB" if reason == "line-too-long" else "not UTF-8 text"
-                self.rejected.append(Rejected("read", reason, f"line {line}: {what}", ref, payload=original,
+                self.rejected.append(Rejected("map", reason, f"line {line}: {what}", ref, payload=original,
                                               target_table="observation"))
             elif self.kind.footer is not None and self.kind.footer.search(text):
                 self.footer_lines += 1
             else:
                 self.rejected.append(Rejected(
-                    "read", "ragged-row", f"line {line}: {row.actual_columns} fields where the header has "
+                    "map", "ragged-row", f"line {line}: {row.actual_columns} fields where the header has "
                     f"{row.expected_columns}", ref, payload=text.encode()[:PAYLOAD_LIMIT], target_table="observation"))
         except Exception:  # noqa: BLE001 - an exception here would make pyarrow stop the whole file
             log.exception("%s: could not record a skipped line", self.path)
         return "skip"
 
-    def batches(self) -> Iterator[tuple[pa.RecordBatch, int]]:
-        names = self.pre.names
-        if not names:
+    def _produce(self, out: queue.Queue[tuple[str, Any]], mapper: FileMapper, chunk_rows: int) -> None:
+        """The reader thread: parse, drop blank lines, cut at chunk boundaries, map."""
+        try:
+            names = self.pre.names
+            reader = pacsv.open_csv(
+                self.guard,
+                read_options=pacsv.ReadOptions(column_names=names, block_size=BLOCK, use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False,
+                                                 ignore_empty_lines=False, invalid_row_handler=self._invalid_row),
+                convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
+                                                     strings_can_be_null=True, null_values=[""],
+                                                     quoted_strings_can_be_null=True),
+            )
+            in_chunk = 0
+            for batch in reader:
+                row0 = self.rows_seen
+                self.rows_seen += batch.num_rows
+                pos = 0
+                while pos < batch.num_rows:
+                    take = min(batch.num_rows - pos, chunk_rows - in_chunk)
+                    part = batch.slice(pos, take)
+                    keep = np.flatnonzero(self.non_blank(part))
+                    if len(keep):
+                        sub = part if len(keep) == take else part.take(pa.array(keep))
+                        if not self._put(out, ("piece", (row0 + pos + keep, sub, mapper.map_batch(sub)))):
+                            return
+                        in_chunk += len(keep)
+                    pos += take
+                    if in_chunk >= chunk_rows:
+                        in_chunk = 0
+                        if not self._put(out, ("chunk-end", None)):
+                            return
+            self._put(out, ("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+            self._put(out, ("error", e))
+
+    def _put(self, out: queue.Queue[tuple[str, Any]], item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pieces(self, mapper: FileMapper, chunk_rows: int) -> Iterator[tuple[str, Any]]:
+        """("piece", (reader row numbers, batch, BatchResult)) in file order, and ("chunk-end", None)."""
+        if not self.pre.names:
             return
-        reader = pacsv.open_csv(
-            self.guard,
-            read_options=pacsv.ReadOptions(column_names=names, block_size=BLOCK, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False,
-                                             ignore_empty_lines=False, invalid_row_handler=self._invalid_row),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
-                                                 strings_can_be_null=True, null_values=[""],
-                                                 quoted_strings_can_be_null=True),
-        )
-        for batch in reader:
-            row0 = self.rows_seen
-            self.rows_seen += batch.num_rows
-            yield batch, row0
+        q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.AHEAD)
+        self._thread = threading.Thread(target=self._produce, args=(q, mapper, chunk_rows), name="csv-reader",
+                                        daemon=True)
+        self._thread.start()
+        while True:
+            what, item = q.get()
+            if what == "end":
+                return
+            if what == "error":
+                raise item
+            yield what, item
 
     def drain_rejected(self) -> Iterator[Rejected]:
-        out, self.rejected = self.rejected, []
-        yield from out
+        while self.rejected:
+            yield self.rejected.popleft()
 
     def non_blank(self, batch: pa.RecordBatch) -> np.ndarray:
         """Rows with at least one non-empty field (a blank line is not a unit)."""
         keep = np.zeros(batch.num_rows, bool)
         for col in batch.columns:
+            if not col.null_count:
+                return np.ones(batch.num_rows, bool)
             keep |= ~np.asarray(col.is_null())
-            if keep.all():
-                break
         return keep
 
     def lines_of(self, rows: np.ndarray) -> np.ndarray:
-        """File line numbers of data rows (0-based positions among the rows the reader kept)."""
-        if self._v is None:
-            inv = np.array(self.invalid, np.int64)
-            self._v = inv - 1 - np.arange(len(inv))  # valid rows before each skipped line
-        return self.pre.first_line + rows + np.searchsorted(self._v, rows, side="right")
+        """File line numbers of data rows (0-based positions among the rows the reader kept).
+
+        Lines the reader skipped (ragged, cut, footer) are counted in; rows that come
+        later in the file do not change the answer, so the reader may run ahead.
+        """
+        n = len(self.invalid)
+        if self._v[0] != n:
+            inv = np.array(self.invalid[:n], np.int64)
+            self._v = (n, inv - 1 - np.arange(n))  # valid rows before each skipped line
+        return self.pre.first_line + rows + np.searchsorted(self._v[1], rows, side="right")

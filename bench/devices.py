@@ -1,0 +1,130 @@
+"""Device CSV import speed and memory, beside pyarrow.csv.read_csv of the same file.
+
+    python bench/devices.py                 # 10M lines: speed (best of 3, interleaved) and peak RSS
+    python bench/devices.py --rows 1000000 --repeat 5 --parquet
+
+The machine is shared and noisy, so the two contenders run in turns and the best run
+of each is compared: the ratio is what counts, not the absolute numbers. Peak RSS is
+measured in a fresh process per run (1M and 10M lines) to show that memory stays flat
+with the import while it grows with the file for read_csv, which loads it whole.
+
+"Lines/s" counts CSV data lines for both; the import also writes three observation
+rows per line (heart rate, SpO2, respiratory rate) with ids, codes, units and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import pyarrow.csv as pacsv  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bench.make_device_csv import write  # noqa: E402
+from pipeline.connectors.csv_files import read_csv_logs  # noqa: E402
+from pipeline.devices import output_schema  # noqa: E402
+
+FORMAT = "twinline-vitals"
+
+
+def data_file(rows: int) -> Path:
+    path = HERE / "data" / f"vitals-{rows}.csv"
+    if not path.exists():
+        print(f"generating {path} ...", file=sys.stderr)
+        write(rows, path)
+    return path
+
+
+def baseline(path: Path) -> int:
+    return pacsv.read_csv(path).num_rows
+
+
+def ours(path: Path, parquet: Path | None = None) -> tuple[int, int]:
+    """Read and map the whole file; return (data lines, observation rows)."""
+    lines = rows = 0
+    writer = pq.ParquetWriter(parquet, output_schema("observation")) if parquet else None
+    try:
+        for unit in read_csv_logs([str(path)], format=FORMAT):
+            if unit.table == "observation":
+                lines += unit.units
+                rows += unit.data.num_rows
+                if writer is not None:
+                    writer.write_table(unit.data)
+    finally:
+        if writer is not None:
+            writer.close()
+    return lines, rows
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def child(which: str, path: Path) -> None:
+    """Run one contender in this (fresh) process and print its peak RSS."""
+    seconds, _ = timed(baseline if which == "read_csv" else ours, path)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "rss_mb": rss_mb}))
+
+
+def peak_rss(which: str, path: Path) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", which, "--file", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rss_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--parquet", action="store_true", help="also time the import writing Parquet")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS runs")
+    ap.add_argument("--child", choices=("read_csv", "ours"))
+    ap.add_argument("--file", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.file)
+        return
+    path = data_file(args.rows)
+    ours(data_file(10_000))  # warm up: imports, mapping files, constant blocks
+    runs: dict[str, list[float]] = {"read_csv": [], "import": [], "import+parquet": []}
+    lines = rows = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeat):
+            runs["read_csv"].append(timed(baseline, path)[0])
+            t, (lines, rows) = timed(ours, path)
+            runs["import"].append(t)
+            if args.parquet:
+                runs["import+parquet"].append(timed(ours, path, Path(tmp) / "obs.parquet")[0])
+    best = {k: min(v) for k, v in runs.items() if v}
+    print(f"file: {path.name}, {lines:,} data lines -> {rows:,} observation rows; "
+          f"{os.cpu_count()} cores; best of {args.repeat}, interleaved\n")
+    print("| run | best s | median s | lines/s | vs read_csv |")
+    print("|---|---|---|---|---|")
+    for k, v in runs.items():
+        if v:
+            print(f"| {k} | {best[k]:.2f} | {statistics.median(v):.2f} | {lines / best[k] / 1e6:.2f}M | "
+                  f"{best['read_csv'] / best[k]:.0%} |")
+    if not args.no_rss:
+        print("\n| peak RSS (MB) | read_csv | import |")
+        print("|---|---|---|")
+        for n in sorted({1_000_000, args.rows}):
+            p = data_file(n)
+            print(f"| {n:,} lines | {peak_rss('read_csv', p):.0f} | {peak_rss('ours', p):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
