@@ -714,6 +714,14 @@ class FileContext:
         return self._sidecars[name]
 
 
+def split_fields(line: str, delimiter: str) -> list[str]:
+    """One line's fields, as CSV; a line the csv module refuses (a stray CR) is split plainly."""
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error:
+        return line.split(delimiter)
+
+
 def resolve(src: Source, ctx: FileContext, delimiter: str) -> str | None:
     """The text a file-level source yields for this file (None when it yields nothing)."""
     value: Any = None
@@ -722,7 +730,7 @@ def resolve(src: Source, ctx: FileContext, delimiter: str) -> str | None:
     elif src.kind == "line":
         if src.arg > len(ctx.lines):
             return None
-        fields = next(csv.reader([ctx.lines[src.arg - 1]], delimiter=delimiter), [])
+        fields = split_fields(ctx.lines[src.arg - 1], delimiter)
         value = fields[src.field - 1] if 0 < src.field <= len(fields) else None
     elif src.kind == "path":
         m = src.arg.search(ctx.path.as_posix())
@@ -865,6 +873,13 @@ def _iso_slow(values: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
         except (ValueError, OverflowError):
             bad[i] = True
     return out, bad
+
+
+def to_us(v: np.ndarray, factor: float, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Numbers times a unit in microseconds, as int64; values that cannot be a time are flagged."""
+    scaled = np.where(bad, 0.0, v) * factor
+    bad = bad | ~(np.abs(scaled) < 9e18)  # also NaN and inf
+    return np.round(np.where(bad, 0.0, scaled)).astype(np.int64), bad
 
 
 def local_to_utc(us: np.ndarray, tz: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1129,6 +1144,8 @@ class FileMapper:
         self.rate = 0.0
         if clock.start is not None:
             self.start_us = self._scalar(clock.start, "start time", lambda t: scalar_time(t, clock.start.format, tz))
+            if not EARLIEST_US <= self.start_us < LATEST_US:
+                raise FileProblem("bad-preamble", f"the start time ({clock.start.describe()}) is out of range")
         if clock.rate is not None:
             self.rate = self._scalar(clock.rate, "sample rate", float)
             if not (self.rate > 0 and math.isfinite(self.rate)):
@@ -1180,8 +1197,7 @@ class FileMapper:
             col = batch.column(clock.column)
             if clock.format in EPOCH_FORMATS:
                 v, bad = numbers(col)
-                bad |= np.isnan(v)
-                us = np.round(np.where(bad, 0, v) * EPOCH_FORMATS[clock.format]).astype(np.int64)
+                us, bad = to_us(v, EPOCH_FORMATS[clock.format], bad)
                 local = False
             elif clock.format == "iso8601":
                 us, bad, has_off, offsets = iso_times(col)
@@ -1221,10 +1237,9 @@ class FileMapper:
             h = pc.cast(pc.fill_null(pc.struct_field(parts, [0]), "0"), pa.int64()).to_numpy(zero_copy_only=False)
             m = pc.cast(pc.fill_null(pc.struct_field(parts, [1]), "0"), pa.int64()).to_numpy(zero_copy_only=False)
             sign = np.where(h < 0, -1, 1)
-            return (h * 3600 + sign * m * 60) * 1_000_000, bad
+            return (h * 3600 + sign * m * 60) * 1_000_000, bad  # at most 6 digits of hours: no overflow
         v, bad = numbers(col)
-        bad |= np.isnan(v)
-        return np.round(np.where(bad, 0, v) * ELAPSED_FORMATS[fmt or "s"]).astype(np.int64), bad
+        return to_us(v, ELAPSED_FORMATS[fmt or "s"], bad)
 
     def _time_of_day(self, batch: pa.RecordBatch, clock: Clock) -> tuple[np.ndarray, np.ndarray]:
         n = batch.num_rows
@@ -1245,8 +1260,10 @@ class FileMapper:
                 bad |= b | np.isnan(v)
                 fields.append(np.nan_to_num(v))
         h, m, sec = fields
-        bad |= (h < 0) | (h > 23) | (m < 0) | (m > 59) | (sec < 0) | (sec >= 60) | (h != np.floor(h)) | (m != np.floor(m))
-        tod = np.where(bad, -1, (h * 3600 + m * 60 + sec) * 1_000_000).astype(np.int64)
+        bad |= ~((h >= 0) & (h <= 23) & (m >= 0) & (m <= 59) & (sec >= 0) & (sec < 60)) | (h != np.floor(h)) | \
+            (m != np.floor(m))
+        h, m, sec = (np.where(bad, 0, x) for x in (h, m, sec))
+        tod = np.where(bad, -1, np.round((h * 3600 + m * 60 + sec) * 1_000_000)).astype(np.int64)
         # Midnight rollover: a time earlier than the previous row's is the next day.
         good = np.flatnonzero(~bad)
         day = np.zeros(n, np.int64)
@@ -1284,10 +1301,10 @@ class FileMapper:
             seq = np.zeros(n, np.int64)
             for c in self.kind.id_columns:
                 v, b = numbers(batch.column(c))
-                if (b | np.isnan(v)).any():
-                    problems.append(RowProblem(np.flatnonzero(b | np.isnan(v)), "not-a-number",
-                                               f"{c}: not a number"))
-                seq = seq * 1_000_003 + np.nan_to_num(v).astype(np.int64)
+                b |= ~(np.abs(v) < 9e18)  # blank, NaN or too large for a sample counter
+                if b.any():
+                    problems.append(RowProblem(np.flatnonzero(b), "not-a-number", f"{c}: not a number"))
+                seq = seq * 1_000_003 + np.where(b, 0, v).astype(np.int64)
         streams = self._wide(batch, problems) if self.kind.layout == "wide" else self._long(batch, problems)
         bad_row = np.zeros(n, bool)
         for p in problems:

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import queue
 import re
 import threading
@@ -48,6 +49,7 @@ from ..devices import (
     parse_window,
     short_hash,
     single_row_table,
+    split_fields,
 )
 from ..errors import ConfigError
 from ..units import Rejected, Rows
@@ -169,11 +171,11 @@ class _Preamble:
         self.units: dict[str, str] = {}
         if kind.header:
             header = text[i] if i < len(text) else ""
-            self.raw_names = [h.strip() for h in next(csv.reader([header], delimiter=self.delimiter), [])]
+            self.raw_names = [h.strip() for h in split_fields(header, self.delimiter)]
             self.names = _clean_names(self.raw_names, kind)
             i += 1
         if kind.units_row and i < len(text):
-            units = [u.strip() for u in next(csv.reader([text[i]], delimiter=self.delimiter), [])]
+            units = [u.strip() for u in split_fields(text[i], self.delimiter)]
             self.units = {n: u for n, u in zip(self.names, units, strict=False) if u}
             i += 1
         self.non_data = min(i, len(raw))
@@ -471,19 +473,29 @@ class _BodyReader:
             log.exception("%s: could not record a skipped line", self.path)
         return "skip"
 
+    def _open(self, names: list[str]) -> pacsv.CSVStreamingReader:
+        # Single-threaded parsing: only then does pyarrow tell the handler the line number.
+        return pacsv.open_csv(
+            self.guard,
+            read_options=pacsv.ReadOptions(column_names=names, block_size=BLOCK, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False,
+                                             ignore_empty_lines=False, invalid_row_handler=self._invalid_row),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
+                                                 strings_can_be_null=True, null_values=[""],
+                                                 quoted_strings_can_be_null=True),
+        )
+
     def _produce(self, out: queue.Queue[tuple[str, Any]], mapper: FileMapper, chunk_rows: int) -> None:
         """The reader thread: parse, drop blank lines, cut at chunk boundaries, map."""
         try:
             names = self.pre.names
-            reader = pacsv.open_csv(
-                self.guard,
-                read_options=pacsv.ReadOptions(column_names=names, block_size=BLOCK, use_threads=False),
-                parse_options=pacsv.ParseOptions(delimiter=self.delimiter, newlines_in_values=False,
-                                                 ignore_empty_lines=False, invalid_row_handler=self._invalid_row),
-                convert_options=pacsv.ConvertOptions(column_types={n: pa.binary() for n in names},
-                                                     strings_can_be_null=True, null_values=[""],
-                                                     quoted_strings_can_be_null=True),
-            )
+            try:
+                reader = self._open(names)
+            except pa.ArrowInvalid as e:
+                if "Empty CSV" not in str(e):
+                    raise
+                self._put(out, ("end", None))  # nothing but a byte-order mark or the like after the header
+                return
             in_chunk = 0
             for batch in reader:
                 row0 = self.rows_seen
@@ -518,8 +530,8 @@ class _BodyReader:
 
     def pieces(self, mapper: FileMapper, chunk_rows: int) -> Iterator[tuple[str, Any]]:
         """("piece", (reader row numbers, batch, BatchResult)) in file order, and ("chunk-end", None)."""
-        if not self.pre.names:
-            return
+        if not self.pre.names or os.fstat(self.fh.fileno()).st_size <= self.pre.offset:
+            return  # a header and no data
         q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.AHEAD)
         self._thread = threading.Thread(target=self._produce, args=(q, mapper, chunk_rows), name="csv-reader",
                                         daemon=True)
