@@ -39,7 +39,7 @@ TARGETS = [
     (FIX / "devicely/everion/CsvData_features_EV-EC39-7079-57A8.csv", "everion"),
     (FIX / "physionet/140001.txt", "physionet-2012"), (FIX / "linked/vitals.csv", "twinline-vitals"),
 ]
-REASONS = {"ragged-row", "not-utf8", "line-too-long", "bad-timestamp", "not-a-number", "unknown-parameter",
+REASONS = {"ragged-row", "not-text", "line-too-long", "bad-timestamp", "not-a-number", "unknown-parameter",
            "unknown-code", "value-out-of-limits", "bad-preamble", "bad-sidecar", "missing-column",
            "no-mapped-columns", "unreadable-file"}
 

@@ -1027,7 +1027,7 @@ class _Group:
         return sum(len(t) for t in self.times)
 
 
-_REASON_ORDER = ("bad-timestamp", "not-utf8", "not-a-number", "unknown-parameter", "unknown-code",
+_REASON_ORDER = ("bad-timestamp", "not-a-number", "unknown-parameter", "unknown-code",
                  "value-out-of-limits")
 
 
@@ -1059,7 +1059,6 @@ class FileMapper:
                 raise FileProblem("no-mapped-columns", "none of the columns the mapping maps is in the file")
         else:
             self.signals = list(kind.signals)
-        self.sig_keys = {s.key: i for i, s in enumerate(self.signals)}
         self._time_setup(clock)
         self.patients: list[str | None] = []
         self.devices: list[str | None] = []
@@ -1473,8 +1472,7 @@ class FileMapper:
                 continue
             self._group_columns(key, g, n, cols, types)
             total += n
-        for name in ("unit_key",):
-            cols[name] = constant(unit_key, total, pa.string())
+        cols["unit_key"] = constant(unit_key, total, pa.string())
         cols["row_index"] = [pa.array(np.arange(total, dtype=np.int32))]
         for name, typ in types.items():
             if not cols[name]:
@@ -1613,9 +1611,6 @@ class FileMapper:
                   None, np.full(len(starts), self._meta(self._window_precision(w), None), np.int16))
             out[key] = r
         return out
-
-    def pending(self) -> int:
-        return sum(len(g) for g in self.groups.values())
 
     # ------------------------------------------------------------------ devices and patients seen
 

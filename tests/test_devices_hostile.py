@@ -16,7 +16,7 @@ from tests.test_devices_support import DEVICELY, FIX, Outcome, line_no, run
 
 HEADER = "time,patient_id,device_id,hr,spo2"
 GOOD = "2024-01-01T00:00:{:02d}Z,p1,d1,{},97"
-REASONS = {"ragged-row", "not-utf8", "line-too-long", "bad-timestamp", "not-a-number", "unknown-parameter",
+REASONS = {"ragged-row", "not-text", "line-too-long", "bad-timestamp", "not-a-number", "unknown-parameter",
            "unknown-code", "value-out-of-limits"}
 
 
@@ -45,7 +45,7 @@ def test_binary_junk_is_cut_out_and_the_lines_after_keep_their_numbers(tmp_path)
     junk = b"\xff\xfe\x00\x81garbage,\xc3\x28"
     f = vitals(tmp_path, GOOD.format(0, 70), junk, b"2024-01-01T00:00:02Z,p1,d1,\xff\xff,97", GOOD.format(3, 71))
     out = run([f])
-    assert by_line(out) == {3: "not-utf8", 4: "not-utf8"}
+    assert by_line(out) == {3: "not-text", 4: "not-text"}
     assert out.rejected[0].payload == junk
     assert out.lines == 4 and out.code("8867-4").num_rows == 2
 

@@ -13,7 +13,7 @@ missing is a unit that produces no row); each rejected line is one `Rejected`. A
 that cannot be read at all is one `Rejected` (stage "read"). Device and
 patient_identifier `Rows` are derived from the data and count no units.
 
-Hostile input never stops the batch: lines that are not UTF-8 or longer than
+Hostile input never stops the batch: lines that are not text (not UTF-8, NUL bytes) or longer than
 `MAX_LINE` bytes are cut out of the byte stream before pyarrow sees them (it would
 give up on the whole file) and come back as rejected lines.
 """
@@ -61,6 +61,7 @@ BLOCK = 4 << 20  # pyarrow block size: one record batch per block
 PAYLOAD_LIMIT = 64 << 10  # a rejected line's bytes kept in quarantine up to this size
 HEAD_BYTES = 1 << 20  # the preamble, header and units row must fit in the first MiB
 _MARK = b"\x00twinline-cut:"
+_MARK_TEXT = _MARK.decode()
 _SEP_RE = re.compile(r'^"?sep=(.)"?\s*$')
 
 
@@ -400,26 +401,40 @@ class _GuardedFile(io.RawIOBase):
             self.skipping = True
 
     def _emit(self, data: bytes) -> None:
-        """Append complete lines, cutting a too-long first line and any line that is not UTF-8."""
+        """Append complete lines, cutting a too-long first line and any line that is not text.
+
+        Not text: not UTF-8, or holding a NUL byte (never in a text log, and the marker
+        starts with one, so no input line can pass for a marker).
+        """
         first = data.find(b"\n")
         if (first if first >= 0 else len(data)) > MAX_LINE:
             self.pending += self._marker("line-too-long", data[:first]) + (b"\n" if first >= 0 else b"")
             data = data[first + 1:] if first >= 0 else b""
-        pos = 0
-        while pos < len(data):
+        if b"\x00" not in data:
             try:
-                data[pos:].decode("utf-8")
-            except UnicodeDecodeError as e:
-                err = pos + e.start
-                start = data.rfind(b"\n", 0, err) + 1
-                end = data.find(b"\n", err)
-                end = len(data) if end < 0 else end
-                self.pending += data[pos:start]
-                self.pending += self._marker("not-utf8", data[start:end])
-                pos = end
+                data.decode("utf-8")
+                self.pending += data
+                return
+            except UnicodeDecodeError:
+                pass
+        # Only blocks holding junk get here: look at their lines one by one.
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            end = b"\n" if i < len(lines) - 1 else b""
+            if not line and not end:
                 continue
-            self.pending += data[pos:]
-            return
+            if b"\x00" in line or not _is_utf8(line):
+                self.pending += self._marker("not-text", line) + end
+            else:
+                self.pending += line + end
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class _BodyReader:
@@ -453,14 +468,15 @@ class _BodyReader:
         self.fh.close()
 
     def _invalid_row(self, row: Any) -> str:
+        """pyarrow's handler for a line it cannot use: record why, and skip it (never raise: that stops the file)."""
+        line = self.pre.first_line + row.number - 1
+        self.invalid.append(row.number)
+        ref = f"{self.path}:{line}"
         try:
-            line = self.pre.first_line + row.number - 1
-            self.invalid.append(row.number)
             text: str = row.text
-            ref = f"{self.path}:{line}"
-            if text.startswith(_MARK.decode()):
-                reason, original = self.guard.cut[int(text[len(_MARK):].split(self.delimiter, 1)[0])]
-                what = "longer than 1 MiB" if reason == "line-too-long" else "not UTF-8 text"
+            if text.startswith(_MARK_TEXT):
+                reason, original = self.guard.cut[int(text[len(_MARK_TEXT):].split(self.delimiter, 1)[0])]
+                what = "longer than 1 MiB" if reason == "line-too-long" else "not text (not UTF-8, or NUL bytes)"
                 self.rejected.append(Rejected("map", reason, f"line {line}: {what}", ref, payload=original,
                                               target_table="observation"))
             elif self.kind.footer is not None and self.kind.footer.search(text):
@@ -469,8 +485,10 @@ class _BodyReader:
                 self.rejected.append(Rejected(
                     "map", "ragged-row", f"line {line}: {row.actual_columns} fields where the header has "
                     f"{row.expected_columns}", ref, payload=text.encode()[:PAYLOAD_LIMIT], target_table="observation"))
-        except Exception:  # noqa: BLE001 - an exception here would make pyarrow stop the whole file
-            log.exception("%s: could not record a skipped line", self.path)
+        except Exception:  # noqa: BLE001 - a bug here must not lose the line
+            log.exception("%s: could not classify a skipped line", ref)
+            self.rejected.append(Rejected("map", "ragged-row", f"line {line}: cannot be split into the header's fields",
+                                          ref, target_table="observation"))
         return "skip"
 
     def _open(self, names: list[str]) -> pacsv.CSVStreamingReader:
