@@ -1,7 +1,7 @@
 """Device CSV import speed and memory, beside pyarrow.csv.read_csv of the same file.
 
     python bench/devices.py                 # 10M lines: speed (best of 3, interleaved) and peak RSS
-    python bench/devices.py --rows 1000000 --repeat 5 --parquet
+    python bench/devices.py --rows 1000000 --repeat 5 --parquet --rss 1000000,10000000,20000000
 
 The machine is shared and noisy, so the two contenders run in turns and the best run
 of each is compared: the ratio is what counts, not the absolute numbers. Peak RSS is
@@ -76,8 +76,18 @@ def timed(fn, *args) -> tuple[float, object]:
 def child(which: str, path: Path) -> None:
     """Run one contender in this (fresh) process and print its peak RSS."""
     seconds, _ = timed(baseline if which == "read_csv" else ours, path)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "rss_mb": rss_mb}))
+    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(which: str, path: Path) -> float:
@@ -91,7 +101,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--parquet", action="store_true", help="also time the import writing Parquet")
-    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS runs")
+    ap.add_argument("--rss", default="1000000,10000000",
+                    help="file sizes (lines) whose peak RSS to measure, comma-separated; empty to skip")
     ap.add_argument("--child", choices=("read_csv", "ours"))
     ap.add_argument("--file", type=Path)
     args = ap.parse_args()
@@ -118,10 +129,11 @@ def main() -> None:
         if v:
             print(f"| {k} | {best[k]:.2f} | {statistics.median(v):.2f} | {lines / best[k] / 1e6:.2f}M | "
                   f"{best['read_csv'] / best[k]:.0%} |")
-    if not args.no_rss:
-        print("\n| peak RSS (MB) | read_csv | import |")
+    sizes = sorted({int(x) for x in args.rss.split(",") if x.strip()})
+    if sizes:
+        print("\n| peak RSS (MB), fresh process | read_csv | import |")
         print("|---|---|---|")
-        for n in sorted({1_000_000, args.rows}):
+        for n in sizes:
             p = data_file(n)
             print(f"| {n:,} lines | {peak_rss('read_csv', p):.0f} | {peak_rss('ours', p):.0f} |")
 

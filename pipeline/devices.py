@@ -925,7 +925,7 @@ def fixed_strings(parts: Sequence[np.ndarray | bytes], n: int) -> pa.Array:
             pos += len(p)
         else:
             pairs = np.ascontiguousarray(p, dtype=">i8").view(np.uint16).reshape(n, 4)
-            out[:, pos:pos + 16].view(np.uint32)[:] = _HEX4[pairs]
+            out[:, pos:pos + 16].view(np.uint32)[:] = np.take(_HEX4, pairs)
             pos += 16
     offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
@@ -934,16 +934,23 @@ def fixed_strings(parts: Sequence[np.ndarray | bytes], n: int) -> pa.Array:
 _BLOCK = 1 << 16
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
 def _block(value: Any, typ: pa.DataType) -> pa.Array:
-    if value is None:
-        return pa.nulls(_BLOCK, typ)
-    return pa.array([value] * _BLOCK, typ)
+    return _make_block(value, _BLOCK, typ)
 
 
-def constant(value: Any, n: int, typ: pa.DataType) -> list[pa.Array]:
-    """n copies of one value as chunks that all share one cached block: no memory per row."""
-    block = _block(value, typ)
+def _make_block(value: Any, n: int, typ: pa.DataType) -> pa.Array:
+    return pa.nulls(n, typ) if value is None else pa.array([value] * n, typ)
+
+
+def constant(value: Any, n: int, typ: pa.DataType, *, cache: bool = True) -> list[pa.Array]:
+    """n copies of one value as chunks that all share one block: no memory per row.
+
+    Values of the mapping (codes, units, displays) keep their block across chunks and
+    files (`cache`); per-file values (ids, unit keys) get a block of their own each time,
+    or the cache would grow with the number of files and chunks.
+    """
+    block = _block(value, typ) if cache else _make_block(value, min(n, _BLOCK), typ)
     out = [block] * (n // _BLOCK)
     if n % _BLOCK:
         out.append(block.slice(0, n % _BLOCK))
@@ -1466,13 +1473,13 @@ class FileMapper:
         types = {f.name: f.type for f in schema}
         total = 0
         for key in sorted(groups):
-            g = groups[key]
+            g = groups.pop(key)  # freed once its rows are built: the chunk's peak stays lower
             n = len(g)
             if not n:
                 continue
             self._group_columns(key, g, n, cols, types)
             total += n
-        cols["unit_key"] = constant(unit_key, total, pa.string())
+        cols["unit_key"] = constant(unit_key, total, pa.string(), cache=False)
         cols["row_index"] = [pa.array(np.arange(total, dtype=np.int32))]
         for name, typ in types.items():
             if not cols[name]:
@@ -1523,7 +1530,7 @@ class FileMapper:
         else:
             per_row["value_number"] = pa.array(v, pa.float64())
         if f.any():
-            per_row["quality_flag"] = pa.array(np.where(f, "implausible", None), pa.string())
+            per_row["quality_flag"] = pc.if_else(pa.array(f), pa.scalar("implausible"), pa.scalar(None, pa.string()))
         if win:
             per_row["value_min"] = pa.array(np.concatenate(g.mins), pa.float64())
             per_row["value_max"] = pa.array(np.concatenate(g.maxs), pa.float64())
@@ -1543,7 +1550,7 @@ class FileMapper:
                                                             pa.array(meta))
         for name, value in const.items():
             if name in cols:
-                cols[name].extend(constant(value, n, types[name]))
+                cols[name].extend(constant(value, n, types[name], cache=name not in ("patient_id", "device_id")))
         for name, arr in per_row.items():
             if name in cols:
                 cols[name].append(arr)
