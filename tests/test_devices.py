@@ -179,6 +179,15 @@ def test_two_matching_formats_are_ambiguous_and_listed(custom_mappings):
     assert run([path], format="vitals-copy").observations  # --format settles it
 
 
+def test_find_logs_plans_a_folder_before_reading_and_accept_skips_sidecars():
+    from pipeline.connectors.csv_files import accept, find_logs
+    plan = dict(find_logs([DEVICELY / "faros", FIX / "linked"]))
+    assert plan == {DEVICELY / "faros" / "ACC.csv": "faros/ACC", DEVICELY / "faros" / "HRV.csv": "faros/HRV",
+                    DEVICELY / "faros" / "Marker.csv": "faros/Marker", FIX / "linked" / "vitals.csv": "twinline-vitals/vitals"}
+    assert not accept(DEVICELY / "faros" / "meta.json") and not accept(DEVICELY / "empatica" / "info.txt")
+    assert accept(DEVICELY / "faros" / "ACC.csv")
+
+
 def test_missing_paths_and_unknown_formats_are_usage_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         list(read_csv_logs([str(tmp_path / "nope.csv")]))

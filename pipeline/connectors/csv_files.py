@@ -94,6 +94,24 @@ def read_csv_logs(paths: list[str], *, format: str | None = None, patient_id: st
                               force_raw=force_raw, chunk_rows=chunk_rows, seen_devices=seen_devices)
 
 
+def accept(path: Path) -> bool:
+    """Whether a file found in a folder is for this connector: not hidden, not a file a mapping
+    declares part of an export but not data (info.txt, meta.json). Format detection comes later."""
+    return not path.name.startswith(".") and ignored_by(path, load_formats().values()) is None
+
+
+def find_logs(paths: Sequence[str | Path], format: str | None = None) -> list[tuple[Path, str]]:
+    """Every file read_csv_logs would read, with its "format/kind", before anything is read.
+
+    Raises ConfigError listing every file that no format (or more than one) recognises, every
+    missing path, and an unknown format name: call it first when importing file by file.
+    """
+    formats = load_formats()
+    if format is not None and format not in formats:
+        raise ConfigError(f"unknown device format {format!r}", [f"known formats: {', '.join(sorted(formats))}"])
+    return [(p, f"{k.format}/{k.kind}") for p, k in _plan([str(p) for p in paths], formats, format)]
+
+
 def _plan(paths: Sequence[str], formats: dict[str, Format], name: str | None) -> list[tuple[Path, FileKind]]:
     """Every file to read with its kind; all problems are reported together."""
     problems: list[str] = []
