@@ -1,0 +1,226 @@
+"""DICOM files and folders -> FHIR R4 ImagingStudy, Patient and Device, or Rejected.
+
+A unit is a file. Every file read ends as exactly one of: an instance in an
+ImagingStudy, a duplicate of an instance already read (same SOP Instance UID, same
+metadata), a DICOMDIR, or a Rejected. `counts` says how many of each, so that
+read = instances + duplicates + dicomdirs + rejected can be checked.
+
+Instances of one study may lie in many folders, so nothing can be mapped before the
+walk ends. Records wait in a private temporary SQLite file (the stdlib's `connect("")`),
+not in memory: memory is bounded by one study, whatever the number of files. The
+spool also finds duplicate SOP Instance UIDs across the whole input and remembers which
+files were read, for the DICOMDIRs: a DICOMDIR counts as read but is not an instance;
+the files it lists that the walk did not see are read after the walk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..dicom import Directory, read_file
+from ..dicom_fhir import SOP_UID, STUDY_UID, DicomMapping, SeenResources
+from ..units import Rejected, Resource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DicomCounts:
+    """What became of the units read (files, and DICOMDIR entries naming a missing file)."""
+
+    read: int = 0
+    instances: int = 0   # instances in the ImagingStudies produced
+    duplicates: int = 0  # files holding an instance already read, with the same metadata
+    dicomdirs: int = 0
+    rejected: int = 0
+    resources: int = 0   # FHIR resources produced (not units: a study gives several)
+    studies: int = 0
+
+    def reconciles(self) -> bool:
+        return self.read == self.instances + self.duplicates + self.dicomdirs + self.rejected
+
+
+def walk(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files named directly, and every file below named folders (sorted, hidden ones skipped).
+
+    os.walk streams one folder at a time: a million files do not become one list.
+    """
+    for p in paths:
+        p = Path(p)
+        if not p.is_dir():
+            yield p
+            continue
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith("."):
+                    yield Path(root, name)
+
+
+class DicomFiles:
+    """The units of a set of DICOM files and folders. Iterate once; `counts` fills as it goes."""
+
+    def __init__(self, paths: Iterable[str | Path], mapping: DicomMapping):
+        self.paths = [Path(p) for p in paths]
+        self.mapping = mapping
+        self.counts = DicomCounts()
+        self._units: Iterator[Resource | Rejected] | None = None
+        self._seen = SeenResources()
+
+    def __iter__(self) -> DicomFiles:
+        return self
+
+    def __next__(self) -> Resource | Rejected:
+        if self._units is None:
+            self._units = self._run()
+        return next(self._units)
+
+    def _run(self) -> Iterator[Resource | Rejected]:
+        with _Spool() as spool:
+            for path in walk(self.paths):
+                yield from self._file(path, spool)
+            for path in spool.unread_references():
+                if path.is_file():
+                    yield from self._file(path, spool)
+                else:
+                    self.counts.read += 1
+                    yield self._reject(Rejected("read", "dicomdir-missing-file", "a DICOMDIR lists this file but it "
+                                                "does not exist: copy the whole media again", str(path)))
+            for instances in spool.studies():
+                yield from self._study(instances)
+
+    def _file(self, path: Path, spool: _Spool) -> Iterator[Resource | Rejected]:
+        if not spool.first_read(path):
+            return  # named twice (a folder and a file in it, or a DICOMDIR entry already walked)
+        self.counts.read += 1
+        ref = str(path)
+        result = read_file(path, self.mapping.wanted)
+        if isinstance(result, Rejected):
+            yield self._reject(result)
+        elif isinstance(result, Directory):
+            self.counts.dicomdirs += 1
+            spool.add_references(result.references)
+            for i in range(result.bad_references):
+                self.counts.read += 1
+                yield self._reject(Rejected("parse", "dicomdir-bad-reference", "a DICOMDIR record names a file outside "
+                                            "its folder or with an invalid Referenced File ID: not followed",
+                                            f"{ref}#bad-reference[{i}]", payload_ref=ref))
+        else:
+            problem = self.mapping.admit(result.record, ref)
+            if problem is not None:
+                yield self._reject(problem)
+                return
+            other = spool.add_instance(result.record, ref)
+            if other is None:
+                return
+            if other[1]:
+                self.counts.duplicates += 1
+            else:
+                yield self._reject(Rejected("map", "duplicate-sop-instance", f"the file {other[0]} holds the same SOP "
+                                            "Instance UID with other metadata: the first one read is kept; fix the "
+                                            "other", ref, payload_ref=ref))
+
+    def _study(self, instances: list[tuple[dict[str, Any], str]]) -> Iterator[Resource | Rejected]:
+        try:
+            units = self.mapping.map_study(instances)
+        except Exception as e:  # noqa: BLE001 - a mapping bug must not stop the other studies
+            log.error("mapping study %s failed (%s): its instances go to quarantine", instances[0][0][STUDY_UID],
+                      type(e).__name__)
+            units = [Rejected("map", "mapping-failed", f"mapping the study failed ({type(e).__name__}): report it",
+                              ref, payload_ref=ref) for _, ref in instances]
+        for unit in units:
+            if isinstance(unit, Rejected):
+                yield self._reject(unit)
+                continue
+            res = unit.resource
+            if res["resourceType"] == "ImagingStudy":
+                self.counts.studies += 1
+                self.counts.instances += res["numberOfInstances"]
+            elif not self._seen.fresh(res):
+                continue
+            self.counts.resources += 1
+            yield unit
+
+    def _reject(self, unit: Rejected) -> Rejected:
+        self.counts.rejected += 1
+        return unit
+
+
+class _Spool:
+    """Instances waiting for the end of the walk, in a temporary SQLite file.
+
+    Keyed by SOP Instance UID: a second file with the same instance is a duplicate when
+    its record is the same, a conflict otherwise. Read back study by study.
+    """
+
+    def __enter__(self) -> _Spool:
+        self.db = sqlite3.connect("")  # a private temporary file, deleted when closed
+        self.db.executescript("""
+            PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;
+            CREATE TABLE files (path TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE refs (path TEXT PRIMARY KEY, n INTEGER) WITHOUT ROWID;
+            CREATE TABLE instances (sop TEXT PRIMARY KEY, study TEXT, record BLOB, ref TEXT);
+            CREATE INDEX by_study ON instances (study);
+        """)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+
+    def first_read(self, path: Path) -> bool:
+        key = os.path.realpath(path)
+        return self.db.execute("INSERT OR IGNORE INTO files VALUES (?)", (key,)).rowcount == 1
+
+    def add_references(self, paths: Iterable[Path]) -> None:
+        n = self.db.execute("SELECT COUNT(*) FROM refs").fetchone()[0]
+        self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
+                            ((str(p), n + i) for i, p in enumerate(paths)))
+
+    def unread_references(self) -> Iterator[Path]:
+        rows = self.db.execute("SELECT path FROM refs ORDER BY n").fetchall()  # paths only: small
+        for (path,) in rows:
+            if self.db.execute("SELECT 1 FROM files WHERE path = ?", (os.path.realpath(path),)).fetchone() is None:
+                yield Path(path)
+
+    def add_instance(self, record: dict[str, Any], ref: str) -> tuple[str, bool] | None:
+        """None when new; else (the other file, whether the metadata is the same)."""
+        blob = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+        try:
+            self.db.execute("INSERT INTO instances VALUES (?, ?, ?, ?)", (record[SOP_UID], record[STUDY_UID], blob, ref))
+            return None
+        except sqlite3.IntegrityError:
+            other_blob, other_ref = self.db.execute("SELECT record, ref FROM instances WHERE sop = ?",
+                                                    (record[SOP_UID],)).fetchone()
+            return other_ref, other_blob == blob
+
+    def studies(self) -> Iterator[list[tuple[dict[str, Any], str]]]:
+        rows = self.db.execute("SELECT study, record, ref FROM instances ORDER BY study")
+        for _, group in itertools.groupby(rows, key=lambda row: row[0]):
+            yield [(orjson.loads(blob), ref) for _, blob, ref in group]
+
+
+def read_dicom(paths: list[str] | list[Path], *, patient_rule: str | None = None,
+               mapping: str | Path | DicomMapping | None = None, timezone: str | None = None) -> DicomFiles:
+    """FHIR resources (and Rejected units) from DICOM files and folders.
+
+    `patient_rule`: how to link files without Patient ID: `patient_id_from=<Keyword>` or
+    `patient_id=<id>`; without one such files are rejected (`no-patient-id`).
+    `mapping`: another mapping file than mappings/dicom/fhir-r4.toml. `timezone`: the IANA
+    zone of the files' local times (overrides the mapping's setting). Raises ConfigError
+    for a bad mapping or rule, before reading anything.
+    """
+    if not isinstance(mapping, DicomMapping):
+        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone)
+    return DicomFiles(paths, mapping)
+
+
+__all__ = ["DicomCounts", "DicomFiles", "read_dicom", "walk"]
