@@ -332,6 +332,9 @@ def read_file(path: Path, wanted: Wanted) -> Instance | Directory | Rejected:
                 problem = _truncation(ds, guard, f, size)
                 if problem:
                     return _reject("truncated", f"the file is cut short ({problem}): copy it again from its source", ref)
+                if len(ds) == 0 and not force and not _has_dataset(ds, size):
+                    return _reject("no-dataset", "the file holds no data set after its header: it is cut short "
+                                   "or not an instance", ref)
                 sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
                 if sop_class == DICOMDIR_SOP_CLASS:
                     return _directory(ds, path)
@@ -480,6 +483,16 @@ def _pixel_data_complete(f: Any, size: int, ds: Any) -> bool:
             return False
         f.seek(length, 1)
     return False
+
+
+def _has_dataset(ds: Any, size: int) -> bool:
+    """Is there anything after the file meta information? (The dataset read holds only the
+    wanted attributes, so an empty one may still be a real dataset.)"""
+    meta = getattr(ds, "file_meta", None)
+    length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
+    if not isinstance(length, int):
+        return size > 128 + 4 + 8 * len(meta or ())  # no group length: a rough bound is all there is
+    return size > 128 + 4 + 12 + length
 
 
 def _directory(ds: Any, path: Path) -> Directory:

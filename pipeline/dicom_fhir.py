@@ -91,7 +91,9 @@ Converter = Callable[[list[Any], Tables, Any], Any]
 
 
 def _first(v: Any) -> Any:
-    return v[0] if isinstance(v, list) else v
+    if isinstance(v, list):
+        return v[0] if v else None
+    return v
 
 
 def _text(v: Any) -> str | None:
@@ -559,9 +561,11 @@ class DicomMapping:
             if linked is None:
                 if bad:
                     return self._missing(bad, ref)
-                return Rejected("map", "no-patient-id", "the instance has no Patient ID (0010,0020) and no linking "
-                                "rule names its patient: give patient_rule (patient_id_from=<keyword> or "
-                                "patient_id=<id>) or fix the file", ref, payload_ref=ref)
+                why = (f"the linking rule's attribute {self.patient_from} is empty too" if self.patient_from else
+                       "no linking rule names its patient: give patient_rule (patient_id_from=<keyword> or "
+                       "patient_id=<id>)")
+                return Rejected("map", "no-patient-id", f"the instance has no Patient ID (0010,0020) and {why}; "
+                                "or fix the file", ref, payload_ref=ref)
             rec[PATIENT_ID] = linked
         missing: list[str] = []
         for section in self._admit:
