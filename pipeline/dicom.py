@@ -23,12 +23,13 @@ attributes a mapping names are converted (NOTES.md: conversion is the cost).
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 import warnings
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,6 @@ from .units import Rejected
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (PS3.4 Annex F)
 DEFLATED = "1.2.840.10008.1.2.1.99"
-SPECIFIC_CHARACTER_SET = 0x00080005
-DIRECTORY_RECORD_SEQUENCE = 0x00041220
 PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 # Value representations whose values are numbers in the DICOM JSON model (PS3.18 F.2.3).
 _NUMBER_VRS = frozenset({"IS", "DS", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"})
@@ -80,10 +79,9 @@ class Attr:
 
 @dataclass(frozen=True)
 class Wanted:
-    """The attributes a mapping needs, compiled once: a tree, and the tags for pydicom."""
+    """The attributes a mapping needs, compiled once into a tree."""
 
     attrs: tuple[Attr, ...]
-    tags: frozenset[int] = field(default_factory=frozenset)
 
     @classmethod
     def of(cls, paths: Iterable[str]) -> Wanted:
@@ -93,16 +91,7 @@ class Wanted:
             node = tree
             for part in path.split("/"):
                 node = node.setdefault(part.strip(), {})
-        attrs = _compile(tree, top=True)
-        tags = {SPECIFIC_CHARACTER_SET, DIRECTORY_RECORD_SEQUENCE}
-        for a in attrs:
-            if a.creator is None:
-                tags.add(a.tag)
-            else:  # the creator may have reserved any block of the group (PS3.5 7.8.1)
-                group = a.tag >> 16
-                tags.update((group << 16) | block for block in range(0x10, 0x100))
-                tags.update((group << 16) | (block << 8) | (a.tag & 0xFF) for block in range(0x10, 0x100))
-        return cls(attrs, frozenset(tags))
+        return cls(_compile(tree, top=True))
 
 
 def _compile(tree: dict[str, dict], top: bool) -> tuple[Attr, ...]:
@@ -297,18 +286,18 @@ class Instance:
 class Directory:
     """A DICOMDIR (PS3.10 8.6): a directory of other files, not an instance."""
 
-    references: tuple[Path, ...]
+    references: tuple[str, ...]
     bad_references: int
 
 
-def read_file(path: Path, wanted: Wanted) -> Instance | Directory | Rejected:
+def read_file(path: str | Path, wanted: Wanted) -> Instance | Directory | Rejected:
     """Read the metadata of one file, or say why it cannot be used. Never raises for bad input.
 
     The message of a Rejected names the file and the problem, never a value from it.
     """
-    ref = str(path)
+    ref = os.fspath(path)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally
+        f = open(ref, "rb")  # noqa: SIM115 - closed in finally
     except OSError as e:
         return Rejected("read", "unreadable-file", f"cannot open the file ({e.strerror})", ref, payload_ref=ref)
     try:
@@ -324,20 +313,19 @@ def read_file(path: Path, wanted: Wanted) -> Instance | Directory | Rejected:
             return _reject("not-dicom", "not a DICOM file: no 'DICM' after the 128-byte preamble, and the first "
                            "bytes are not the start of a dataset", ref)
         f.seek(0)
-        guard = _TruncationGuard(f)
         with warnings.catch_warnings(), _lenient_reading():
             warnings.simplefilter("ignore")
             try:
-                ds = pydicom.dcmread(guard, stop_before_pixels=True, force=force, specific_tags=list(wanted.tags))
-                problem = _truncation(ds, guard, f, size)
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=force)
+                if len(ds) == 0:
+                    return _reject("no-dataset", "the file holds no data element after its header: it is cut "
+                                   "short or not an instance", ref)
+                problem = _truncation(ds, f, size)
                 if problem:
                     return _reject("truncated", f"the file is cut short ({problem}): copy it again from its source", ref)
-                if len(ds) == 0 and not force and not _has_dataset(ds, size):
-                    return _reject("no-dataset", "the file holds no data set after its header: it is cut short "
-                                   "or not an instance", ref)
                 sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
                 if sop_class == DICOMDIR_SOP_CLASS:
-                    return _directory(ds, path)
+                    return _directory(ds, ref)
                 record = dataset_record(ds, wanted.attrs)
                 ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
                 return Instance(record, str(ts) if ts else None)
@@ -409,47 +397,37 @@ class _lenient_reading:
         pydicom_config.settings.reading_validation_mode = self.saved
 
 
-class _TruncationGuard:
-    """A file object that notices a read cut short by the end of the file.
+def _truncation(ds: Any, f: Any, size: int) -> str | None:
+    """Why the dataset just read is incomplete, or None when it is whole.
 
-    pydicom ends a dataset quietly when fewer bytes than a header are left, and takes a
-    short value as it comes: a read that returns some but not all bytes asked for is the
-    sign of a file cut short.
+    pydicom ends a dataset quietly at the end of the file, even inside an element. But a
+    read can only come up short at the end of the file, so only the last element can be
+    cut: it must end exactly at the end of the file (a defined length), or the file must
+    end with the delimiter of its sequence (an undefined length). Reading stopped earlier
+    at the pixel data, whose declared length is then checked against what is left.
     """
-
-    __slots__ = ("_read", "short", "name", "seek", "tell")
-
-    def __init__(self, f: Any):
-        self._read = f.read
-        self.seek = f.seek  # bound directly: pydicom calls tell() for every element
-        self.tell = f.tell
-        self.short = False
-        self.name = getattr(f, "name", None)
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._read(n)
-        if n is not None and 0 < len(data) < n:
-            self.short = True
-        return data
-
-
-def _truncation(ds: Any, guard: _TruncationGuard, f: Any, size: int) -> str | None:
-    """Why the dataset just read is incomplete, or None when it is whole."""
-    if guard.short:
-        return "a data element is incomplete"
-    for elem in ds.values():  # raw elements still hold their bytes and declared length
-        length = getattr(elem, "length", None)
-        value = getattr(elem, "value", None)
-        if isinstance(value, bytes) and length is not None and length != 0xFFFFFFFF and len(value) != length:
-            return "a data element is incomplete"
-    if hasattr(ds, "file_meta") and ds.file_meta.get("TransferSyntaxUID") == DEFLATED:
+    meta = getattr(ds, "file_meta", None)
+    group_length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
+    if isinstance(group_length, int) and 128 + 4 + 12 + group_length > size:
+        return "the file meta information is incomplete"
+    if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED:
         return None  # pydicom inflated the rest of the file at once; zlib notices a cut
     pos = f.tell()
     if pos > size:
         return "a data element extends past the end"
-    if pos < size and not _pixel_data_complete(f, size, ds):
-        return "the pixel data is shorter than declared"
-    return None
+    if pos < size:
+        return None if _pixel_data_complete(f, size, ds) else "the pixel data is shorter than declared"
+    last = next(reversed(ds.values()), None)  # raw elements, in file order
+    value_tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if value_tell is None or length is None:
+        return None
+    if length != 0xFFFFFFFF:
+        return None if value_tell + length == size else "the last data element is incomplete"
+    f.seek(size - 8)
+    tail = f.read(8)
+    if tail in (b"\xfe\xff\xdd\xe0\0\0\0\0", b"\xff\xfe\xe0\xdd\0\0\0\0"):
+        return None
+    return "a sequence is not closed"
 
 
 def _pixel_data_complete(f: Any, size: int, ds: Any) -> bool:
@@ -485,22 +463,13 @@ def _pixel_data_complete(f: Any, size: int, ds: Any) -> bool:
     return False
 
 
-def _has_dataset(ds: Any, size: int) -> bool:
-    """Is there anything after the file meta information? (The dataset read holds only the
-    wanted attributes, so an empty one may still be a real dataset.)"""
-    meta = getattr(ds, "file_meta", None)
-    length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
-    if not isinstance(length, int):
-        return size > 128 + 4 + 8 * len(meta or ())  # no group length: a rough bound is all there is
-    return size > 128 + 4 + 12 + length
-
-
-def _directory(ds: Any, path: Path) -> Directory:
+def _directory(ds: Any, path: str) -> Directory:
     """The files a DICOMDIR lists, relative to its folder. A Referenced File ID component
     that could leave that folder (`..`, separators) is counted as bad, never followed."""
-    refs: list[Path] = []
+    folder = os.path.dirname(path)
+    refs: list[str] = []
     bad = 0
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for item in ds.get("DirectoryRecordSequence", None) or ():
         file_id = item.get("ReferencedFileID")
         if file_id is None:
@@ -509,7 +478,7 @@ def _directory(ds: Any, path: Path) -> Directory:
         if not parts or not all(_FILE_ID.fullmatch(p) for p in parts):
             bad += 1
             continue
-        target = path.parent.joinpath(*parts)
+        target = os.path.join(folder, *parts)
         if target not in seen:
             seen.add(target)
             refs.append(target)

@@ -107,7 +107,7 @@ def test_gb18030_decodes(mapping):
 
 @pytest.mark.parametrize("name, problem", [
     ("MR_truncated.dcm", "pixel data"),
-    ("rtplan_truncated.dcm", "past the end"),
+    ("rtplan_truncated.dcm", "last data element"),
 ])
 def test_truncated_files_are_rejected(mapping, name, problem):
     r = read(PD / name, mapping)
@@ -181,7 +181,7 @@ def test_dicomdir_lists_its_files(mapping):
     r = read(PD / "dicomdirtests" / "DICOMDIR", mapping)
     assert isinstance(r, Directory)
     assert len(r.references) == 31 and r.bad_references == 0
-    assert all(p.is_file() for p in r.references)
+    assert all(Path(p).is_file() for p in r.references)
 
 
 # --------------------------------------------------------------------------- records: files = DICOM JSON

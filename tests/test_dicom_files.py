@@ -169,7 +169,7 @@ def test_walk_is_sorted_streams_and_skips_hidden(tmp_path):
         (tmp_path / name / "f2").write_bytes(b"")
         (tmp_path / name / "f1").write_bytes(b"")
     (tmp_path / "a" / ".x").write_bytes(b"")
-    found = [p.relative_to(tmp_path).as_posix() for p in walk([tmp_path])]
+    found = [Path(p).relative_to(tmp_path).as_posix() for p in walk([tmp_path])]
     assert found == ["a/f1", "a/f2", "b/f1", "b/f2"]
 
 

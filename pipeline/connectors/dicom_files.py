@@ -49,28 +49,29 @@ class DicomCounts:
         return self.read == self.instances + self.duplicates + self.dicomdirs + self.rejected
 
 
-def walk(paths: Iterable[str | Path]) -> Iterator[Path]:
+def walk(paths: Iterable[str | Path]) -> Iterator[str]:
     """Files named directly, and every file below named folders (sorted, hidden ones skipped).
 
-    os.walk streams one folder at a time: a million files do not become one list.
+    os.walk streams one folder at a time: a million files do not become one list. Paths
+    are plain strings: pathlib interns every name it parses, and that table only grows.
     """
     for p in paths:
-        p = Path(p)
-        if not p.is_dir():
+        p = os.fspath(p)
+        if not os.path.isdir(p):
             yield p
             continue
         for root, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if not name.startswith("."):
-                    yield Path(root, name)
+                    yield os.path.join(root, name)
 
 
 class DicomFiles:
     """The units of a set of DICOM files and folders. Iterate once; `counts` fills as it goes."""
 
     def __init__(self, paths: Iterable[str | Path], mapping: DicomMapping):
-        self.paths = [Path(p) for p in paths]
+        self.paths = list(paths)
         self.mapping = mapping
         self.counts = DicomCounts()
         self._units: Iterator[Resource | Rejected] | None = None
@@ -89,7 +90,7 @@ class DicomFiles:
             for path in walk(self.paths):
                 yield from self._file(path, spool)
             for path in spool.unread_references():
-                if path.is_file():
+                if os.path.isfile(path):
                     yield from self._file(path, spool)
                 else:
                     self.counts.read += 1
@@ -98,11 +99,11 @@ class DicomFiles:
             for instances in spool.studies():
                 yield from self._study(instances)
 
-    def _file(self, path: Path, spool: _Spool) -> Iterator[Resource | Rejected]:
+    def _file(self, path: str, spool: _Spool) -> Iterator[Resource | Rejected]:
         if not spool.first_read(path):
             return  # named twice (a folder and a file in it, or a DICOMDIR entry already walked)
         self.counts.read += 1
-        ref = str(path)
+        ref = path
         result = read_file(path, self.mapping.wanted)
         if isinstance(result, Rejected):
             yield self._reject(result)
@@ -176,20 +177,20 @@ class _Spool:
     def __exit__(self, *exc: object) -> None:
         self.db.close()
 
-    def first_read(self, path: Path) -> bool:
+    def first_read(self, path: str) -> bool:
         key = os.path.realpath(path)
         return self.db.execute("INSERT OR IGNORE INTO files VALUES (?)", (key,)).rowcount == 1
 
-    def add_references(self, paths: Iterable[Path]) -> None:
+    def add_references(self, paths: Iterable[str]) -> None:
         n = self.db.execute("SELECT COUNT(*) FROM refs").fetchone()[0]
         self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
-                            ((str(p), n + i) for i, p in enumerate(paths)))
+                            ((p, n + i) for i, p in enumerate(paths)))
 
-    def unread_references(self) -> Iterator[Path]:
+    def unread_references(self) -> Iterator[str]:
         rows = self.db.execute("SELECT path FROM refs ORDER BY n").fetchall()  # paths only: small
         for (path,) in rows:
             if self.db.execute("SELECT 1 FROM files WHERE path = ?", (os.path.realpath(path),)).fetchone() is None:
-                yield Path(path)
+                yield path
 
     def add_instance(self, record: dict[str, Any], ref: str) -> tuple[str, bool] | None:
         """None when new; else (the other file, whether the metadata is the same)."""
