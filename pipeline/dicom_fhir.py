@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 import tomllib
 from collections import OrderedDict
@@ -36,6 +37,7 @@ from .errors import ConfigError
 from .resources import mappings_dir
 from .units import Rejected, Resource
 
+log = logging.getLogger(__name__)
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 EN_REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
@@ -810,6 +812,82 @@ def _csv(path: Path) -> Iterator[dict[str, str]]:
         raise ConfigError(f"the mapping table {path} cannot be read ({e.strerror})") from None
 
 
+@dataclass
+class DicomCounts:
+    """What became of the units a DICOM connector read (files, or instance metadata).
+
+    Every unit read ends as exactly one of: an instance of an ImagingStudy produced, a
+    duplicate of an instance already read (same SOP Instance UID, same metadata), a
+    DICOMDIR, or a Rejected. `resources` counts FHIR resources produced (not units: a
+    study gives several); `requests` and `retries` are DICOMweb's.
+    """
+
+    read: int = 0
+    instances: int = 0
+    duplicates: int = 0
+    dicomdirs: int = 0
+    rejected: int = 0
+    resources: int = 0
+    studies: int = 0
+    requests: int = 0
+    retries: int = 0
+
+    def reconciles(self) -> bool:
+        return self.read == self.instances + self.duplicates + self.dicomdirs + self.rejected
+
+
+class DicomSource:
+    """The units of one DICOM source (files, a DICOMweb service): an iterator that does its
+    work lazily, filling `counts` as it goes. Subclasses write `_run`."""
+
+    def __init__(self, mapping: DicomMapping, counts: DicomCounts | None = None):
+        self.mapping = mapping
+        self.counts = counts or DicomCounts()
+        self._seen = SeenResources()
+        self._units: Iterator[Resource | Rejected] | None = None
+
+    def __iter__(self) -> DicomSource:
+        return self
+
+    def __next__(self) -> Resource | Rejected:
+        if self._units is None:
+            self._units = self._run()
+        return next(self._units)
+
+    def _run(self) -> Iterator[Resource | Rejected]:
+        raise NotImplementedError
+
+    def _study(self, instances: list[tuple[dict[str, Any], str]]) -> Iterator[Resource | Rejected]:
+        return emit_study(self.mapping, instances, self.counts, self._seen)
+
+
+def emit_study(mapping: DicomMapping, instances: list[tuple[dict[str, Any], str]], counts: DicomCounts,
+               seen: SeenResources) -> Iterator[Resource | Rejected]:
+    """Map one study and yield its units, counting them; a Patient or Device already sent
+    unchanged is not sent again. A mapping bug sends the study's instances to quarantine
+    (`mapping-failed`) instead of stopping the other studies."""
+    try:
+        units = mapping.map_study(instances)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.error("mapping study %s failed (%s): its instances go to quarantine", instances[0][0][STUDY_UID],
+                  type(e).__name__)
+        units = [Rejected("map", "mapping-failed", f"mapping the study failed ({type(e).__name__}): report it",
+                          ref, payload_ref=ref) for _, ref in instances]
+    for unit in units:
+        if isinstance(unit, Rejected):
+            counts.rejected += 1
+            yield unit
+            continue
+        res = unit.resource
+        if res["resourceType"] == "ImagingStudy":
+            counts.studies += 1
+            counts.instances += res["numberOfInstances"]
+        elif not seen.fresh(res):
+            continue
+        counts.resources += 1
+        yield unit
+
+
 class SeenResources:
     """Remembers the last Patients and Devices emitted, so that a patient with many studies
     is not sent again unchanged each time. Bounded: forgetting only costs a repeat, which
@@ -832,4 +910,5 @@ class SeenResources:
         return True
 
 
-__all__ = ["CONVERTERS", "DicomMapping", "SECTIONS", "SeenResources", "stable_id", "valid_uid"]
+__all__ = ["CONVERTERS", "DicomCounts", "DicomMapping", "DicomSource", "SECTIONS", "SeenResources", "emit_study", "stable_id",
+           "valid_uid"]

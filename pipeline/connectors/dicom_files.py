@@ -1,9 +1,7 @@
 """DICOM files and folders -> FHIR R4 ImagingStudy, Patient and Device, or Rejected.
 
-A unit is a file. Every file read ends as exactly one of: an instance in an
-ImagingStudy, a duplicate of an instance already read (same SOP Instance UID, same
-metadata), a DICOMDIR, or a Rejected. `counts` says how many of each, so that
-read = instances + duplicates + dicomdirs + rejected can be checked.
+A unit is a file. `counts` (pipeline.dicom_fhir.DicomCounts) says what became of each,
+so that read = instances + duplicates + dicomdirs + rejected can be checked.
 
 Instances of one study may lie in many folders, so nothing can be mapped before the
 walk ends. Records wait in a private temporary SQLite file (the stdlib's `connect("")`),
@@ -16,37 +14,17 @@ the files it lists that the walk did not see are read after the walk.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..dicom import Directory, read_file
-from ..dicom_fhir import SOP_UID, STUDY_UID, DicomMapping, SeenResources
+from ..dicom_fhir import SOP_UID, STUDY_UID, DicomCounts, DicomMapping, DicomSource
 from ..units import Rejected, Resource
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class DicomCounts:
-    """What became of the units read (files, and DICOMDIR entries naming a missing file)."""
-
-    read: int = 0
-    instances: int = 0   # instances in the ImagingStudies produced
-    duplicates: int = 0  # files holding an instance already read, with the same metadata
-    dicomdirs: int = 0
-    rejected: int = 0
-    resources: int = 0   # FHIR resources produced (not units: a study gives several)
-    studies: int = 0
-
-    def reconciles(self) -> bool:
-        return self.read == self.instances + self.duplicates + self.dicomdirs + self.rejected
 
 
 def walk(paths: Iterable[str | Path]) -> Iterator[str]:
@@ -67,23 +45,12 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
                     yield os.path.join(root, name)
 
 
-class DicomFiles:
+class DicomFiles(DicomSource):
     """The units of a set of DICOM files and folders. Iterate once; `counts` fills as it goes."""
 
     def __init__(self, paths: Iterable[str | Path], mapping: DicomMapping):
+        super().__init__(mapping)
         self.paths = list(paths)
-        self.mapping = mapping
-        self.counts = DicomCounts()
-        self._units: Iterator[Resource | Rejected] | None = None
-        self._seen = SeenResources()
-
-    def __iter__(self) -> DicomFiles:
-        return self
-
-    def __next__(self) -> Resource | Rejected:
-        if self._units is None:
-            self._units = self._run()
-        return next(self._units)
 
     def _run(self) -> Iterator[Resource | Rejected]:
         with _Spool() as spool:
@@ -129,27 +96,6 @@ class DicomFiles:
                 yield self._reject(Rejected("map", "duplicate-sop-instance", f"the file {other[0]} holds the same SOP "
                                             "Instance UID with other metadata: the first one read is kept; fix the "
                                             "other", ref, payload_ref=ref))
-
-    def _study(self, instances: list[tuple[dict[str, Any], str]]) -> Iterator[Resource | Rejected]:
-        try:
-            units = self.mapping.map_study(instances)
-        except Exception as e:  # noqa: BLE001 - a mapping bug must not stop the other studies
-            log.error("mapping study %s failed (%s): its instances go to quarantine", instances[0][0][STUDY_UID],
-                      type(e).__name__)
-            units = [Rejected("map", "mapping-failed", f"mapping the study failed ({type(e).__name__}): report it",
-                              ref, payload_ref=ref) for _, ref in instances]
-        for unit in units:
-            if isinstance(unit, Rejected):
-                yield self._reject(unit)
-                continue
-            res = unit.resource
-            if res["resourceType"] == "ImagingStudy":
-                self.counts.studies += 1
-                self.counts.instances += res["numberOfInstances"]
-            elif not self._seen.fresh(res):
-                continue
-            self.counts.resources += 1
-            yield unit
 
     def _reject(self, unit: Rejected) -> Rejected:
         self.counts.rejected += 1

@@ -8,8 +8,9 @@ few attributes. Each DICOM JSON dataset becomes the same record as a file would
 (`pipeline.dicom.json_record`), and a study is mapped once all its series are in:
 memory is bounded by one study.
 
-A unit is an instance's metadata (or a series whose metadata could not be fetched).
-`counts` says what became of each: read = instances + duplicates + rejected.
+A unit is an instance's metadata (or a listed study or series that could not be
+fetched). `counts` (pipeline.dicom_fhir.DicomCounts) says what became of each:
+read = instances + duplicates + rejected.
 
 The connector stays on the origin it was given: every URL is built from the base URL
 and UIDs checked to be UIDs; redirects are followed only to the same scheme, host and
@@ -25,7 +26,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import date
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -34,30 +34,13 @@ import orjson
 import requests
 
 from ..dicom import json_record
-from ..dicom_fhir import SERIES_UID, SOP_UID, STUDY_UID, DicomMapping, SeenResources, valid_uid
+from ..dicom_fhir import SERIES_UID, SOP_UID, STUDY_UID, DicomCounts, DicomMapping, DicomSource, valid_uid
 from ..errors import ConfigError, SourceUnavailable
 from ..units import Rejected, Resource
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 MAX_PAYLOAD = 1 << 20  # instance metadata kept in quarantine; larger ones keep a pointer
-
-
-@dataclass
-class DicomWebCounts:
-    """What became of the units read (instance metadata, and series that could not be fetched)."""
-
-    read: int = 0
-    instances: int = 0
-    duplicates: int = 0
-    rejected: int = 0
-    resources: int = 0
-    studies: int = 0
-    requests: int = 0
-    retries: int = 0
-
-    def reconciles(self) -> bool:
-        return self.read == self.instances + self.duplicates + self.rejected
 
 
 class _Refused(Exception):
@@ -79,7 +62,7 @@ class DicomWebClient:
                  timeout: tuple[float, float] = (5, 60), retries: int = 4, backoff: float = 0.5,
                  max_backoff: float = 30.0, max_response_bytes: int = 256 << 20,
                  session: requests.Session | None = None, sleep: Callable[[float], None] = time.sleep,
-                 counts: DicomWebCounts | None = None):
+                 counts: DicomCounts | None = None):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"not an http(s) DICOMweb base URL: {_redact(base_url)!r}")
@@ -101,7 +84,7 @@ class DicomWebClient:
         self.max_backoff = max_backoff
         self.max_response_bytes = max_response_bytes
         self.sleep = sleep
-        self.counts = counts or DicomWebCounts()
+        self.counts = counts or DicomCounts()
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -223,27 +206,16 @@ def _uid_of(item: dict[str, Any], tag: str) -> Any:
     return values[0] if isinstance(values, list) and values else None
 
 
-class DicomWeb:
+class DicomWeb(DicomSource):
     """The units of a DICOMweb service. Iterate once; `counts` fills as it goes."""
 
     def __init__(self, client: DicomWebClient, mapping: DicomMapping, *, since: date | None = None,
                  page_size: int = 100):
+        super().__init__(mapping, client.counts)
         self.client = client
-        self.mapping = mapping
         self.since = since
         self.page_size = page_size
-        self.counts = client.counts
-        self._seen = SeenResources()
         self._studies_done: OrderedDict[str, None] = OrderedDict()
-        self._units: Iterator[Resource | Rejected] | None = None
-
-    def __iter__(self) -> DicomWeb:
-        return self
-
-    def __next__(self) -> Resource | Rejected:
-        if self._units is None:
-            self._units = self._run()
-        return next(self._units)
 
     def _run(self) -> Iterator[Resource | Rejected]:
         params: dict[str, Any] = {}
@@ -260,9 +232,9 @@ class DicomWeb:
             self._studies_done[uid] = None
             if len(self._studies_done) > 100_000:
                 self._studies_done.popitem(last=False)
-            yield from self._study(uid)
+            yield from self._fetch_study(uid)
 
-    def _study(self, study_uid: str) -> Iterator[Resource | Rejected]:
+    def _fetch_study(self, study_uid: str) -> Iterator[Resource | Rejected]:
         instances: dict[str, tuple[dict[str, Any], str]] = {}
         for j, series in enumerate(self.client.paged(f"studies/{study_uid}/series", {}, self.page_size)):
             series_uid = _uid_of(series, "0020000E")
@@ -285,7 +257,7 @@ class DicomWeb:
             for k, obj in enumerate(metadata):
                 yield from self._instance(obj, study_uid, series_uid, f"{self.client.url(path)}#{k}", instances)
         if instances:
-            yield from self._map(list(instances.values()))
+            yield from self._study(list(instances.values()))
 
     def _instance(self, obj: Any, study_uid: str, series_uid: str, where: str,
                   instances: dict[str, tuple[dict[str, Any], str]]) -> Iterator[Rejected]:
@@ -310,20 +282,6 @@ class DicomWeb:
         payload = orjson.dumps(obj)  # the DICOM JSON as received: what quarantine keeps
         kept = {"payload": payload} if len(payload) <= MAX_PAYLOAD else {"payload_ref": where}
         yield self._reject(Rejected(problem.stage, problem.reason, problem.message, ref, **kept))
-
-    def _map(self, instances: list[tuple[dict[str, Any], str]]) -> Iterator[Resource | Rejected]:
-        for unit in self.mapping.map_study(instances):
-            if isinstance(unit, Rejected):
-                yield self._reject(unit)
-                continue
-            res = unit.resource
-            if res["resourceType"] == "ImagingStudy":
-                self.counts.studies += 1
-                self.counts.instances += res["numberOfInstances"]
-            elif not self._seen.fresh(res):
-                continue
-            self.counts.resources += 1
-            yield unit
 
     def _reject(self, unit: Rejected) -> Rejected:
         self.counts.rejected += 1
@@ -353,4 +311,4 @@ def read_dicomweb(base_url: str, *, since: date | None = None, headers: Mapping[
     return DicomWeb(client, mapping, since=since, page_size=page_size)
 
 
-__all__ = ["DicomWeb", "DicomWebClient", "DicomWebCounts", "read_dicomweb"]
+__all__ = ["DicomWeb", "DicomWebClient", "read_dicomweb"]
