@@ -598,10 +598,10 @@ class DicomMapping:
             series.setdefault(rec[SERIES_UID], []).append((rec, ref))
         if not series:
             return []
+        for recs in series.values():
+            recs.sort(key=lambda r: _instance_key(r[0]))
         ordered = sorted(((_sort_key(recs[0][0], SERIES_UID, "SeriesNumber"), uid, recs)
                           for uid, recs in series.items()), key=lambda x: x[0])
-        for _, _, recs in ordered:
-            recs.sort(key=lambda r: _instance_key(r[0]))
         first = ordered[0][2][0][0]
         study_uid = first[STUDY_UID]
         key = self.patient_key(first)

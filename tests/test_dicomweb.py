@@ -373,6 +373,26 @@ def test_a_series_that_cannot_be_fetched_is_rejected(server, reply, reason):
 
 
 @pytest.mark.server
+def test_a_study_whose_series_cannot_be_listed_is_rejected(server):
+    server.serve_files(LINKED, ENHANCED)
+    listing = next(p for p in server.routes if p.endswith("/series"))
+    server.routes[listing] = [Reply(404)]
+    reader, units = pull(server)
+    assert [u.reason for u in units if isinstance(u, Rejected)] == ["fetch-failed"]
+    assert reader.counts.studies == 1
+
+
+@pytest.mark.server
+def test_a_base_url_that_is_not_dicomweb_is_a_config_error(server):
+    server.routes["/dicom-web/studies"] = [Reply(200, b"<html>login</html>")]
+    with pytest.raises(ConfigError, match="is it the DICOMweb base URL"):
+        pull(server)
+    server.routes["/dicom-web/studies"] = [Reply(404)]
+    with pytest.raises(ConfigError, match="HTTP 404"):
+        pull(server)
+
+
+@pytest.mark.server
 def test_uids_from_the_server_never_make_urls_unless_they_are_uids(server):
     server.routes["/dicom-web/studies"] = [Reply(body=[{"0020000D": {"vr": "UI", "Value": ["../../admin"]}},
                                                       {"0020000D": {"vr": "UI", "Value": [7]}}, {}])]

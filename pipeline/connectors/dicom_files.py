@@ -56,13 +56,13 @@ class DicomFiles(DicomSource):
         with _Spool() as spool:
             for path in walk(self.paths):
                 yield from self._file(path, spool)
-            for path in spool.unread_references():
+            for path in spool.references():
                 if os.path.isfile(path):
-                    yield from self._file(path, spool)
+                    yield from self._file(path, spool)  # read unless the walk saw it
                 else:
                     self.counts.read += 1
                     yield self._reject(Rejected("read", "dicomdir-missing-file", "a DICOMDIR lists this file but it "
-                                                "does not exist: copy the whole media again", str(path)))
+                                                "does not exist: copy the whole media again", path))
             for instances in spool.studies():
                 yield from self._study(instances)
 
@@ -132,11 +132,10 @@ class _Spool:
         self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)",
                             ((p, n + i) for i, p in enumerate(paths)))
 
-    def unread_references(self) -> Iterator[str]:
-        rows = self.db.execute("SELECT path FROM refs ORDER BY n").fetchall()  # paths only: small
-        for (path,) in rows:
-            if self.db.execute("SELECT 1 FROM files WHERE path = ?", (os.path.realpath(path),)).fetchone() is None:
-                yield path
+    def references(self) -> Iterator[str]:
+        """The files the DICOMDIRs list, in their order (streamed: a CD may list thousands)."""
+        for (path,) in self.db.execute("SELECT path FROM refs ORDER BY n"):
+            yield path
 
     def add_instance(self, record: dict[str, Any], ref: str) -> tuple[str, bool] | None:
         """None when new; else (the other file, whether the metadata is the same)."""

@@ -164,16 +164,14 @@ class DicomWebClient:
         """QIDO-RS results page by page (limit/offset) until a short page.
 
         A server that ignores `offset` (the same page again) ends the listing, with a warning.
+        Raises what get_json raises, and _BadAnswer for an answer that is not a JSON array.
         """
         offset = 0
         previous: list[Any] | None = None
         while True:
-            try:
-                page = self.get_json(path, {**params, "limit": page_size, "offset": offset})
-            except (_Refused, _BadAnswer) as e:
-                raise SourceUnavailable(f"the DICOMweb search {path} failed ({e}) at {_redact(self.base)}") from None
+            page = self.get_json(path, {**params, "limit": page_size, "offset": offset})
             if not isinstance(page, list):
-                raise SourceUnavailable(f"the DICOMweb search {path} did not answer a JSON array")
+                raise _BadAnswer("the answer is not a JSON array")
             if page and page == previous:
                 log.warning("DICOMweb %s: the server ignores offset; listing stopped at %d results", path, offset)
                 return
@@ -221,6 +219,13 @@ class DicomWeb(DicomSource):
         params: dict[str, Any] = {}
         if self.since is not None:
             params["StudyDate"] = f"{self.since:%Y%m%d}-"  # range matching (PS3.4 C.2.2.2.5)
+        try:
+            yield from self._studies(params)
+        except (_Refused, _BadAnswer) as e:  # the very first request: the URL is wrong, not the server busy
+            raise ConfigError(f"the DICOMweb study search at {_redact(self.client.base)} failed ({e}): "
+                              "is it the DICOMweb base URL (e.g. http://host:8042/dicom-web)?") from None
+
+    def _studies(self, params: dict[str, Any]) -> Iterator[Resource | Rejected]:
         for i, study in enumerate(self.client.paged("studies", params, self.page_size)):
             uid = _uid_of(study, "0020000D")
             if not valid_uid(uid):
@@ -236,7 +241,14 @@ class DicomWeb(DicomSource):
 
     def _fetch_study(self, study_uid: str) -> Iterator[Resource | Rejected]:
         instances: dict[str, tuple[dict[str, Any], str]] = {}
-        for j, series in enumerate(self.client.paged(f"studies/{study_uid}/series", {}, self.page_size)):
+        listing = f"studies/{study_uid}/series"
+        try:  # a study's series are few: listed first, so that a failure leaves nothing half done
+            all_series = list(self.client.paged(listing, {}, self.page_size))
+        except (_Refused, _BadAnswer) as e:
+            yield self._reject(Rejected("read", "fetch-failed", f"the study's series could not be listed ({e})",
+                                        self.client.url(listing)))
+            return
+        for j, series in enumerate(all_series):
             series_uid = _uid_of(series, "0020000E")
             path = f"studies/{study_uid}/series/{series_uid}/metadata"
             if not valid_uid(series_uid):
