@@ -13,7 +13,7 @@ Files (`read_file`) and DICOMweb answers (`json_record`) both become records, so
 mapping serves both. Only metadata is read: pixel data is never loaded. A file is read
 without pydicom's `force` unless it truly looks like a dataset without the Part 10 header,
 and a file cut short is detected, not silently returned as a shorter dataset (pydicom stops
-quietly at the end of a file, and seeks past it when it skips an attribute).
+quietly at the end of a file, even inside a data element).
 
 Why pydicom's value conversion and not our own: character sets (ISO 2022 escapes, GB18030)
 are hard, and pydicom gets them right. Its cost is per converted attribute, so only the
