@@ -520,6 +520,8 @@ class DicomMapping:
         self.source = source
         self.sections: dict[str, Section] = {}
         paths: set[str] = {STUDY_UID, SERIES_UID, SOP_UID, *_ORDER_KEYS}
+        known = {"settings", "issuers", "coding_schemes", "gender", "laterality", "ImagingStudy", "Patient", "Device"}
+        problems.extend(f"[{k}]: unknown table (one of {', '.join(sorted(known))})" for k in doc if k not in known)
         for name in SECTIONS:
             body: Any = doc
             for part in name.split("."):
@@ -697,6 +699,8 @@ def _section(name: str, body: Any, paths: set[str], problems: list[str]) -> Sect
     elements = []
     for key, spec in body.items():
         if isinstance(spec, dict) and not ({"from", "const"} & spec.keys()):
+            if f"{name}.{key}" not in SECTIONS:
+                problems.append(f"[{name}.{key}]: not a section (one of {', '.join(SECTIONS)})")
             continue  # a nested section ([ImagingStudy.series] inside [ImagingStudy])
         where = f"[{name}] {key}"
         m = re.fullmatch(r"([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z][A-Za-z0-9]*)*)(?:\[(\d+)\])?", key)

@@ -315,14 +315,38 @@ description = { from = "StudyDescriptio" }
 "bad path!" = { from = "StudyDescription" }
 started = { from = "StudyDate", as = "no-such-converter" }
 number = { from = ["A", "B", "C", "D"], as = "date" }
+[ImagingStudy.serie]
+number = { from = "SeriesNumber" }
+[Patinet]
+name = { from = "PatientName" }
 [Patient]
 name = { from = "PatientName", frm = "x" }
 """)
     with pytest.raises(ConfigError) as err:
         DicomMapping.load(folder / "fhir-r4.toml")
     text = str(err.value)
-    for needle in ("StudyDescriptio", "bad path!", "no-such-converter", "takes 1 to 1", "frm"):
+    for needle in ("StudyDescriptio", "bad path!", "no-such-converter", "takes 1 to 1", "frm", "ImagingStudy.serie", "Patinet"):
         assert needle in text
+
+
+def test_a_mapping_can_name_private_attributes_and_a_linking_rule(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(mappings_dir() / "dicom", folder)
+    text = (folder / "fhir-r4.toml").read_text()
+    text = text.replace('patient_id_from = ""', 'patient_id_from = "StudyID"')
+    text = text.replace('version = { from = "SoftwareVersions", as = "versions" }',
+                        'version = { from = "SoftwareVersions", as = "versions" }\n'
+                        '"deviceName[2]" = { from = "GEMS_IDEN_01:(0009,xx04)", as = "device-name", '
+                        'arg = "user-friendly-name" }')
+    (folder / "fhir-r4.toml").write_text(text)
+    custom = DicomMapping.load(folder / "fhir-r4.toml")
+    units = custom.map_study(_instances(custom, PD / "CT_small.dcm"))
+    device = next(u.resource for u in units if u.resource["resourceType"] == "Device")
+    assert device["deviceName"][-1] == {"name": "HiSpeed CT/i", "type": "user-friendly-name"}
+    default_units = DicomMapping.load().map_study(_instances(DicomMapping.load(), PD / "CT_small.dcm"))
+    assert "HiSpeed CT/i" not in json.dumps([u.resource for u in default_units])
+    r = read(PD / "ExplVR_LitEndNoMeta.dcm", custom)
+    assert custom.admit(r.record, "f") is None and r.record["PatientID"] == "1234"
 
 
 @pytest.mark.parametrize("rule", ["patient_id_from=NotAKeyword", "patient_id=", "guess", "whatever=1"])

@@ -81,9 +81,12 @@ class Orthanc:
 @contextmanager
 def orthanc_server(folder: Path) -> Iterator[Orthanc]:
     """Orthanc in the foreground, on free loopback ports, storing in `folder`."""
-    if ORTHANC is None or not (PLUGINS / "libOrthancDicomWeb.so").exists():
+    if ORTHANC is None:
         pytest.skip("ORTHANC IS NOT INSTALLED: the DICOMweb tests need a real server. "
                     "Install it with: apt-get update && apt-get install -y orthanc orthanc-dicomweb")
+    if not (PLUGINS / "libOrthancDicomWeb.so").exists():
+        pytest.fail(f"Orthanc is installed but its DICOMweb plugin is not in {PLUGINS}: "
+                    "apt-get install -y orthanc-dicomweb")
     http = _free_port()
     config = {
         "Name": "twinline-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
