@@ -117,6 +117,7 @@ def main() -> None:
                     assert isinstance(unit, (Resource, Rejected)), type(unit)
                     if isinstance(unit, Rejected):
                         assert unit.reason and not any(s in unit.message for s in hidden), unit.message
+                        assert unit.reason != "mapping-failed", "a mapping bug"
                         reasons[unit.reason] = reasons.get(unit.reason, 0) + 1
                 assert reader.counts.reconciles(), reader.counts
             except Exception:  # noqa: BLE001 - report and keep the input

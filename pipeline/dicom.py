@@ -52,6 +52,8 @@ _EXPLICIT_VRS = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_TEXT_VRS = frozenset({"SH", "LO", "PN"})  # character set dependent, backslash-separated values
+_SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT UV".split())  # 4-byte length (PS3.5 7.1.2)
 _PRIVATE = re.compile(r"(?P<creator>[^:]{1,64}):\((?P<group>[0-9A-Fa-f]{4}),xx(?P<elem>[0-9A-Fa-f]{2})\)")
 _FILE_ID = re.compile(r"[A-Za-z0-9_]{1,16}")  # a component of a Referenced File ID (PS3.10 8.5, CS)
@@ -115,8 +117,15 @@ def _compile(tree: dict[str, dict], top: bool) -> tuple[Attr, ...]:
 # --------------------------------------------------------------------------- records from pydicom
 
 
-def dataset_record(ds: Any, attrs: tuple[Attr, ...]) -> dict[str, Any]:
-    """The record of a pydicom Dataset (or a sequence item)."""
+def dataset_record(ds: Any, attrs: tuple[Attr, ...], codec: str | None = None) -> dict[str, Any]:
+    """The record of a pydicom Dataset (or a sequence item).
+
+    Fast path: values that no character set applies to (PS3.5 6.1.2.3: UI, CS, DA, TM,
+    IS, DS ...), and SH, LO and PN values when the dataset's character set is a single
+    byte-transparent one (`codec`: default, Latin-1, UTF-8), are decoded here from the raw
+    bytes; pydicom's per-element conversion, the cost of reading (NOTES.md), handles the
+    rest (ISO 2022 escapes, GB18030, sequences). tests/test_dicom.py checks both agree.
+    """
     rec: dict[str, Any] = {}
     for a in attrs:
         tag = a.tag if a.creator is None else _private_tag(ds, a)
@@ -125,9 +134,9 @@ def dataset_record(ds: Any, attrs: tuple[Attr, ...]) -> dict[str, Any]:
         raw = ds.get_item(tag)
         if raw is None:
             continue
-        if (a.vr in _ASCII_VRS and isinstance(raw, RawDataElement) and isinstance(raw.value, bytes)
-                and raw.VR in (None, a.vr, "UN")):
-            value = _ascii_value(a.vr, raw.value)  # fast path: no character set applies
+        if (isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.VR in (None, a.vr, "UN")
+                and (a.vr in _ASCII_VRS or (codec is not None and a.vr in _TEXT_VRS))):
+            value = _raw_value(a.vr, raw.value, codec or "latin-1")
         else:
             elem = ds[tag]
             value = _element_value(elem.VR, elem.value, a)
@@ -136,16 +145,29 @@ def dataset_record(ds: Any, attrs: tuple[Attr, ...]) -> dict[str, Any]:
     return rec
 
 
-def _ascii_value(vr: str, raw: bytes) -> Any:
-    """Values of VRs limited to the default repertoire (PS3.5 6.1.2.3: UI, CS, DA, TM, DT,
-    IS, DS, AS, AE), decoded without pydicom's conversion machinery: same result, faster."""
-    text = raw.decode("latin-1")
+def dataset_codec(ds: Any) -> str | None:
+    """The Python codec of a dataset's Specific Character Set (0008,0005) when decoding its
+    bytes directly gives what pydicom gives; None for ISO 2022 code extensions and others."""
+    elem = ds.get_item(0x00080005)
+    if elem is None:
+        return "latin-1"  # pydicom's default repertoire decoding
+    value = elem.value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None
+    return _SIMPLE_CHARSETS.get(value.strip(" \x00"))
+
+
+def _raw_value(vr: str, raw: bytes, codec: str) -> Any:
+    text = raw.decode(codec, errors="replace")
     out = []
     for part in text.split("\\"):
-        part = part.strip(" \x00")
-        if not part:
-            continue
-        value = _number(vr, part) if vr in ("IS", "DS") else part
+        if vr == "PN":
+            value: Any = _name_groups(zip(PN_GROUPS, part.split("=")[:3], strict=False))
+        else:
+            part = part.strip(" \x00")
+            value = (_number(vr, part) if vr in ("IS", "DS") else part) if part else None
         if value is not None:
             out.append(value)
     return out[0] if len(out) == 1 else (out or None)
@@ -326,7 +348,7 @@ def read_file(path: str | Path, wanted: Wanted) -> Instance | Directory | Reject
                 sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
                 if sop_class == DICOMDIR_SOP_CLASS:
                     return _directory(ds, ref)
-                record = dataset_record(ds, wanted.attrs)
+                record = dataset_record(ds, wanted.attrs, dataset_codec(ds))
                 ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
                 return Instance(record, str(ts) if ts else None)
             except Exception as e:  # noqa: BLE001 - hostile input: any failure is a reason, not a crash

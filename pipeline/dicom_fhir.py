@@ -118,12 +118,17 @@ def conv_unsigned_int(values: list[Any], t: Tables, arg: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2147483647 else None
 
 
+def _digits(s: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other scripts' digits."""
+    return s.isascii() and s.isdigit()
+
+
 def _da(v: Any) -> date | None:
     v = _first(v)
     if not isinstance(v, str):
         return None
     v = v.replace(".", "") if len(v) == 10 else v  # ACR-NEMA YYYY.MM.DD
-    if len(v) != 8 or not v.isdigit():
+    if len(v) != 8 or not _digits(v):
         return None
     try:
         d = date(int(v[:4]), int(v[4:6]), int(v[6:]))
@@ -138,7 +143,7 @@ def _tm(v: Any) -> tuple[int, int, int, str] | None:
     if not isinstance(v, str):
         return None
     main, _, frac = v.replace(":", "").partition(".")
-    if len(main) not in (2, 4, 6) or not main.isdigit() or (frac and not (frac.isdigit() and len(frac) <= 6)):
+    if len(main) not in (2, 4, 6) or not _digits(main) or (frac and not (_digits(frac) and len(frac) <= 6)):
         return None
     h, m, s = int(main[:2]), int(main[2:4] or 0), int(main[4:6] or 0)
     if h > 23 or m > 59 or s > 60:
@@ -149,7 +154,7 @@ def _tm(v: Any) -> tuple[int, int, int, str] | None:
 def _offset(v: Any) -> timedelta | None:
     """Timezone Offset From UTC (0008,0201): &ZZXX, e.g. +0100, -0500."""
     v = _first(v)
-    if not isinstance(v, str) or len(v) != 5 or v[0] not in "+-" or not v[1:].isdigit():
+    if not isinstance(v, str) or len(v) != 5 or v[0] not in "+-" or not _digits(v[1:]):
         return None
     hours, minutes = int(v[1:3]), int(v[3:])
     if hours > 14 or minutes > 59:
