@@ -342,15 +342,13 @@ def read_file(path: str | Path, wanted: Wanted) -> Instance | Directory | Reject
                 if len(ds) == 0:
                     return _reject("no-dataset", "the file holds no data element after its header: it is cut "
                                    "short or not an instance", ref)
-                problem = _truncation(ds, f, size)
+                meta = _Meta(ds)
+                problem = _truncation(ds, meta, f, size)
                 if problem:
                     return _reject("truncated", f"the file is cut short ({problem}): copy it again from its source", ref)
-                sop_class = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
-                if sop_class == DICOMDIR_SOP_CLASS:
+                if meta.sop_class == DICOMDIR_SOP_CLASS:
                     return _directory(ds, ref)
-                record = dataset_record(ds, wanted.attrs, dataset_codec(ds))
-                ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-                return Instance(record, str(ts) if ts else None)
+                return Instance(dataset_record(ds, wanted.attrs, dataset_codec(ds)), meta.transfer_syntax)
             except Exception as e:  # noqa: BLE001 - hostile input: any failure is a reason, not a crash
                 return _failure(e, ref)
     except OSError as e:
@@ -419,7 +417,36 @@ class _lenient_reading:
         pydicom_config.settings.reading_validation_mode = self.saved
 
 
-def _truncation(ds: Any, f: Any, size: int) -> str | None:
+class _Meta:
+    """The three File Meta Information values reading needs (PS3.10 7.1), taken from the raw
+    elements: looking them up by keyword through pydicom costs as much as a whole record."""
+
+    __slots__ = ("group_length", "transfer_syntax", "sop_class")
+
+    def __init__(self, ds: Any):
+        meta = getattr(ds, "file_meta", None)
+        get = meta.get_item if meta is not None else (lambda tag: None)
+        length = _raw(get(0x00020000))
+        if isinstance(length, bytes):  # UL, and the meta header is always little endian
+            length = struct.unpack("<I", length)[0] if len(length) == 4 else None
+        self.group_length = length if isinstance(length, int) else None
+        self.transfer_syntax = _uid_text(_raw(get(0x00020010)))
+        self.sop_class = _uid_text(_raw(get(0x00020002)))
+
+
+def _raw(elem: Any) -> Any:
+    return None if elem is None else elem.value
+
+
+def _uid_text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None
+    return value.strip(" \x00") or None
+
+
+def _truncation(ds: Any, meta: _Meta, f: Any, size: int) -> str | None:
     """Why the dataset just read is incomplete, or None when it is whole.
 
     pydicom ends a dataset quietly at the end of the file, even inside an element. But a
@@ -428,11 +455,9 @@ def _truncation(ds: Any, f: Any, size: int) -> str | None:
     end with the delimiter of its sequence (an undefined length). Reading stopped earlier
     at the pixel data, whose declared length is then checked against what is left.
     """
-    meta = getattr(ds, "file_meta", None)
-    group_length = meta.get("FileMetaInformationGroupLength") if meta is not None else None
-    if isinstance(group_length, int) and 128 + 4 + 12 + group_length > size:
+    if meta.group_length is not None and 128 + 4 + 12 + meta.group_length > size:
         return "the file meta information is incomplete"
-    if meta is not None and meta.get("TransferSyntaxUID") == DEFLATED:
+    if meta.transfer_syntax == DEFLATED:
         return None  # pydicom inflated the rest of the file at once; zlib notices a cut
     pos = f.tell()
     if pos > size:

@@ -237,6 +237,21 @@ def test_json_record_ignores_what_is_not_dicom_json(mapping):
     assert json_record(["not", "an", "object"], mapping.wanted.attrs) == {}
 
 
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["00100010", "00100020", "0020000D", "00200011", "00081032", "00100024"]),
+                       st.fixed_dictionaries({"vr": st.sampled_from(["PN", "LO", "UI", "IS", "SQ", "XX"]),
+                                              "Value": _json}), max_size=6))
+def test_json_record_survives_any_json(mapping, obj):
+    record = json_record(obj, mapping.wanted.attrs)
+    assert isinstance(record, dict)
+    mapping.admit(record, "x")  # and so does the mapping's check
+
+
 def test_private_attribute_is_read_only_when_named(tmp_path):
     wanted = Wanted.of(["PatientID", "GEMS_IDEN_01:(0009,xx04)", "NOT_THERE:(0009,xx04)"])
     r = read_file(PD / "CT_small.dcm", wanted)

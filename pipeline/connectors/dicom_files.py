@@ -124,7 +124,12 @@ class _Spool:
         self.db.close()
 
     def first_read(self, path: str) -> bool:
-        key = os.path.realpath(path)
+        """True the first time a file is met, by any path (links included): keyed by inode."""
+        try:
+            st = os.stat(path)
+            key = f"{st.st_dev}:{st.st_ino}"
+        except OSError:
+            key = os.path.abspath(path)
         return self.db.execute("INSERT OR IGNORE INTO files VALUES (?)", (key,)).rowcount == 1
 
     def add_references(self, paths: Iterable[str]) -> None:
