@@ -1244,3 +1244,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     with _private(tmp) as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str) -> timedelta:
+    """`30s`, `15min`, `1h`, `1d` -> a timedelta (the device-stream window)."""
+    t = text.strip().lower()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        number = t[: -len(unit)]
+        if t.endswith(unit) and number.isdigit() and int(number) > 0:
+            return timedelta(seconds=int(number) * _UNITS[unit])
+    raise ConfigError(f"--stream-window takes a duration such as 30s, 15min, 1h or 1d, not {text!r}")
