@@ -63,6 +63,7 @@ from .errors import ConfigError, Exit
 from .fhir import valid_id
 from .store import Store
 from .temporal import utc_now
+from .twins import _NEWS2_INPUTS as NEWS2_INPUTS  # the codes behind each NEWS2 input name
 from .units import Rejected
 
 log = logging.getLogger(__name__)
@@ -833,15 +834,20 @@ class SummaryIndex:
     """Where the twin's facts live in the Bundle: (what, code, time) -> fullUrl, filled as entries are added."""
 
     by_code_time: dict[tuple[str, str | None, int | None], str] = field(default_factory=dict)
-    by_time: dict[int, list[tuple[str, set[Any]]]] = field(default_factory=dict)
     encounters: dict[str, str] = field(default_factory=dict)
     lists: dict[str, list[str]] = field(default_factory=dict)
+    window_us: int = 3_600_000_000
 
     def put(self, what: str, code: str | None, at: int | None, url: str) -> None:
         self.by_code_time.setdefault((what, code, at), url)
 
     def find(self, what: str, code: str | None, at: datetime | None) -> str | None:
-        return self.by_code_time.get((what, code, _us(at)))
+        """The entry for a fact; a measurement that came in a device stream is found in its window."""
+        t = _us(at)
+        url = self.by_code_time.get((what, code, t))
+        if url is None and what == "observation" and t is not None:
+            url = self.by_code_time.get(("stream", code, t - t % self.window_us))
+        return url
 
 
 _SECTIONS = (  # (key, title, LOINC code, display): the sections of the International Patient Summary they mirror
@@ -918,8 +924,9 @@ def _news2(twin: dict[str, Any], idx: SummaryIndex, subject: str | None, as_of: 
         if i["at"] is None:
             continue
         times.append(i["at"])
-        for url, values in idx.by_time.get(_us(i["at"]), []):
-            if i["value"] in values or i["name"] == "consciousness":
+        for code in NEWS2_INPUTS.get(i["name"], ()):
+            url = idx.find("observation", code, i["at"])
+            if url:
                 derived.append(url)
                 break
     res = {"resourceType": "Observation", "id": f"news2-{fhir_id(twin['twin_id'])}"[:64], "status": "final",
@@ -956,6 +963,7 @@ def _read_group(src: CommittedTables, group: list[str], window: timedelta) -> di
                              _DATES.get(name, frozenset()))
         parts[name] = _Part(_sorted(t, ["twin_id", "source", "unit_key", "row_index"]))
     parts["twin"] = {r["twin_id"]: r for r in src.scan("twin", twins).to_pylist()}
+    parts["window_us"] = max(1, int(window.total_seconds())) * 1_000_000
     return parts
 
 
@@ -976,7 +984,7 @@ def build_bundle(twin_id: str, parts: dict[str, Any], shared_devices: dict[str, 
     """One twin's Bundle from its rows (`parts` from `_read_group`)."""
     report = TwinReport(twin_id)
     b = BundleBuilder(twin_id, report, validate)
-    idx = SummaryIndex()
+    idx = SummaryIndex(window_us=parts["window_us"])
     rows = {name: parts[name].rows(twin_id) for name in TABLES}
     for name, rs in rows.items():
         if rs:
@@ -1020,7 +1028,9 @@ def build_bundle(twin_id: str, parts: dict[str, Any], shared_devices: dict[str, 
 
     _observations(rows["observation"], b, idx)
     for r in streams:
-        _safely(b, lambda r=r: stream_observation(r, b), r, {"observation": r["rows"]}, source_base(r["source"]))
+        url = _safely(b, lambda r=r: stream_observation(r, b), r, {"observation": r["rows"]}, source_base(r["source"]))
+        if url:
+            idx.put("stream", r["code"], r["window#us"], url)
     _imaging(rows["imaging_study"], rows["imaging_series"], b, idx)
     for r in rows["device"]:
         url = _safely(b, lambda r=r: device(r, b), r, {"device": 1}, source_base(r["source"]))
@@ -1068,13 +1078,8 @@ def _observations(rs: list[dict[str, Any]], b: BundleBuilder, idx: SummaryIndex)
         url = _safely(b, lambda r=r, comps=comps: observation(r, comps, b), r, {"observation": j - i},
                       source_base(r["source"]))
         if url:
-            at = r["effective_start#us"]
-            values: set[Any] = set()
             for x in (r, *comps):
-                idx.put("observation", x["code"], at, url)
-                values.update(v for v in (x["value_number"], x["value_code"], x["value_display"]) if v is not None)
-            if at is not None:
-                idx.by_time.setdefault(at, []).append((url, values))
+                idx.put("observation", x["code"], r["effective_start#us"], url)
         i = j
 
 
