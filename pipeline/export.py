@@ -514,9 +514,10 @@ def encounter(r: dict[str, Any], b: BundleBuilder) -> dict[str, Any]:
 def _value(r: dict[str, Any]) -> tuple[str, Any] | None:
     """The value[x] of an observation row (or component row), from `value_type` and the value columns."""
     vt = r["value_type"]
-    if vt == "integer" and r["value_number"] is not None:
-        return "valueInteger", int(r["value_number"])
-    if vt == "Quantity" or (vt is None and r["value_number"] is not None):
+    n = _num(r["value_number"])
+    if vt == "integer" and isinstance(n, int) and -(2**31) <= n < 2**31:  # FHIR integer is 32-bit
+        return "valueInteger", n
+    if vt in ("Quantity", "integer") or (vt is None and r["value_number"] is not None):
         q = _prune({"value": _num(r["value_number"]), "comparator": r["value_comparator"],
                     "unit": r["value_unit_display"], "system": UCUM if r["value_unit"] else None, "code": r["value_unit"]})
         return ("valueQuantity", q) if q else None
@@ -1147,8 +1148,11 @@ def validator() -> Callable[[dict[str, Any]], str | None]:
 
 def iter_bundles(store: Store, twins: Sequence[str] | None = None, *, validate: bool = False,
                  stream_window: timedelta = timedelta(hours=1), row_budget: int = 250_000,
-                 now: datetime | None = None) -> Iterator[tuple[TwinReport, dict[str, Any]]]:
-    """(report, Bundle) for each twin (all twins of the `twin` table when `twins` is None), one at a time."""
+                 now: datetime | None = None, notes: list[str] | None = None) -> Iterator[tuple[TwinReport, dict[str, Any]]]:
+    """(report, Bundle) for each twin (all twins of the `twin` table when `twins` is None), one at a time.
+
+    `notes` receives what the caller should know (twins imported after the last build).
+    """
     if stream_window <= timedelta(0):
         raise ConfigError("the device-stream window must be positive (for example 1h)")
     src = CommittedTables(store)
@@ -1157,6 +1161,11 @@ def iter_bundles(store: Store, twins: Sequence[str] | None = None, *, validate: 
     sizes = {tw: sum(v for _, v in (c or [])) for tw, c in zip(known_ids, listing.column("counts").to_pylist(), strict=True)}
     if twins is None:
         wanted = sorted(known_ids)
+        unbuilt = {t for name in ("patient", "patient_identifier") for b in src._batches(name, ["twin_id"])
+                   for t in pc.unique(b.column(0)).to_pylist() if t is not None} - set(known_ids)
+        if unbuilt and notes is not None:
+            notes.append(f"{len(unbuilt):,} twin(s) have rows but are not in the last build, so are not exported: "
+                         "run `twin build` first")
     else:
         missing = [t for t in twins if t not in sizes]
         if missing:
@@ -1188,6 +1197,7 @@ class ExportResult:
     rejected: Counter = field(default_factory=Counter)  # reason -> units
     external_references: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def add(self, report: TwinReport) -> None:
         self.twins += 1
@@ -1218,6 +1228,7 @@ class ExportResult:
         if self.rejected:
             lines.append(f"  rejected: {sum(self.rejected.values()):,} unit(s) ("
                          + ", ".join(f"{k} {v:,}" for k, v in self.rejected.most_common()) + "): see rejected.ndjson")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -1241,9 +1252,20 @@ def export_twins(store: Store, out_dir: Path | str, twins: Sequence[str] | None 
         rej = None
         try:
             for report, bundle in iter_bundles(store, twins, validate=validate, stream_window=stream_window,
-                                               row_budget=row_budget, now=now):
+                                               row_budget=row_budget, now=now, notes=result.notes):
                 name = f"{fhir_id(report.twin_id)}.json"
-                _write_atomic(out / name, orjson.dumps(bundle))
+                try:
+                    data = orjson.dumps(bundle)
+                except (TypeError, ValueError) as e:  # a value JSON cannot hold: the twin is rejected, the export goes on
+                    data, name = None, None
+                    report.rejected.append(Rejected(STAGE, "export-failed", f"twin: the Bundle could not be written "
+                                                    f"as JSON ({type(e).__name__})", f"twin {report.twin_id}"))
+                    report.rows_rejected.update(report.rows_exported)
+                    report.rows_exported.clear()
+                    report.resources.clear()
+                    report.entries = 0
+                if data is not None:
+                    _write_atomic(out / name, data)
                 report.file = name
                 index.write(orjson.dumps(report.line()) + b"\n")
                 if report.rejected:

@@ -543,11 +543,19 @@ def test_bad_rows_are_rejected_with_reasons_and_the_twin_goes_on(tmp_path):
                                     "patient_id": "tl-export-1", "status": "active"}], "MedicationRequest/m-odd"),
         rows(store, "condition", [{"condition_id": "not a fhir id!", "patient_id": "tl-export-1",
                                    "code": "38341003"}], "Condition/odd"),
+        rows(store, "observation", [{"observation_id": "huge", "patient_id": "tl-export-1", "is_component": False,
+                                     "status": "final", "code": "x", "value_type": "integer", "value_number": 1e12}],
+             "Observation/huge"),
+        rows(store, "observation", [{"observation_id": "nan", "patient_id": "tl-export-1", "is_component": False,
+                                     "status": "final", "code": "x", "value_type": "Quantity",
+                                     "value_number": float("nan"), "value_unit": "mg"}], "Observation/nan"),
     ]
     feed_rows(store, "hostile", bad)
     build_twins(store)
+    run_import(store, "fhir", [FIXTURES / "fhir" / "bundles" / "patient-2.json"])  # after the build: not a twin yet
     out = tmp_path / "out"
     result = export_twins(store, out, validate=True)
+    assert any("not in the last build" in n for n in result.notes) and "twin build" in result.summary()
     assert result.rejected == Counter({"invalid-resource": 1, "orphan-component": 1, "export-failed": 1})
     assert result.reconciles() and result.exit_code() == 3
     assert result.rows_rejected == Counter({"encounter": 1, "observation": 1, "medication": 1})
@@ -561,6 +569,9 @@ def test_bad_rows_are_rejected_with_reasons_and_the_twin_goes_on(tmp_path):
     bundle = orjson.loads(bundle_path.read_bytes())
     odd = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Condition" and "/hostile/" in e["fullUrl"]]
     assert len(odd) == 1 and re.fullmatch(r"x-[0-9a-f]{40}", odd[0]["resource"]["id"])  # a stable, valid id
+    obs = {e["resource"]["id"]: e["resource"] for e in bundle["entry"] if "/hostile/Observation/" in e["fullUrl"]}
+    assert obs["huge"]["valueQuantity"] == {"value": 1_000_000_000_000}  # too big for a FHIR integer
+    assert obs["nan"]["valueQuantity"] == {"system": "http://unitsofmeasure.org", "code": "mg"}  # no NaN in JSON
     get_fhir_model_class("Bundle").model_validate(bundle)
     assert "SECRET" not in result.summary()
 
