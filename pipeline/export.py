@@ -33,8 +33,9 @@ group read with one filtered scan per table (record batch by batch, so memory ho
 the group's rows, never a whole table); then one Bundle at a time is built and written.
 The tables are read at the versions the store had committed when the export started.
 
-Validation with fhir.resources costs ~20x the export itself (NOTES.md), so it runs
-only when asked (`validate=True`, `--validate`); the tests validate every resource.
+Validation with fhir.resources is ~20x slower than parsing (NOTES.md) and makes the
+whole export 2-3x slower, so it runs only when asked (`validate=True`, `--validate`);
+the tests validate every resource.
 """
 
 from __future__ import annotations
@@ -260,25 +261,28 @@ class CommittedTables:
 
 
 class _Part:
-    """One table's rows for a group of twins, as Python columns, and each twin's row range."""
+    """One table's rows for a group of twins (sorted by twin), and each twin's row range.
+
+    Rows become Python dicts one twin at a time: the group stays in compact Arrow form.
+    """
 
     def __init__(self, table: pa.Table):
-        self.names = table.column_names
-        self.cols = [c.to_pylist() for c in table.columns]
+        self.table = table
         self.ranges: dict[str, tuple[int, int]] = {}
-        ids = self.cols[self.names.index("twin_id")] if table.num_rows else []
-        start = 0
-        for i in range(1, len(ids) + 1):
-            if i == len(ids) or ids[i] != ids[start]:
-                self.ranges[ids[start]] = (start, i)
-                start = i
+        if table.num_rows:
+            ids = table.column("twin_id")
+            ends = pc.indices_nonzero(pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))).to_pylist()
+            starts = [0] + [e + 1 for e in ends]
+            for a, b in zip(starts, [*starts[1:], table.num_rows], strict=True):
+                self.ranges[ids[a].as_py()] = (a, b)
 
     def rows(self, twin: str) -> list[dict[str, Any]]:
         a, b = self.ranges.get(twin, (0, 0))
         if a == b:
             return []
-        names = self.names
-        return [dict(zip(names, vals, strict=True)) for vals in zip(*(c[a:b] for c in self.cols), strict=True)]
+        part = self.table.slice(a, b - a)
+        names = part.column_names
+        return [dict(zip(names, vals, strict=True)) for vals in zip(*(c.to_pylist() for c in part.columns), strict=True)]
 
 
 def _sorted(t: pa.Table, keys: Sequence[str]) -> pa.Table:
@@ -313,13 +317,19 @@ def _num(v: Any) -> int | float | None:
 
 
 def _prune(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
+    """Drop absent values: None, and empty strings, lists and objects (FHIR allows none of them)."""
+    return {k: v for k, v in d.items() if v or v is False or v == 0}
 
 
 def coding(system: str | None, code: str | None, display: str | None = None) -> dict[str, Any] | None:
-    if code is None and display is None:
+    if not code and not display:
         return None
-    return _prune({"system": system, "code": code, "display": display})
+    c = {"system": system} if system else {}
+    if code:
+        c["code"] = code
+    if display:
+        c["display"] = display
+    return c
 
 
 def concept(system: str | None, code: str | None, display: str | None = None) -> dict[str, Any] | None:
@@ -349,6 +359,7 @@ def period(start: str | None, end: str | None) -> dict[str, Any] | None:
     return _prune({"start": start, "end": end}) or None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def fhir_id(raw: str) -> str:
     """The source id when it is a valid FHIR id, else a stable id derived from it (same everywhere it is used)."""
     if valid_id(raw):
@@ -403,11 +414,11 @@ class BundleBuilder:
         self.targets: set[str] = set()
 
     def ref(self, source: str, rtype: str, rid: str | None, display: str | None = None) -> dict[str, Any] | None:
-        if rid is None:
+        if not rid:
             return {"display": display} if display else None
-        rid = fhir_id(rid)
-        self.targets.add(f"{source_base(source)}{rtype}/{rid}")
-        return _prune({"reference": f"{rtype}/{rid}", "display": display})
+        local = f"{rtype}/{fhir_id(rid)}"
+        self.targets.add(source_base(source) + local)
+        return {"reference": local, "display": display} if display else {"reference": local}
 
     def absolute(self, url: str | None) -> dict[str, Any] | None:
         if url is None:
@@ -432,7 +443,9 @@ class BundleBuilder:
         self.urls.add(url)
         self.entries.append({"fullUrl": url, "resource": resource})
         self.report.resources[resource["resourceType"]] += 1
-        self.report.rows_exported.update(rows)
+        exported = self.report.rows_exported
+        for table, n in rows.items():
+            exported[table] += n
         return url
 
     def reject(self, reason: str, message: str, row: dict[str, Any] | None, rows: dict[str, int],
@@ -517,9 +530,15 @@ def _value(r: dict[str, Any]) -> tuple[str, Any] | None:
     n = _num(r["value_number"])
     if vt == "integer" and isinstance(n, int) and -(2**31) <= n < 2**31:  # FHIR integer is 32-bit
         return "valueInteger", n
-    if vt in ("Quantity", "integer") or (vt is None and r["value_number"] is not None):
-        q = _prune({"value": _num(r["value_number"]), "comparator": r["value_comparator"],
-                    "unit": r["value_unit_display"], "system": UCUM if r["value_unit"] else None, "code": r["value_unit"]})
+    if vt in ("Quantity", "integer") or (vt is None and n is not None):
+        q = {"value": n} if n is not None else {}
+        if r["value_comparator"]:
+            q["comparator"] = r["value_comparator"]
+        if r["value_unit_display"]:
+            q["unit"] = r["value_unit_display"]
+        if r["value_unit"]:
+            q["system"] = UCUM
+            q["code"] = r["value_unit"]
         return ("valueQuantity", q) if q else None
     if vt == "CodeableConcept":
         c = concept(r["value_code_system"], r["value_code"], r["value_display"]) if r["value_code"] else (
@@ -543,11 +562,12 @@ def _observed(r: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
         into[v[0]] = v[1]
     if r["interpretation_code"]:
         into["interpretation"] = [concept(INTERPRETATION_CS, r["interpretation_code"])]
-    rng = _prune({"low": {"value": _num(r["reference_low"])} if _num(r["reference_low"]) is not None else None,
-                  "high": {"value": _num(r["reference_high"])} if _num(r["reference_high"]) is not None else None,
-                  "text": r["reference_text"]})
-    if rng:
-        into["referenceRange"] = [rng]
+    if r["reference_low"] is not None or r["reference_high"] is not None or r["reference_text"]:
+        low, high = _num(r["reference_low"]), _num(r["reference_high"])
+        rng = _prune({"low": {"value": low} if low is not None else None,
+                      "high": {"value": high} if high is not None else None, "text": r["reference_text"]})
+        if rng:
+            into["referenceRange"] = [rng]
     return into
 
 
@@ -850,7 +870,8 @@ def _us(dt: datetime | None) -> int | None:
 
 
 def instant_text(dt: datetime) -> str:
-    """A UTC datetime as a FHIR instant."""
+    """A datetime as a FHIR instant, in UTC."""
+    dt = dt.astimezone(UTC) if dt.tzinfo else dt
     frac = f".{dt.microsecond:06d}".rstrip("0") if dt.microsecond else ""
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
 
@@ -1000,7 +1021,8 @@ def _safely(b: BundleBuilder, make: Callable[[], dict[str, Any]], row: dict[str,
         res = make()
     except Exception as e:  # noqa: BLE001 - one unit's problem, never the batch's
         table = next(iter(rows), "?")
-        b.reject("export-failed", f"{table}: the row could not be turned into FHIR ({type(e).__name__})", row, rows)
+        b.reject("export-failed", f"{table}: the row could not be turned into FHIR ({type(e).__name__})", row, rows,
+                 payload=row)
         return None
     return b.add(base, res, row, rows)
 
@@ -1141,6 +1163,8 @@ def validator() -> Callable[[dict[str, Any]], str | None]:
             model.model_validate(resource)
         except ValidationError as e:
             return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or rtype}: {err['type']}" for err in e.errors()[:5])
+        except (TypeError, ValueError, KeyError) as e:  # the models raise a few plain errors on odd shapes
+            return f"{rtype}: {type(e).__name__}"
         return None
 
     return check
