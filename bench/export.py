@@ -19,12 +19,10 @@ to one core (taskset) and reports wall time and peak RSS (ru_maxrss of that proc
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from import_fhir import run  # each measurement in its own process, pinned to one core
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,13 +114,6 @@ print(json.dumps({"seconds": time.perf_counter() - t, "entries": r.entries,
                   "twins": r.twins, "reconciles": r.reconciles(),
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def run(code: str, *args: str) -> dict:
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    env = {"TWIN_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "TWIN_KEY": "benchmark-key-benchmark-key"}
-    out = subprocess.run([*pin, sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
