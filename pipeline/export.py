@@ -40,7 +40,6 @@ the tests validate every resource.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import html
 import logging
@@ -51,6 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -359,7 +359,7 @@ def period(start: str | None, end: str | None) -> dict[str, Any] | None:
     return _prune({"start": start, "end": end}) or None
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 16)
 def fhir_id(raw: str) -> str:
     """The source id when it is a valid FHIR id, else a stable id derived from it (same everywhere it is used)."""
     if valid_id(raw):
@@ -367,7 +367,7 @@ def fhir_id(raw: str) -> str:
     return "x-" + hashlib.blake2b(raw.encode("utf-8"), digest_size=20).hexdigest()
 
 
-@functools.lru_cache(maxsize=1024)
+@lru_cache(maxsize=1024)
 def source_base(source: str) -> str:
     return f"{SOURCE_BASE}{quote(source, safe='')}/"
 
@@ -502,7 +502,7 @@ def _omb(which: str, code: str | None, display: str | None) -> dict[str, Any] | 
     """US Core race / ethnicity: the OMB category code and the text (1..1 in US Core: the code when no text)."""
     if code is None and display is None:
         return None
-    parts = [{"url": "ombCategory", "valueCoding": {"system": OMB_CS, "code": code}}] if code else []
+    parts: list[dict[str, Any]] = [{"url": "ombCategory", "valueCoding": {"system": OMB_CS, "code": code}}] if code else []
     parts.append({"url": "text", "valueString": display or code})
     return {"url": f"{US_CORE}us-core-{which}", "extension": parts}
 
@@ -531,7 +531,7 @@ def _value(r: dict[str, Any]) -> tuple[str, Any] | None:
     if vt == "integer" and isinstance(n, int) and -(2**31) <= n < 2**31:  # FHIR integer is 32-bit
         return "valueInteger", n
     if vt in ("Quantity", "integer") or (vt is None and n is not None):
-        q = {"value": n} if n is not None else {}
+        q: dict[str, Any] = {"value": n} if n is not None else {}
         if r["value_comparator"]:
             q["comparator"] = r["value_comparator"]
         if r["value_unit_display"]:
@@ -913,7 +913,7 @@ def twin_state(twin: dict[str, Any], idx: SummaryIndex, subject: str | None, b: 
     """The assembled twin row as resources: a Composition whose sections point at entries, and NEWS2."""
     tw = twin["twin_id"]
     as_of = instant_text(twin["as_of"])
-    found = {
+    found: dict[str, Sequence[str | None]] = {
         "problems": [idx.find("condition", c["code"], c["since"]) for c in twin["active_conditions"] or []],
         "medications": [idx.find("medication", c["code"], c["since"]) for c in twin["active_medications"] or []],
         "allergies": [idx.find("allergy", c["code"], c["since"]) for c in twin["allergies"] or []],
@@ -1057,14 +1057,14 @@ def build_bundle(twin_id: str, parts: dict[str, Any], shared_devices: dict[str, 
         counts = {t: n for t, n in (("patient", 1 if rec["row"] else 0), ("patient_identifier", len(rec["identifiers"])),
                                     ("patient_link", len(rec["links"]))) if n}
         first = rec["row"] or (rec["identifiers"] + rec["links"])[0]
-        url = _safely(b, lambda rec=rec: patient(rec, twin_id, b), first, counts, source_base(rec["source"]))
+        url = _safely(b, partial(patient, rec, twin_id, b), first, counts, source_base(rec["source"]))
         if url and (subject is None or rec["row"] and not subject[1]):
             subject = (url, rec["row"] is not None)
     n_patients = len(b.entries)
 
     for name, make in _SIMPLE:
         for r in rows[name]:
-            url = _safely(b, lambda r=r, make=make: make(r, b), r, {name: 1}, source_base(r["source"]))
+            url = _safely(b, partial(make, r, b), r, {name: 1}, source_base(r["source"]))
             if url is None:
                 continue
             if name == "encounter":
@@ -1076,19 +1076,19 @@ def build_bundle(twin_id: str, parts: dict[str, Any], shared_devices: dict[str, 
 
     _observations(rows["observation"], b, idx)
     for r in streams:
-        url = _safely(b, lambda r=r: stream_observation(r, b), r, {"observation": r["rows"]}, source_base(r["source"]))
+        url = _safely(b, partial(stream_observation, r, b), r, {"observation": r["rows"]}, source_base(r["source"]))
         if url:
             idx.put("stream", r["code"], r["window#us"], url)
     _imaging(rows["imaging_study"], rows["imaging_series"], b, idx)
     for r in rows["device"]:
-        url = _safely(b, lambda r=r: device(r, b), r, {"device": 1}, source_base(r["source"]))
+        url = _safely(b, partial(device, r, b), r, {"device": 1}, source_base(r["source"]))
         if url:
             idx.lists.setdefault("devices", []).append(url)
     # equipment the twin's rows point at (a scanner, a ward monitor): not the twin's rows, but not patient data either
     for target in sorted(b.targets - b.urls):
         r = shared_devices.get(target)
         if r is not None:
-            _safely(b, lambda r=r: device(r, b), r, {}, source_base(r["source"]))
+            _safely(b, partial(device, r, b), r, {}, source_base(r["source"]))
 
     twin = parts["twin"].get(twin_id)
     if twin is not None:
@@ -1123,7 +1123,7 @@ def _observations(rs: list[dict[str, Any]], b: BundleBuilder, idx: SummaryIndex)
             i += 1
             continue
         comps = rs[i + 1:j]
-        url = _safely(b, lambda r=r, comps=comps: observation(r, comps, b), r, {"observation": j - i},
+        url = _safely(b, partial(observation, r, comps, b), r, {"observation": j - i},
                       source_base(r["source"]))
         if url:
             for x in (r, *comps):
@@ -1138,7 +1138,7 @@ def _imaging(studies: list[dict[str, Any]], series: list[dict[str, Any]], b: Bun
     for r in studies:
         ser = by_study.pop((r["source"], r["study_id"]), [])
         counts = {"imaging_study": 1, **({"imaging_series": len(ser)} if ser else {})}
-        url = _safely(b, lambda r=r, ser=ser: imaging_study(r, ser, b), r, counts, source_base(r["source"]))
+        url = _safely(b, partial(imaging_study, r, ser, b), r, counts, source_base(r["source"]))
         if url:
             idx.lists.setdefault("imaging", []).append(url)
     for orphans in by_study.values():
@@ -1277,20 +1277,17 @@ def export_twins(store: Store, out_dir: Path | str, twins: Sequence[str] | None 
         try:
             for report, bundle in iter_bundles(store, twins, validate=validate, stream_window=stream_window,
                                                row_budget=row_budget, now=now, notes=result.notes):
-                name = f"{fhir_id(report.twin_id)}.json"
                 try:
-                    data = orjson.dumps(bundle)
+                    report.file = f"{fhir_id(report.twin_id)}.json"
+                    _write_atomic(out / report.file, orjson.dumps(bundle))
                 except (TypeError, ValueError) as e:  # a value JSON cannot hold: the twin is rejected, the export goes on
-                    data, name = None, None
+                    report.file = None
                     report.rejected.append(Rejected(STAGE, "export-failed", f"twin: the Bundle could not be written "
                                                     f"as JSON ({type(e).__name__})", f"twin {report.twin_id}"))
                     report.rows_rejected.update(report.rows_exported)
                     report.rows_exported.clear()
                     report.resources.clear()
                     report.entries = 0
-                if data is not None:
-                    _write_atomic(out / name, data)
-                report.file = name
                 index.write(orjson.dumps(report.line()) + b"\n")
                 if report.rejected:
                     rej = rej or _private(rejected_path)
