@@ -20,6 +20,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from pipeline.cli import main
+from pipeline.errors import ConfigError
 from pipeline.export import (
     SOURCE_BASE,
     TWIN_ID_SYSTEM,
@@ -222,7 +223,7 @@ def test_patients_carry_the_twin_id_and_their_own_ids(exported):
 def test_every_row_of_every_table_appears(exported):
     store, _, _, bundles = exported
     for tw, bundle in bundles.items():
-        def count(table, flt=None):
+        def count(table, flt=None, tw=tw):
             f = pc.field("twin_id") == tw
             return store.read(table, filter=f if flt is None else f & flt).num_rows
 
@@ -423,7 +424,7 @@ def test_device_streams_are_windows_with_statistics(exported):
     assert len(flagged) == 1 and flagged[0]["code"]["coding"][0]["code"] == "8867-4"
 
 
-def test_stream_window_is_a_setting(built, tmp_path):
+def test_stream_window_is_a_setting(built):
     twin = twin_of(built, "tl-export-1")
     (_, hourly), = iter_bundles(built, [twin])
     (_, quarter), = iter_bundles(built, [twin], stream_window=parse_window("15min"))
@@ -431,7 +432,7 @@ def test_stream_window_is_a_setting(built, tmp_path):
     assert count(quarter) > count(hourly)
     assert parse_window("1d") == timedelta(days=1)
     for bad in ("0h", "h", "5 years", "-1h"):
-        with pytest.raises(Exception, match="stream-window"):
+        with pytest.raises(ConfigError, match="stream-window"):
             parse_window(bad)
 
 
@@ -592,7 +593,7 @@ def test_cli_exports_one_twin_or_all(built, tmp_path, capsys):
 def test_export_before_any_build_says_what_to_do(tmp_path):
     store = Store(tmp_path / "s")
     run_import(store, "fhir", [EXTRA])
-    with pytest.raises(Exception, match="twin build"):
+    with pytest.raises(ConfigError, match="twin build"):
         export_twins(store, tmp_path / "out")
 
 
