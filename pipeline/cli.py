@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["fhir"], default="fhir", help="output format (fhir: R4 Bundles)")
     ex.add_argument("--out", metavar="DIR", default="export", help="output folder (default ./export)")
     ex.add_argument("--validate", action="store_true",
-                    help="validate every resource with fhir.resources R4B (about 20x slower); invalid ones are rejected")
+                    help="validate every resource with fhir.resources R4B (2-4x slower); invalid ones are rejected")
     ex.add_argument("--stream-window", default="1h", metavar="DURATION",
                     help="device streams: one Observation per device, signal and window (default 1h; 15min, 1d, ...)")
     ex.set_defaults(func=cmd_export)

@@ -20,6 +20,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from pipeline.cli import main
+from pipeline.connectors.hl7v2_files import read_hl7v2
 from pipeline.errors import ConfigError
 from pipeline.export import (
     SOURCE_BASE,
@@ -51,11 +52,11 @@ TABLES = ("patient", "patient_identifier", "patient_link", "encounter", "conditi
 # --------------------------------------------------------------------------- building the store
 
 
-def feed_rows(store: Store, source: str, units: list[Rows]) -> None:
-    """Store Rows units as one import run (what the device-log connector does)."""
+def feed_rows(store: Store, source: str, units: list[Any], kind: str = "csv") -> None:
+    """Store units as one import run (what the device-log and HL7 v2 connectors do)."""
     with store.locked("import"):
         run = Run(store, "import", inputs=["generated"])
-        ingest = Ingest(store, run, source, "csv", ViewSet(store.schema), twin_ids=TwinIds(stored_links(store)))
+        ingest = Ingest(store, run, source, kind, ViewSet(store.schema), twin_ids=TwinIds(stored_links(store)))
         for u in units:
             ingest.feed(u)
         ingest.finish()
@@ -496,6 +497,28 @@ def test_a_twin_with_two_source_records(tmp_path):
     for table, n in result.rows_read.items():
         if table != "twin":
             assert n == 2 * store.read(table, filter=pc.field("source") == "hospital-a").num_rows, table
+
+
+# --------------------------------------------------------------------------- HL7 v2 records
+
+
+def test_a_twin_from_fhir_and_hl7v2(tmp_path):
+    """HL7 v2 times come without offsets and at minute precision; OBX-18 makes Devices: all of it valid FHIR."""
+    store = Store(tmp_path / "s")
+    run_import(store, "fhir", [FIXTURES / "fhir" / "bulk"])
+    feed_rows(store, "hl7", list(read_hl7v2(sorted((FIXTURES / "hl7v2").glob("twin-*.hl7")))), kind="hl7v2")
+    build_twins(store)
+    result = export_twins(store, tmp_path / "out", validate=True)
+    assert result.reconciles() and not result.rejected
+    hl7 = store.read("observation", ["twin_id", "observation_id"], filter=pc.field("source") == "hl7")
+    assert hl7.num_rows
+    twin = hl7.column("twin_id")[0].as_py()
+    bundle = orjson.loads((tmp_path / "out" / f"{twin}.json").read_bytes())
+    sources = {e["fullUrl"].split("/")[-3] for e in bundle["entry"] if "/source/" in e["fullUrl"]}
+    assert sources == {"fhir", "hl7"}  # one person, two sources, one Bundle
+    urls = {e["fullUrl"] for e in bundle["entry"]}
+    for oid in set(hl7.column("observation_id").to_pylist()):
+        assert f"{SOURCE_BASE}hl7/Observation/{oid}" in urls
 
 
 # --------------------------------------------------------------------------- streaming in groups
