@@ -229,6 +229,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     return int(Exit.OK)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_twins, parse_window
+    from .twins import find_twin
+
+    if args.all == bool(args.patient):
+        raise ConfigError("`twin export` takes one PATIENT or --all")
+    store = _store(args)
+    twins = None if args.all else [find_twin(store, args.patient)]
+    result = export_twins(store, args.out, twins, validate=args.validate, stream_window=parse_window(args.stream_window))
+    print(result.summary())
+    return int(result.exit_code())
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import store_status
 
@@ -366,6 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", parents=[common], help="print one twin", description="Print a readable summary of one twin.")
     s.add_argument("patient", metavar="PATIENT", help="a twin id, or a source patient id")
     s.set_defaults(func=cmd_show)
+
+    ex = sub.add_parser("export", parents=[common], help="write twins as FHIR R4 Bundles",
+                        description="Write one FHIR R4 Bundle (type collection) per twin into DIR, named by twin id, "
+                                    "with index.ndjson (entries and external references per twin); see docs/export.md.")
+    ex.add_argument("patient", nargs="?", metavar="PATIENT", help="a twin id, or a source patient id")
+    ex.add_argument("--all", action="store_true", help="every twin of the last build")
+    ex.add_argument("--format", choices=["fhir"], default="fhir", help="output format (fhir: R4 Bundles)")
+    ex.add_argument("--out", metavar="DIR", default="export", help="output folder (default ./export)")
+    ex.add_argument("--validate", action="store_true",
+                    help="validate every resource with fhir.resources R4B (2-4x slower); invalid ones are rejected")
+    ex.add_argument("--stream-window", default="1h", metavar="DURATION",
+                    help="device streams: one Observation per device, signal and window (default 1h; 15min, 1d, ...)")
+    ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("status", parents=[common], help="recent runs, watermarks, store size")
     st.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")
