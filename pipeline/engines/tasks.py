@@ -253,8 +253,12 @@ def map_part(part: Part, ctx: ImportContext, hooks: Any = None) -> dict[str, Any
 
 
 def _stage(ctx: ImportContext, part: Part, name: str, data: pa.Table) -> str:
+    return _stage_table(ctx.stage_dir, part.index, name, data)
+
+
+def _stage_table(stage_dir: str, index: int, name: str, data: pa.Table) -> str:
     """Write atomically (tmp + rename): a retried task rewrites the same file whole."""
-    path = os.path.join(ctx.stage_dir, f"part-{part.index:06d}.{name}.arrow")
+    path = os.path.join(stage_dir, f"part-{index:06d}.{name}.arrow")
     tmp = f"{path}.{os.getpid()}.tmp"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, data.schema, options=IPC_OPTIONS) as w:
         w.write_table(data, max_chunksize=1 << 16)
