@@ -28,7 +28,7 @@ def _freeze(v: Any) -> Any:
     return v
 
 
-def table_rows(store: Store, name: str) -> Counter:
+def table_rows(store: Store, name: str, ignore: set[str] = frozenset()) -> Counter:
     if not store.exists(name):
         return Counter()
     t = store.read(name)
@@ -38,7 +38,7 @@ def table_rows(store: Store, name: str) -> Counter:
             sources = json.loads(r["counts"])["sources"]
             rows.append(_freeze({**{k: r[k] for k in RUN_TALLIES}, "sources": sources}))
         return Counter(rows)
-    keep = [c for c in t.column_names if c not in RUN_COLUMNS]
+    keep = [c for c in t.column_names if c not in RUN_COLUMNS and c not in ignore]
     out = Counter()
     for r in t.select(keep).to_pylist():
         if isinstance(r.get("source_ref"), str) and r["source_ref"].startswith("build "):
@@ -47,11 +47,12 @@ def table_rows(store: Store, name: str) -> Counter:
     return out
 
 
-def differences(a: Store, b: Store) -> dict[str, str]:
-    """Table name -> what differs (empty when the stores hold the same data)."""
+def differences(a: Store, b: Store, ignore: dict[str, set[str]] | None = None) -> dict[str, str]:
+    """Table name -> what differs (empty when the stores hold the same data); `ignore`: more columns to leave out."""
     out = {}
     for name in a.schema.tables:
-        ra, rb = table_rows(a, name), table_rows(b, name)
+        skip = (ignore or {}).get(name, set())
+        ra, rb = table_rows(a, name, skip), table_rows(b, name, skip)
         if ra != rb:
             only_a, only_b = ra - rb, rb - ra
             out[name] = (f"{sum(ra.values())} vs {sum(rb.values())} rows; {sum(only_a.values())} only in the first, "

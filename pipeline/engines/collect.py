@@ -81,8 +81,9 @@ class Collector:
                                           u["payload_ref"], u["target_table"]))
             elif kind == "deletion":
                 old = self.pending.pop(u["key"], None)
-                if old is not None:
+                if old is not None:  # a copy the deletion supersedes: read, not written
                     self.pending_rows -= old[3]
+                    self.counts.unchanged += 1
                 rtype, _, rid = u["key"].partition("/")
                 self.ingest.feed(Deletion(rtype, rid, u["source_ref"]))
             elif kind == "rows":

@@ -224,7 +224,8 @@ def scan_range(piece: Piece, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str,
     if not region:
         return stats, found
     stats["lines"] = region.count(b"\n") + (0 if region.endswith(b"\n") else 1)
-    stats["units"] = bool(region.strip())  # a line that is not blank is a unit (a resource or a rejection)
+    body = region[3:] if piece.start == 0 and region.startswith(b"\xef\xbb\xbf") else region
+    stats["units"] = bool(body.strip())  # a line that is not blank is a unit (a resource or a rejection)
     if piece.start == 0:
         first = region.split(b"\n", 1)[0]
         if len(first) <= limits.max_line_bytes and _is_bulk_log(first.removeprefix(b"\xef\xbb\xbf")):

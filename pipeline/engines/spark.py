@@ -163,6 +163,8 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
     clock = time.perf_counter()
     scans = run_tasks(spark, [p.to_json() for p in parts], lambda p: scan_part(p, kind, options), "scan")
     by_piece = {(s["part"], j): info for s in scans for j, info in enumerate(s["pieces"])}
+    sha = {pc.path: by_piece[(part.index, j)]["sha256"] for part in parts for j, pc in enumerate(part.pieces)
+           if by_piece[(part.index, j)].get("sha256")}
     parts = with_line_numbers(parts, by_piece)
     identifiers: dict[tuple[str, str, str], str] = {}
     ordered: list[tuple[str, str, str, str]] = []
@@ -196,11 +198,6 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
     shutil.rmtree(stage, ignore_errors=True)
     log.info("spark import: written to the store in %.2f s", time.perf_counter() - clock)
 
-    sha = {}
-    for part, s in zip(parts, scans, strict=True):
-        for pc, info in zip(part.pieces, s["pieces"], strict=True):
-            if info.get("sha256"):
-                sha[pc.path] = info["sha256"]
     ledger_rows = []
     for path in todo:
         st = stats[str(path)]
