@@ -102,12 +102,12 @@ def plan_parts(connector: FileConnector, files: list[Path], part_bytes: int = DE
 
 
 def auto_part_bytes(files: list[Path], slots: int) -> int:
-    """About four parts per task slot, so that uneven parts even out; 1 to 128 MiB."""
+    """About eight parts per task slot, so that uneven parts even out; 1 to 128 MiB."""
     total = 0
     for f in files:
         with contextlib.suppress(OSError):
             total += os.path.getsize(f)
-    return max(1 << 20, min(128 << 20, total // max(4 * slots, 1)))
+    return max(1 << 20, min(128 << 20, total // max(8 * slots, 1)))
 
 
 def with_line_numbers(parts: list[Part], scans: dict[tuple[int, int], dict[str, Any]]) -> list[Part]:

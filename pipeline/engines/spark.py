@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from ..store import Store
 from ..temporal import utc_now
 from .collect import Collector
 from .parts import Part, auto_part_bytes, plan_parts, with_line_numbers
-from .tasks import ImportContext, guarded, iter_parts, key_fingerprint, map_part, scan_part
+from .tasks import ImportContext, guarded, iter_parts, key_fingerprint, map_part, scan_part, wait_staged
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +186,24 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
     log.info("spark import: %d parts scanned in %.2f s", len(parts), time.perf_counter() - clock)
     clock = time.perf_counter()
     bc = spark.sparkContext.broadcast(ctx)
+    collector = Collector(ingest)
     try:
-        results = run_tasks(spark, [p.to_json() for p in parts], lambda p: map_part(p, bc.value, hooks), "mapping")
+        # the driver writes part i as soon as it is staged, while the executors map the parts after it
+        with ThreadPoolExecutor(1, thread_name_prefix="twinline-spark") as pool:
+            job = pool.submit(run_tasks, spark, [p.to_json() for p in parts],
+                              lambda p: map_part(p, bc.value, hooks), "mapping")
+            try:
+                for part in parts:
+                    collector.add(wait_staged(str(stage), part.index, job), [pc.path for pc in part.pieces])
+                job.result()
+            except BaseException:
+                spark.sparkContext.cancelAllJobs()
+                raise
     finally:
         bc.unpersist()
-    log.info("spark import: %d parts mapped in %.2f s", len(parts), time.perf_counter() - clock)
-    clock = time.perf_counter()
-    collector = Collector(ingest)
-    for part, result in zip(parts, results, strict=True):
-        collector.add(result, [pc.path for pc in part.pieces])
     collector.finish(identifiers)
     shutil.rmtree(stage, ignore_errors=True)
-    log.info("spark import: written to the store in %.2f s", time.perf_counter() - clock)
+    log.info("spark import: %d parts mapped and written in %.2f s", len(parts), time.perf_counter() - clock)
 
     ledger_rows = []
     for path in todo:

@@ -19,14 +19,17 @@ values they choked on, and Spark logs and ships task errors verbatim.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from ..connectors import FILE_CONNECTORS
@@ -246,10 +249,41 @@ def map_part(part: Part, ctx: ImportContext, hooks: Any = None) -> dict[str, Any
     for i, r in rows_units:
         staged[f"_rows{i}"] = _stage(ctx, part, f"_rows{i}", r.data)
     staged[UNITS] = _stage(ctx, part, UNITS, pa.table(units, schema=UNIT_SCHEMA))
-    return {"part": part.index, "staged": staged, "units": seq,
-            "rows_units": [{"seq": i, "table": r.table, "units": r.units, "content_hash": r.content_hash}
-                           for i, r in rows_units],
-            "unresolved": dict(mapper.resolver.unresolved)}
+    result = {"part": part.index, "staged": staged, "units": seq,
+              "rows_units": [{"seq": i, "table": r.table, "units": r.units, "content_hash": r.content_hash}
+                             for i, r in rows_units],
+              "unresolved": dict(mapper.resolver.unresolved)}
+    _write_atomic(_done_path(ctx.stage_dir, part.index), orjson.dumps(result))  # last: the part is complete
+    return result
+
+
+def _done_path(stage_dir: str, index: int) -> str:
+    return os.path.join(stage_dir, f"part-{index:06d}.done.json")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def wait_staged(stage_dir: str, index: int, job: Future, poll: float = 0.05) -> dict[str, Any]:
+    """The result of part `index` once its task has staged it (or the job's error, if it failed)."""
+    path = _done_path(stage_dir, index)
+    while True:
+        try:
+            with open(path, "rb") as f:
+                result = orjson.loads(f.read())
+            os.remove(path)
+            return result
+        except FileNotFoundError:
+            if job.done():
+                job.result()  # raises the job's error
+                if not os.path.exists(path):
+                    raise TaskFailed(f"partition {index} finished without staging its result") from None
+            else:
+                time.sleep(poll)
 
 
 def _stage(ctx: ImportContext, part: Part, name: str, data: pa.Table) -> str:
@@ -272,8 +306,6 @@ def read_staged(path: str) -> pa.Table:
 
 
 def iter_parts(batches: Iterator[pa.RecordBatch]) -> Iterator[Part]:
-    import orjson
-
     for batch in batches:
         for text in batch.column(0).to_pylist():
             yield Part.from_json(orjson.loads(text))
