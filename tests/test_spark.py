@@ -136,3 +136,39 @@ def test_shared_synthea_data_gives_the_same_tables(shared_data, tmp_path, spark)
     one, two, r1, r2 = both(tmp_path, spark, inputs, part_bytes=4 << 20)
     assert_same_tables(one, two)
     assert tallies(r1) == tallies(r2)
+
+
+def test_cli_and_job_runner_calls(tmp_path, spark, capsys):
+    """`twin import/build --engine spark` and the two calls a job runner makes, in one run."""
+    from pipeline.cli import main as twin
+    from pipeline.engines.spark import SparkEngine
+    from pipeline.imports import finish_run
+    from pipeline.runs import Run
+
+    bundles = FIXTURES / "fhir" / "bundles"
+    cli_store = tmp_path / "cli"
+    assert twin(["import", "fhir", str(bundles), "--store", str(cli_store), "--engine", "spark"]) == 0
+    assert twin(["build", "--store", str(cli_store), "--engine", "spark", "--master", "local[2]"]) == 0
+    out = capsys.readouterr().out
+    assert "fhir: read 369 units" in out and "twins: 3 (3 rebuilt" in out
+
+    store = Store(tmp_path / "job")
+    engine = SparkEngine("local[2]")
+    with store.locked("run"):
+        run = Run(store, "run", inputs=["job.toml"])
+        engine.import_files(store, run, "fhir", [bundles], source="ehr")
+        finish_run(store, run)
+    assert run.counts["ehr"].read == 369 and run.counts["ehr"].reconciles()
+    assert engine.build_twins(store).rebuilt == 3
+    for name in ("patient", "observation", "twin", "timeline"):
+        assert Store(cli_store).count(name) == store.count(name)
+
+
+def test_spark_without_java_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main as twin
+
+    pytest.importorskip("pyspark")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    code = twin(["build", "--store", str(tmp_path), "--engine", "spark"])
+    assert code == 2 and "needs Java" in capsys.readouterr().err

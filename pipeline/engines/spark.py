@@ -218,3 +218,30 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
     if ledger_rows:
         schema = store.schema.table("ledger").arrow_schema
         store.merge_by_key("ledger", pa.Table.from_pylist(ledger_rows, schema=schema))
+
+
+class SparkEngine:
+    """What a job runner calls to run a job's file imports and its build on Spark.
+
+    The same signatures as pipeline.imports.import_files and pipeline.twins.build_twins,
+    so that `run_job` can take either; the session starts on first use.
+    """
+
+    def __init__(self, master: str = DEFAULT_MASTER):
+        self.master = master
+        self._spark = None
+
+    @property
+    def spark(self):
+        if self._spark is None:
+            self._spark = spark_session(self.master)
+        return self._spark
+
+    def import_files(self, store: Store, run: Run, kind: str, paths: list[Path], **kw: Any) -> None:
+        kw.pop("progress", None)
+        spark_import_files(self.spark, store, run, kind, paths, **kw)
+
+    def build_twins(self, store: Store, **kw: Any):
+        from .build import spark_build
+
+        return spark_build(store, self.spark, **kw)
