@@ -114,3 +114,41 @@ def test_scan_finds_the_identifiers_the_single_process_indexes():
                 expected |= {(r["resourceType"], i.get("system", ""), i["value"], r["id"])
                              for i in r.get("identifier", []) if "value" in i}
     assert found == expected and len(found) > 100
+
+
+def test_the_single_process_does_not_load_spark():
+    """The default path pays nothing for the extra: importing the CLI and running an import loads no Spark."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile; from pipeline.imports import run_import; from pipeline.store import Store; "
+            "import pipeline.cli; run_import(Store(tempfile.mkdtemp()), 'fhir', [sys.argv[1]]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('pyspark', 'py4j', 'pipeline.engines'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "fhir" / "bundles" / "patient-1.json")],
+                         capture_output=True, text=True, check=True, cwd=str(FIXTURES.parent))
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_with_another_key_stops_the_run(monkeypatch, tmp_path):
+    import pytest
+
+    from pipeline.engines import tasks
+    from pipeline.temporal import utc_now
+
+    ctx = tasks.ImportContext("fhir", "fhir", "fhir", "r-key", utc_now(), str(tmp_path), [], [], {}, "not-the-key")
+    tasks._CACHE.clear()
+    with pytest.raises(tasks.TaskFailed, match="TWIN_KEY"):
+        tasks.map_part(Part(0), ctx)
+
+
+def test_task_errors_do_not_quote_data():
+    import pytest
+
+    from pipeline.engines.tasks import TaskFailed, guarded
+
+    def boom():
+        raise ValueError("Jane Doe, born 1970-01-01")
+
+    with pytest.raises(TaskFailed) as e:
+        guarded("mapping of partition 3", boom)
+    assert "Jane" not in str(e.value) and "ValueError" in str(e.value) and "partition 3" in str(e.value)
