@@ -68,8 +68,7 @@ def spark_session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = No
     builder = (SparkSession.builder.master(master).appName("twinline")
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.python.worker.reuse", "true")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1"))
+               .config("spark.python.worker.reuse", "true"))
     for k, v in (conf or {}).items():
         if k == "spark.jars.packages":
             raise ConfigError("spark.jars.packages is not supported: Twinline needs no Spark package")
@@ -147,8 +146,43 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
         import_files(store, run, kind, paths, source=source, options=options, reprocess=reprocess, hooks=hooks)
         return
     files = list(connector.files(paths))
+    todo, stats = _files_to_read(store, source, files, reprocess)
+    parts = plan_parts(connector, todo, part_bytes or auto_part_bytes(todo, spark.sparkContext.defaultParallelism))
+    clock = time.perf_counter()
+    parts, sha, ordered = _scan(spark, parts, kind, options)
+    log.info("spark import: %d parts scanned in %.2f s", len(parts), time.perf_counter() - clock)
+    clock = time.perf_counter()
+    ingest = Ingest(store, run, source, connector.kind, ViewSet(store.schema), flush_rows=flush_rows,
+                    twin_ids=TwinIds(stored_links(store)), transform=hooks[0] if hooks else None,
+                    column_transforms=hooks[1] if hooks else None)
+    stage = store.tmp_dir() / f"spark-{run.run_id}"
+    stage.mkdir(parents=True, exist_ok=True)
+    ctx = ImportContext(kind=kind, source=source, source_kind=connector.kind, run_id=run.run_id, now=utc_now(),
+                        stage_dir=str(stage), identifiers=ordered,
+                        stored_identifiers=list(ingest._stored_identifiers()) if store.exists("resource_identifier") else [],
+                        links=ingest.twin_ids._links, key_check=key_fingerprint(), options=options)
+    collector = Collector(ingest)
+    _map_and_write(spark, parts, ctx, hooks, collector)
+    collector.finish({(t, s, v): i for t, s, v, i in ordered})
+    shutil.rmtree(stage, ignore_errors=True)
+    log.info("spark import: %d parts mapped and written in %.2f s", len(parts), time.perf_counter() - clock)
+    ledger_rows = [{"source": source, "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha256": sha[str(path)], "run_id": run.run_id, "processed_at": utc_now(),
+                    "units_read": collector.units_by_path.get(str(path), 0)}
+                   for path, st in zip(todo, stats, strict=True) if st is not None and sha.get(str(path))]
+    skipped = len(files) - len(todo)
+    if skipped:
+        run.notes.append(f"{source}: {skipped} file(s) unchanged since they were last imported, skipped "
+                         "(--reprocess reads them again)")
+    if ledger_rows:
+        schema = store.schema.table("ledger").arrow_schema
+        store.merge_by_key("ledger", pa.Table.from_pylist(ledger_rows, schema=schema))
+
+
+def _files_to_read(store: Store, source: str, files: list[Path], reprocess: bool) -> tuple[list[Path], list[Any]]:
+    """The files the ledger does not know unchanged (size and mtime), with their stat."""
     seen = {} if reprocess else _ledger(store, source)
-    todo, stats = [], {}
+    todo, stats = [], []
     for path in files:
         try:
             st = path.stat()
@@ -158,66 +192,38 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
         if st is not None and known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
             continue
         todo.append(path)
-        stats[str(path)] = st
-    skipped = len(files) - len(todo)
-    parts = plan_parts(connector, todo, part_bytes or auto_part_bytes(todo, spark.sparkContext.defaultParallelism))
-    clock = time.perf_counter()
+        stats.append(st)
+    return todo, stats
+
+
+def _scan(spark, parts: list[Part], kind: str, options: dict[str, Any]
+          ) -> tuple[list[Part], dict[str, str], list[tuple[str, str, str, str]]]:
+    """The scan job: parts with their line numbers, file hashes, and the identifier index in input order."""
     scans = run_tasks(spark, [p.to_json() for p in parts], lambda p: scan_part(p, kind, options), "scan")
     by_piece = {(s["part"], j): info for s in scans for j, info in enumerate(s["pieces"])}
     sha = {pc.path: by_piece[(part.index, j)]["sha256"] for part in parts for j, pc in enumerate(part.pieces)
            if by_piece[(part.index, j)].get("sha256")}
-    parts = with_line_numbers(parts, by_piece)
-    identifiers: dict[tuple[str, str, str], str] = {}
-    ordered: list[tuple[str, str, str, str]] = []
-    for s in scans:
-        for _j, _seq, rtype, system, value, rid in sorted(s["identifiers"], key=lambda x: (x[0], x[1])):
-            ordered.append((rtype, system, value, rid))
-            identifiers[(rtype, system, value)] = rid
+    ordered = [(rtype, system, value, rid) for s in scans
+               for _j, _seq, rtype, system, value, rid in sorted(s["identifiers"], key=lambda x: (x[0], x[1]))]
+    return with_line_numbers(parts, by_piece), sha, ordered
 
-    ingest = Ingest(store, run, source, connector.kind, ViewSet(store.schema), flush_rows=flush_rows,
-                    twin_ids=TwinIds(stored_links(store)), transform=hooks[0] if hooks else None,
-                    column_transforms=hooks[1] if hooks else None)
-    stage = store.tmp_dir() / f"spark-{run.run_id}"
-    stage.mkdir(parents=True, exist_ok=True)
-    stored = list(ingest._stored_identifiers()) if store.exists("resource_identifier") else []
-    ctx = ImportContext(kind=kind, source=source, source_kind=connector.kind, run_id=run.run_id, now=utc_now(),
-                        stage_dir=str(stage), identifiers=ordered, stored_identifiers=stored,
-                        links=ingest.twin_ids._links, key_check=key_fingerprint(), options=options)
-    log.info("spark import: %d parts scanned in %.2f s", len(parts), time.perf_counter() - clock)
-    clock = time.perf_counter()
+
+def _map_and_write(spark, parts: list[Part], ctx: ImportContext, hooks: Hooks | None, collector: Collector) -> None:
+    """The mapping job; the driver writes part i as soon as it is staged, while later parts are mapped."""
     bc = spark.sparkContext.broadcast(ctx)
-    collector = Collector(ingest)
     try:
-        # the driver writes part i as soon as it is staged, while the executors map the parts after it
         with ThreadPoolExecutor(1, thread_name_prefix="twinline-spark") as pool:
             job = pool.submit(run_tasks, spark, [p.to_json() for p in parts],
                               lambda p: map_part(p, bc.value, hooks), "mapping")
             try:
                 for part in parts:
-                    collector.add(wait_staged(str(stage), part.index, job), [pc.path for pc in part.pieces])
+                    collector.add(wait_staged(ctx.stage_dir, part.index, job), [pc.path for pc in part.pieces])
                 job.result()
             except BaseException:
                 spark.sparkContext.cancelAllJobs()
                 raise
     finally:
         bc.unpersist()
-    collector.finish(identifiers)
-    shutil.rmtree(stage, ignore_errors=True)
-    log.info("spark import: %d parts mapped and written in %.2f s", len(parts), time.perf_counter() - clock)
-
-    ledger_rows = []
-    for path in todo:
-        st = stats[str(path)]
-        if st is not None and sha.get(str(path)):
-            ledger_rows.append({"source": source, "path": str(path.resolve()), "size": st.st_size,
-                                "mtime_ns": st.st_mtime_ns, "sha256": sha[str(path)], "run_id": run.run_id,
-                                "processed_at": utc_now(), "units_read": collector.units_by_path.get(str(path), 0)})
-    if skipped:
-        run.notes.append(f"{source}: {skipped} file(s) unchanged since they were last imported, skipped "
-                         "(--reprocess reads them again)")
-    if ledger_rows:
-        schema = store.schema.table("ledger").arrow_schema
-        store.merge_by_key("ledger", pa.Table.from_pylist(ledger_rows, schema=schema))
 
 
 class SparkEngine:
