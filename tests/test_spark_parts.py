@@ -152,3 +152,60 @@ def test_task_errors_do_not_quote_data():
     with pytest.raises(TaskFailed) as e:
         guarded("mapping of partition 3", boom)
     assert "Jane" not in str(e.value) and "ValueError" in str(e.value) and "partition 3" in str(e.value)
+
+
+def test_columnar_rows_are_written_as_the_single_process_writes_them(tmp_path, monkeypatch):
+    """A connector that yields `Rows` (device streams do): mapped by a task, written by the
+    Collector, it leaves the same observation rows and tallies as `Ingest.feed`."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from pipeline.connectors import FileConnector
+    from pipeline.engines.collect import Collector
+    from pipeline.engines.tasks import _CACHE, ImportContext, key_fingerprint, map_part
+    from pipeline.ingest import Ingest, ViewSet
+    from pipeline.runs import Run
+    from pipeline.store import Store
+    from pipeline.units import Rejected, Rows
+    from tests.spark_compare import differences
+
+    t0 = datetime(2024, 5, 1, tzinfo=UTC)
+    samples = pa.table({
+        "observation_id": [f"dev-1-{i}" for i in range(4)], "patient_id": ["p1"] * 4, "is_component": [False] * 4,
+        "category_code": ["device"] * 4, "code": ["8867-4"] * 4, "value_number": [60.0, 61.0, 62.0, 63.0],
+        "effective_start": pa.array([t0] * 4, pa.timestamp("us", tz="UTC")), "status": ["final"] * 4,
+        "device_id": ["monitor-7"] * 4, "unit_key": ["monitor-7/2024-05-01"] * 4, "row_index": pa.array(range(4), pa.int32()),
+    })
+
+    def read(path, options):
+        yield Rows("observation", samples, f"{path}:1-4", 4, "h1")
+        yield Rejected("parse", "bad-row", "line 5: not a number", f"{path}:5")
+
+    log = tmp_path / "monitor.csv"
+    log.write_text("csv\n")
+    monkeypatch.setitem(FILE_CONNECTORS, "devlog", FileConnector("devlog", "test", lambda p: True, read_file=read))
+    stores = []
+    for engine in ("single", "tasks"):
+        store = Store(tmp_path / engine)
+        with store.locked("import"):
+            run = Run(store, "import")
+            ingest = Ingest(store, run, "icu", "devlog", ViewSet(store.schema))
+            if engine == "single":
+                ingest.feed_all(read(log, {}))
+                ingest.finish()
+            else:
+                _CACHE.clear()
+                stage = tmp_path / "stage"
+                stage.mkdir()
+                ctx = ImportContext("devlog", "icu", "devlog", run.run_id, t0, str(stage), [], [], {}, key_fingerprint())
+                part = Part(0, (plan_parts(FILE_CONNECTORS["devlog"], [log])[0].pieces[0],))
+                collector = Collector(ingest)
+                collector.add(map_part(part, ctx), [str(log)])
+                collector.finish({})
+            run.record()
+            store.commit(run.run_id)
+        c = run.counts["icu"]
+        assert (c.read, c.written, c.quarantined) == (5, 4, 1) and c.reconciles()
+        stores.append(store)
+    assert differences(*stores) == {}
