@@ -63,8 +63,11 @@ def key_fingerprint() -> str:
 
 
 def guarded(what: str, fn, *args):
+    """Run a task body; an unexpected error leaves with its type and place only (our own TaskFailed whole)."""
     try:
         return fn(*args)
+    except TaskFailed:
+        raise
     except Exception as e:
         tb = traceback.extract_tb(e.__traceback__)
         where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
