@@ -2,7 +2,7 @@
 
 Each test imports (and builds) the same input twice, once with the single process and
 once on Spark `local[2]`, and compares every table of the two stores by meaning
-(tests/spark_compare.py). One Spark session serves the whole module; the tests skip,
+(tests/spark_compare.py). One Spark session serves the whole test session; the tests skip,
 saying why, when PySpark or Java is missing.
 """
 
@@ -22,7 +22,7 @@ from tests.conftest import FIXTURES
 from tests.spark_compare import differences, table_rows
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def spark():
     if shutil.which("java") is None:
         pytest.skip("Spark tests need Java 17+ on PATH (Debian: openjdk-17-jre-headless)")
