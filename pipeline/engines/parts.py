@@ -121,7 +121,7 @@ def with_line_numbers(parts: list[Part], scans: dict[tuple[int, int], dict[str, 
     last: dict[str, tuple[int, int]] = {}
     logs = {pc.path for p in parts for j, pc in enumerate(p.pieces)
             if not pc.whole and pc.start == 0 and scans[(p.index, j)].get("log")}
-    out = []
+    out: list[Part] = []
     for part in parts:
         pieces = []
         for j, pc in enumerate(part.pieces):
