@@ -17,7 +17,9 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,10 +67,16 @@ def spark_session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = No
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if home not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([home, *[p for p in paths if p]])
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
     builder = (SparkSession.builder.master(master).appName("twinline")
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.python.worker.reuse", "true"))
+               .config("spark.python.worker.reuse", "true")
+               .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={_log4j_config()}"))
+    if master.startswith("local"):
+        # everything stays on the loopback interface (Spark would pick the first network interface)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for k, v in (conf or {}).items():
         if k == "spark.jars.packages":
             raise ConfigError("spark.jars.packages is not supported: Twinline needs no Spark package")
@@ -79,6 +87,27 @@ def spark_session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = No
         raise ConfigError(f"Spark did not start ({type(e).__name__}): check Java and --master {master}") from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+_LOG4J = """\
+# Twinline's Spark logging: errors only, on stderr (the summary on stdout stays clean for schedulers)
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = stderr
+appender.stderr.type = Console
+appender.stderr.name = stderr
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+"""
+
+
+def _log4j_config() -> str:
+    path = Path(tempfile.gettempdir()) / "twinline-spark-log4j2.properties"
+    if not path.exists() or path.read_text() != _LOG4J:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(_LOG4J)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def run_tasks(spark, items: list[dict[str, Any]], fn: Callable[[Part], dict[str, Any]], what: str) -> list[dict[str, Any]]:
