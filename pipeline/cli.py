@@ -112,6 +112,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .imports import run_import
 
     options: dict[str, Any] = {"strict": args.strict}
+    if args.engine == "spark":  # docs/spark.md
+        from .engines.spark import spark_import
+
+        run = spark_import(_store(args), args.kind, args.paths, master=args.master, source=args.source,
+                           options=options, reprocess=args.reprocess)
+        print_run_summary(run)
+        return int(run.exit_code())
     update, close = _progress_bar(f"import {args.kind}")
     try:
         run = run_import(_store(args), args.kind, args.paths, source=args.source, options=options,
@@ -210,7 +217,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .twins import build_twins
 
     as_of = parse_instant_arg(args.as_of) if args.as_of else None
-    result = build_twins(_store(args), as_of=as_of, force=args.force)
+    if args.engine == "spark":  # docs/spark.md
+        from .engines.build import spark_build
+        from .engines.spark import spark_session
+
+        result = spark_build(_store(args), spark_session(args.master), as_of=as_of, force=args.force)
+    else:
+        result = build_twins(_store(args), as_of=as_of, force=args.force)
     print(result.summary())
     return int(Exit.OK)
 
@@ -281,13 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     common.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="log lines on stderr as text (default) or JSON lines")
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--engine", choices=["single", "spark"], default="single",
+                        help="where the work runs: this process (default) or Apache Spark (docs/spark.md)")
+    engine.add_argument("--master", default="local[2]", metavar="URL",
+                        help="with --engine spark: local[N] or a cluster URL (default local[2])")
 
     p = argparse.ArgumentParser(prog="twin", description="Twinline: patient digital twins from hospital data.",
                                 parents=[common])
     p.add_argument("--version", action="version", version=f"twinline {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    imp = sub.add_parser("import", parents=[common], help="import files and folders",
+    imp = sub.add_parser("import", parents=[common, engine], help="import files and folders",
                          description="Import files and folders of one kind into the store, as one run.")
     imp.add_argument("kind", choices=sorted(FILE_CONNECTORS), help="what the files hold")
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (folders are walked)")
@@ -365,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--config", metavar="FILE", help="gate thresholds (default: config/gate.toml)")
     ch.set_defaults(func=cmd_check)
 
-    b = sub.add_parser("build", parents=[common], help="assemble the twins", description="Assemble one twin per patient.")
+    b = sub.add_parser("build", parents=[common, engine], help="assemble the twins", description="Assemble one twin per patient.")
     b.add_argument("--as-of", metavar="T", help="the state as known at T (a date or date-time)")
     b.add_argument("--force", action="store_true", help="build even though the last gate failed (recorded in runs)")
     b.set_defaults(func=cmd_build)

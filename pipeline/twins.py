@@ -125,8 +125,13 @@ class BuildResult:
         return "\n".join(lines)
 
 
-def _inputs_hash(snap: Snapshot) -> dict[str, str]:
-    """twin_id -> hash of the content hashes of every row that belongs to it."""
+def twin_bucket(twin_id: str, buckets: int) -> int:
+    """The bucket of a twin among `buckets`: stable across processes and machines (builds run per bucket)."""
+    return int.from_bytes(hashlib.blake2b(twin_id.encode(), digest_size=8).digest(), "big") % buckets
+
+
+def _inputs_hash(snap: Snapshot, bucket: tuple[int, int] | None = None) -> dict[str, str]:
+    """twin_id -> hash of the content hashes of every row that belongs to it (only twins of `bucket` (b, n))."""
     parts = []
     for name in CLINICAL:
         t = snap.read(name, ["twin_id", "unit_key", "content_hash"])
@@ -135,6 +140,10 @@ def _inputs_hash(snap: Snapshot) -> dict[str, str]:
     if not parts:
         return {}
     t = pa.concat_tables(parts)
+    if bucket is not None:
+        ids = pc.unique(t.column("twin_id")).to_pylist()
+        mine = pa.array([i for i in ids if twin_bucket(i, bucket[1]) == bucket[0]], pa.string())
+        t = t.filter(pc.is_in(t.column("twin_id"), value_set=mine))
     t = t.sort_by([("twin_id", "ascending"), ("table", "ascending"), ("unit_key", "ascending")])
     out: dict[str, str] = {}
     twins = t.column("twin_id").to_pylist()
@@ -153,59 +162,88 @@ def _inputs_hash(snap: Snapshot) -> dict[str, str]:
     return out
 
 
+@dataclass
+class BuildPlan:
+    """What a build does: every twin's inputs hash, the twins to (re)build, the twins gone."""
+
+    hashes: dict[str, str]
+    todo: list[str]
+    gone: list[str]
+
+
+def plan_build(store: Store, snap: Snapshot, *, full: bool, bucket: tuple[int, int] | None = None) -> BuildPlan:
+    """Decide which twins to rebuild (all of them when `full`), for every twin or one bucket's."""
+    hashes = _inputs_hash(snap, bucket)
+    stored: dict[str, str] = {}
+    if store.exists("twin"):
+        t = store.read("twin", ["twin_id", "inputs_hash"], latest=True)
+        stored = dict(zip(t.column("twin_id").to_pylist(), t.column("inputs_hash").to_pylist(), strict=True))
+        if bucket is not None:
+            stored = {k: v for k, v in stored.items() if twin_bucket(k, bucket[1]) == bucket[0]}
+    todo = sorted(hashes) if full else sorted(k for k, h in hashes.items() if stored.get(k) != h)
+    return BuildPlan(hashes, todo, sorted(set(stored) - set(hashes)))
+
+
+def begin_build(store: Store, as_of: datetime | None, force: bool) -> tuple[Run, Snapshot, datetime, bool]:
+    """Checks and the run of a build (the caller holds the lock): run, snapshot, build time, full rebuild?"""
+    if not store.exists("patient"):
+        raise ConfigError("nothing to build: the store has no patients yet (import something first)")
+    from .gate_runs import last_gate_failed
+
+    if last_gate_failed(store) and not force:
+        raise GateFailed("the last `twin check` failed: twins are not built on data that failed the gate. "
+                         "Read its report (`twin status` shows the run), fix the data, or `twin build --force`")
+    run = Run(store, "build", inputs=[f"as_of={as_of.isoformat()}" if as_of else "as_of=now"])
+    # an as-of build is a full rebuild at T; a plain build redoes only twins whose inputs changed
+    # (or that the last build left at another as-of)
+    full = as_of is not None or _last_as_of(store) is not None
+    return run, Snapshot(store, as_of), as_of or utc_now(), full
+
+
+def build_mode(as_of: datetime | None) -> str:
+    # a twin's content hash leaves out the build time, so that rebuilding the same inputs the
+    # same way gives the same hash; an as-of build is a different state and says so
+    return f"as-of {as_of.isoformat()}" if as_of else "current"
+
+
+def end_build(store: Store, run: Run, result: BuildResult, *, total: int, rebuilt: int, gone: list[str],
+              force: bool) -> None:
+    """Remove the twins that are gone, record the run, commit."""
+    from .gate_runs import last_gate_failed
+
+    if gone:
+        store.delete_units("twin", BUILD_SOURCE, gone)
+        store.delete_units("timeline", BUILD_SOURCE, gone)
+        result.removed = len(gone)
+    result.twins_total = total
+    result.unchanged = total - rebuilt
+    run.counts[BUILD_SOURCE].read = total
+    run.counts[BUILD_SOURCE].written = rebuilt
+    run.counts[BUILD_SOURCE].unchanged = total - rebuilt
+    run.rows["twin"]["written"] = result.rebuilt
+    run.rows["timeline"]["written"] = result.timeline_rows
+    forced = force and last_gate_failed(store)
+    run.forced = forced
+    result.forced = forced
+    run.record(status="ok", exit_code=0, message="forced past a failed gate" if forced else None)
+    store.commit(run.run_id)
+
+
 def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = False) -> BuildResult:
     """Assemble the twin and timeline tables, as one run."""
     with store.locked("build"):
-        if not store.exists("patient"):
-            raise ConfigError("nothing to build: the store has no patients yet (import something first)")
-        from .gate_runs import last_gate_failed
-
-        if last_gate_failed(store) and not force:
-            raise GateFailed("the last `twin check` failed: twins are not built on data that failed the gate. "
-                             "Read its report (`twin status` shows the run), fix the data, or `twin build --force`")
-        run = Run(store, "build", inputs=[f"as_of={as_of.isoformat()}" if as_of else "as_of=now"])
-        snap = Snapshot(store, as_of)
-        now = as_of or utc_now()
+        run, snap, now, full = begin_build(store, as_of, force)
         result = BuildResult(run.run_id, now)
         try:
-            hashes = _inputs_hash(snap)
-            stored: dict[str, str] = {}
-            if store.exists("twin"):
-                t = store.read("twin", ["twin_id", "inputs_hash"], latest=True)
-                stored = dict(zip(t.column("twin_id").to_pylist(), t.column("inputs_hash").to_pylist(), strict=True))
-            # an as-of build is a full rebuild at T; a plain build redoes only twins whose inputs changed
-            # (or that the last build left at another as-of)
-            last_as_of = _last_as_of(store)
-            if as_of is None and last_as_of is None:
-                todo = sorted(k for k, h in hashes.items() if stored.get(k) != h)
-            else:
-                todo = sorted(hashes)
-            gone = sorted(set(stored) - set(hashes))
-            result.twins_total = len(hashes)
-            result.unchanged = len(hashes) - len(todo)
-            if todo:
-                twins, timeline = _assemble(snap, pa.array(todo, pa.string()), hashes, now, run)
-                # a twin's content hash leaves out the build time, so that rebuilding the same inputs the
-                # same way gives the same hash; an as-of build is a different state and says so
-                mode = f"as-of {as_of.isoformat()}" if as_of else "current"
+            plan = plan_build(store, snap, full=full)
+            if plan.todo:
+                twins, timeline = _assemble(snap, pa.array(plan.todo, pa.string()), plan.hashes, now, run)
+                mode = build_mode(as_of)
                 _write(store, "twin", twins, run, mode)
-                _write(store, "timeline", timeline, run, mode, all_units=todo)
+                _write(store, "timeline", timeline, run, mode, all_units=plan.todo)
                 result.rebuilt = twins.num_rows
                 result.timeline_rows = timeline.num_rows
-            if gone:
-                store.delete_units("twin", BUILD_SOURCE, gone)
-                store.delete_units("timeline", BUILD_SOURCE, gone)
-                result.removed = len(gone)
-            run.counts[BUILD_SOURCE].read = len(hashes)
-            run.counts[BUILD_SOURCE].written = len(todo)
-            run.counts[BUILD_SOURCE].unchanged = len(hashes) - len(todo)
-            run.rows["twin"]["written"] = result.rebuilt
-            run.rows["timeline"]["written"] = result.timeline_rows
-            forced = force and last_gate_failed(store)
-            run.forced = forced
-            result.forced = forced
-            run.record(status="ok", exit_code=0, message="forced past a failed gate" if forced else None)
-            store.commit(run.run_id)
+            end_build(store, run, result, total=len(plan.hashes), rebuilt=len(plan.todo), gone=plan.gone, force=force)
         except BaseException:
             store.rollback()
             raise
