@@ -1,7 +1,8 @@
 """Make a Bulk-Data-style NDJSON set from the Synthea transaction bundles, N times larger.
 
-Each copy gets fresh ids (uuid5 of copy number and old id) and its references are
-rewritten to match, so the copies are distinct patients with consistent references.
+Each copy gets fresh ids (uuid5 of copy number and old id) and fresh identifier values,
+and its references are rewritten to match, so the copies are distinct patients with
+consistent references.
 `urn:uuid:` references become `Type/id`, as a Bulk Data export writes them.
 
     python bench/make_synthea_ndjson.py --copies 10 --out bench/data/synthea-x10
@@ -45,6 +46,11 @@ def convert(src: Path, out: Path, copies: int) -> int:
                 for e in bundle["entry"]:
                     r = dict(e["resource"])
                     r["id"] = ids[e["fullUrl"].removeprefix("urn:uuid:")][1]
+                    if copies > 1 and isinstance(r.get("identifier"), list):
+                        # fresh identifiers too (MRN, SSN, ...): copies are different people, not
+                        # records of one person that identity linking would rightly merge
+                        r["identifier"] = [dict(i, value=f"{i['value']}-{k}") if "value" in i else i
+                                           for i in r["identifier"]]
                     raw = orjson.dumps(r)
                     raw = _URN.sub(lambda m, ids=ids: _target(m, ids), raw)
                     t = r["resourceType"]

@@ -112,6 +112,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .imports import run_import
 
     options: dict[str, Any] = {"strict": args.strict}
+    for key in ("format", "patient_id", "device_id", "downsample", "patient_rule", "timezone"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
     if args.engine == "spark":  # docs/spark.md
         from .engines.spark import spark_import
 
@@ -212,6 +215,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return int(Exit.OK if outcome.passed else Exit.GATE_FAILED)
 
 
+def cmd_fetch_dicomweb(args: argparse.Namespace) -> int:
+    from .imports import run_fetch_dicomweb
+    from .temporal import parse_instant_arg
+
+    headers = {}
+    for h in args.header or []:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise ConfigError(f"--header takes NAME:VALUE, got {name!r}")
+        headers[name.strip()] = value.strip()
+    if args.auth_header_env:
+        value = os.environ.get(args.auth_header_env)
+        if not value:
+            raise ConfigError(f"--auth-header-env: the environment variable {args.auth_header_env} is not set")
+        headers["Authorization"] = value
+    since = parse_instant_arg(args.since).date() if args.since else None
+    run = run_fetch_dicomweb(_store(args), args.base_url, source=args.source, since=since, headers=headers or None,
+                             options={"patient_rule": args.patient_rule, "timezone": args.timezone,
+                                      "retries": args.retries})
+    print_run_summary(run)
+    return int(run.exit_code())
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .temporal import parse_instant_arg
     from .twins import build_twins
@@ -310,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("kind", choices=sorted(FILE_CONNECTORS), help="what the files hold")
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (folders are walked)")
     imp.add_argument("--source", help="source name recorded on every row (default: the kind)")
+    imp.add_argument("--format", metavar="NAME",
+                     help="csv: the mapping (mappings/devices/NAME.toml); default: recognised from each file")
+    imp.add_argument("--patient-id", metavar="ID", help="csv: the patient, when the files do not say")
+    imp.add_argument("--device-id", metavar="ID", help="csv: the device, when the files do not say")
+    imp.add_argument("--downsample", metavar="WINDOW",
+                     help="csv: 1-minute mean/min/max per signal (e.g. 1min, 30s; 'raw' keeps every sample)")
+    imp.add_argument("--patient-rule", metavar="RULE",
+                     help="dicom: link files without PatientID: patient_id_from=<Keyword> or patient_id=<id>")
+    imp.add_argument("--timezone", metavar="ZONE", help="dicom: IANA zone of the files' local times")
     imp.add_argument("--strict", action="store_true",
                      help="hl7v2: reject a message when a value does not convert (default: leave it out, marked)")
     imp.add_argument("--reprocess", action="store_true",
@@ -348,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     ff.add_argument("--allowed-origin", metavar="URL", help="one more origin bulk files may come from (object storage)")
     ff.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (testing only)")
     ff.set_defaults(func=cmd_fetch_fhir)
+    fd = fsub.add_parser("dicomweb", parents=[common], help="DICOMweb: QIDO-RS search, WADO-RS metadata",
+                         description="Study, series and instance metadata from a PACS over DICOMweb (never pixel "
+                                     "data), incrementally by Study Date.")
+    fd.add_argument("base_url", metavar="BASE_URL")
+    fd.add_argument("--since", metavar="DATE", help="studies on or after DATE (default: the last watermark)")
+    fd.add_argument("--source", default="dicom", help="source name recorded on every row (default: dicom, so that "
+                                                      "studies fetched and files imported are the same units)")
+    fd.add_argument("--header", action="append", metavar="NAME:VALUE", help="an extra request header (not secret)")
+    fd.add_argument("--auth-header-env", metavar="VAR", help="environment variable holding the Authorization header")
+    fd.add_argument("--patient-rule", metavar="RULE", help="link studies without PatientID (see twin import dicom)")
+    fd.add_argument("--timezone", metavar="ZONE", help="IANA zone of the studies' local times")
+    fd.add_argument("--retries", type=int, default=4, help="retries on 5xx, 429 and dropped connections (default 4)")
+    fd.set_defaults(func=cmd_fetch_dicomweb)
 
     r = sub.add_parser("run", parents=[common], help="run a whole job (sources, gate, build) from a config file",
                        description="Run a scheduled job: read every source incrementally into one run, check the "

@@ -66,7 +66,7 @@ from .errors import ConfigError, Exit
 from .fhir import valid_id
 from .store import Store
 from .temporal import utc_now
-from .twins import _NEWS2_INPUTS as NEWS2_INPUTS  # the codes behind each NEWS2 input name
+from .twins import NEWS2_INPUTS  # the codes behind each NEWS2 input name
 from .units import Rejected
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ TABLES = ("patient", "patient_identifier", "patient_link", "encounter", "conditi
           "imaging_series", "device")
 _SKIP_COLUMNS = {"run_id", "ingested_at", "unit_version", "content_hash"}
 _BATCH = 1 << 15
-_FHIR_OBSERVATION = "Observation/"  # unit_key prefix of observations that came as FHIR (else: a device stream)
+_FHIR_OBSERVATION = "Observation/"  # unit_key prefix of observations that came as FHIR (device streams: STREAM_UNIT_PREFIX)
 
 
 # --------------------------------------------------------------------------- dates, column-wise

@@ -278,12 +278,15 @@ def link_records(patients: pa.Table, identifiers: pa.Table, links: pa.Table, cfg
             rules[keys[0]].add("identifier")
             rules[other].add("identifier")
 
-    # Patient.link and merges
+    # Patient.link and merges. A record replaced by another (an HL7 A40 merge, FHIR
+    # replaced-by) is retired: its old number in the namespace is not a second MRN.
+    retired: set[str] = set()
     for s, p, other, typ in zip(*(links.column(c).to_pylist() for c in (
             "source", "patient_id", "other_patient_id", "link_type")), strict=True):
         if typ not in cfg.link_types_patient:
             continue
         a, b = record_key(s, p), record_key(s, other)
+        retired.add(a if typ == "replaced-by" else b if typ == "replaces" else "")
         g.add(a)
         g.add(b)
         if g.union(a, b):
@@ -303,7 +306,8 @@ def link_records(patients: pa.Table, identifiers: pa.Table, links: pa.Table, cfg
     # one person with two medical record numbers in one namespace
     per_group: dict[tuple[str, str], set[str]] = defaultdict(set)
     for (k, ns), values in mrns.items():
-        per_group[(g.find(k), ns)] |= values
+        if k not in retired:
+            per_group[(g.find(k), ns)] |= values
     for (root, ns), values in sorted(per_group.items()):
         if len(values) > 1:
             conflicts.append({"kind": "two-mrns-in-one-namespace", "namespace": ns, "records": groups[root]})

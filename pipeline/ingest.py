@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import ConfigError
 from .fhir import DIRECTORY_TYPES
@@ -358,7 +359,10 @@ class Ingest:
         elif isinstance(unit, Deletion):
             self.counts.read += 1
             key = f"{unit.resource_type}/{unit.resource_id}"
-            self._pending.pop(key, None)
+            dropped = self._pending.pop(key, None)
+            if dropped is not None:  # a copy read earlier in this batch, deleted before it was written
+                self.counts.unchanged += 1
+                self._pending_rows -= sum(len(r) for r in dropped.tables.values())
             self._deletions[key] = unit.source_ref
         elif isinstance(unit, Rows):
             self._rows(unit)
@@ -415,20 +419,22 @@ class Ingest:
         now = utc_now()
         pcol = table.patient_column
         if pcol and pcol in data.column_names:
-            pids = data.column(pcol).to_pylist()
-            uniq = {p: self.twin_ids(self.source, p) for p in set(pids)}
-            twin = pa.array([uniq[p] for p in pids], pa.string())
+            # a stream has few patients: hash each once, then index (no per-row Python)
+            pids = data.column(pcol)
+            uniq = pc.unique(pids)
+            tids = pa.array(self.twin_ids.many(self.source, uniq.to_pylist()), pa.string())
+            twin = pc.take(tids, pc.index_in(pids, value_set=uniq))
         else:
             twin = pa.nulls(n, pa.string())
         cols = {name: data.column(name) for name in data.column_names}
         cols.update({
             "twin_id": twin,
-            "source": pa.array([self.source] * n, pa.string()),
-            "source_ref": pa.array([unit.source_ref] * n, pa.string()),
-            "run_id": pa.array([self.run.run_id] * n, pa.string()),
-            "ingested_at": pa.array([now] * n, TIMESTAMP),
+            "source": pa.repeat(pa.scalar(self.source, pa.string()), n),
+            "source_ref": pa.repeat(pa.scalar(unit.source_ref, pa.string()), n),
+            "run_id": pa.repeat(pa.scalar(self.run.run_id, pa.string()), n),
+            "ingested_at": pa.repeat(pa.scalar(now, TIMESTAMP), n),
             "unit_version": pa.nulls(n, pa.string()),
-            "content_hash": pa.array([unit.content_hash] * n, pa.string()),
+            "content_hash": pa.repeat(pa.scalar(unit.content_hash, pa.string()), n),
         })
         full = pa.table({c.name: cols[c.name] if c.name in cols else pa.nulls(n, c.arrow) for c in table.columns})
         agg = full.select(["unit_key"]).group_by("unit_key").aggregate([("unit_key", "count")])

@@ -50,7 +50,9 @@ MANIFEST_FORMAT = 1
 # Stores whose lock this process holds, with the nesting depth: a job holds the lock
 # from its first import to its build, and the steps it calls take it again.
 _HELD: dict[str, int] = {}
-_WRITER = WriterProperties(compression="ZSTD")
+# Row groups of 64k rows: readers (the twin build, the export, pyarrow datasets) decode a
+# row group at a time, so an unbounded group (delta-rs writes one per file) costs memory.
+_WRITER = WriterProperties(compression="ZSTD", max_row_group_size=65_536)
 
 
 def default_store_path() -> Path:

@@ -25,6 +25,7 @@ from .runs import Run
 from .schema import TIMESTAMP
 from .store import Store
 from .temporal import utc_now
+from .units import STREAM_UNIT_PREFIX
 
 BUILD_SOURCE = "twinline-build"
 CLINICAL = ("patient", "encounter", "observation", "condition", "medication", "procedure", "immunization",
@@ -347,9 +348,13 @@ def _assemble(snap: Snapshot, twins: pa.Array, hashes: dict[str, str], now: date
     pat = _sorted(pat, [("twin_id", "ascending"), ("source", "ascending"), ("patient_id", "ascending")])
     keys, ids = group_lists(pat.column("twin_id"), pc.binary_join_element_wise(pat.column("source"),
                                                                                pat.column("patient_id"), "/"))
-    out["patient_ids"] = _by_twin(twins, keys, ids, pa.list_(pa.string()))
+    # a twin whose rows name a patient no source sent a record of has no records: empty lists
+    # (and the quality flag no-patient-record), never null
+    empty = pa.array([[]] * n, pa.list_(pa.string()))
+    out["patient_ids"] = pc.coalesce(_by_twin(twins, keys, ids, pa.list_(pa.string())), empty)
     src = pat.group_by("twin_id").aggregate([("source", "distinct")])
-    out["sources"] = _by_twin(twins, src.column("twin_id"), src.column("source_distinct"), pa.list_(pa.string()))
+    out["sources"] = pc.coalesce(_by_twin(twins, src.column("twin_id"), _sorted_lists(src.column("source_distinct")),
+                                          pa.list_(pa.string())), empty)
     demo_cols = ["birth_date", "birth_date_precision", "birth_date_offset", "sex", "race_code", "ethnicity_code",
                  "deceased", "postal_code", "deceased_at"]
     for c in demo_cols:
@@ -384,10 +389,10 @@ def _assemble(snap: Snapshot, twins: pa.Array, hashes: dict[str, str], now: date
     out["latest_vitals"] = _by_twin(twins, vit.column("twin_id"), vit.column("list"), schema.by_name["latest_vitals"].arrow)
     labs = _latest(obs, KEY_LABS)
     out["latest_labs"] = _by_twin(twins, labs.column("twin_id"), labs.column("list"), schema.by_name["latest_labs"].arrow)
-    dev = obs.filter(pc.equal(obs.column("category_code"), "device"))
+    dev = obs.filter(_is_stream(obs))
     g = dev.group_by("twin_id").aggregate([("device_id", "distinct"), ([], "count_all"), ("effective_start", "max")])
-    out["device_ids"] = _by_twin(twins, g.column("twin_id"), pc.list_filter_nulls(g.column("device_id_distinct"))
-                                 if hasattr(pc, "list_filter_nulls") else g.column("device_id_distinct"), pa.list_(pa.string()))
+    out["device_ids"] = _by_twin(twins, g.column("twin_id"), _sorted_lists(g.column("device_id_distinct")),
+                                 pa.list_(pa.string()))
     out["device_sample_count"] = _by_twin(twins, g.column("twin_id"), g.column("count_all"), pa.int64())
     out["last_device_sample_at"] = _by_twin(twins, g.column("twin_id"), g.column("effective_start_max"), TIMESTAMP)
     news = _news2(obs, twins, now)
@@ -437,7 +442,8 @@ def _assemble(snap: Snapshot, twins: pa.Array, hashes: dict[str, str], now: date
     gm = flat.group_by("twin_id").aggregate([("m", "distinct")])
     gi = img.group_by("twin_id").aggregate([([], "count_all"), ("started", "max")])
     out["imaging_study_count"] = pc.fill_null(_by_twin(twins, gi.column("twin_id"), gi.column("count_all"), pa.int64()), 0)
-    out["imaging_modalities"] = _by_twin(twins, gm.column("twin_id"), gm.column("m_distinct"), pa.list_(pa.string()))
+    out["imaging_modalities"] = _by_twin(twins, gm.column("twin_id"), _sorted_lists(gm.column("m_distinct")),
+                                         pa.list_(pa.string()))
     out["last_imaging_at"] = _by_twin(twins, gi.column("twin_id"), gi.column("started_max"), TIMESTAMP)
     out["device_sample_count"] = pc.fill_null(out["device_sample_count"], 0)
 
@@ -462,6 +468,18 @@ def _assemble(snap: Snapshot, twins: pa.Array, hashes: dict[str, str], now: date
     return twin_table, timeline
 
 
+def _sorted_lists(lists: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Sorted, without nulls: `distinct` aggregates come in no fixed order, and a twin must
+    be the same value (and content hash) whatever order the engine met its rows in."""
+    return pa.array([sorted(x for x in v if x is not None) if v is not None else None for v in lists.to_pylist()],
+                    pa.list_(pa.string()))
+
+
+def _is_stream(obs: pa.Table) -> pa.Array:
+    """Device-stream samples (columnar CSV units), as opposed to observations that came as FHIR."""
+    return pc.starts_with(obs.column("unit_key"), STREAM_UNIT_PREFIX)
+
+
 def _ages(birth: pa.Array, died: pa.Array, now: datetime) -> pa.Array:
     out = []
     for b, d in zip(birth.to_pylist(), died.to_pylist(), strict=True):
@@ -476,7 +494,7 @@ def _ages(birth: pa.Array, died: pa.Array, now: datetime) -> pa.Array:
 
 # --------------------------------------------------------------------------- NEWS2
 
-_NEWS2_INPUTS = {
+NEWS2_INPUTS = {
     "respiratory_rate": ("9279-1",),
     "spo2": ("59408-5", "2708-6"),
     "systolic_bp": ("8480-6",),
@@ -506,7 +524,7 @@ def news2_points(name: str, value: float | str) -> int:
 
 
 def _news2(obs: pa.Table, twins: pa.Array, now: datetime) -> tuple[pa.Array, pa.Array]:
-    wanted = {c: name for name, codes in _NEWS2_INPUTS.items() for c in codes}
+    wanted = {c: name for name, codes in NEWS2_INPUTS.items() for c in codes}
     t = obs.filter(pc.and_(pc.is_in(obs.column("code"), pa.array(list(wanted))), pc.is_valid(obs.column("effective_start"))))
     t = _sorted(t, [("twin_id", "ascending"), ("effective_start", "descending")])
     latest: dict[str, dict[str, tuple[object, datetime]]] = {}
@@ -522,7 +540,7 @@ def _news2(obs: pa.Table, twins: pa.Array, now: datetime) -> tuple[pa.Array, pa.
     scores, inputs = [], []
     for tw in twins.to_pylist():
         got = latest.get(tw, {})
-        if len(got) < len(_NEWS2_INPUTS):
+        if len(got) < len(NEWS2_INPUTS):
             scores.append(None)
             inputs.append(None)
             continue
@@ -570,7 +588,7 @@ def _timeline(snap: Snapshot, twins: pa.Array, obs: pa.Table, now: datetime) -> 
                                   "type_system", "type_code", "type_display", "status", "class_code"], twins)
     add("encounter", enc, "period_start", "encounter", "type_system", "type_code", "type_display", enc.column("class_code"),
         "status", end="period_end")
-    clin = obs.filter(pc.not_equal(pc.fill_null(obs.column("category_code"), ""), "device"))
+    clin = obs.filter(pc.invert(_is_stream(obs)))
     clin = clin.filter(pc.invert(pc.fill_null(clin.column("is_component"), False)))
     kind = pc.if_else(pc.is_in(clin.column("code"), pa.array(list(VITAL_SIGNS))), "vital",
                       pc.if_else(pc.equal(pc.fill_null(clin.column("category_code"), ""), "laboratory"), "lab", "observation"))
@@ -579,7 +597,7 @@ def _timeline(snap: Snapshot, twins: pa.Array, obs: pa.Table, now: datetime) -> 
         clin.column("value_display"), clin.column("value_code"), clin.column("value_string"))
     add("observation", clin, "effective_start", kind, "code_system", "code", "code_display", value, "status",
         end="effective_end")
-    dev = obs.filter(pc.equal(pc.fill_null(obs.column("category_code"), ""), "device"))
+    dev = obs.filter(_is_stream(obs))
     if dev.num_rows:
         g = dev.group_by(["twin_id", "unit_key", "device_id"]).aggregate(
             [("effective_start", "min"), ("effective_start", "max"), ([], "count_all")])

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Stages a unit passes through; a Rejected names the one that refused it.
-STAGES = ("read", "parse", "map", "view", "schema", "store", "gate")
+STAGES = ("read", "parse", "map", "view", "schema", "store", "gate", "export")
+
+# unit_key prefix of device-stream rows (columnar CSV chunks): how the twin build and the
+# export tell a stream of samples from observations that came as FHIR resources.
+STREAM_UNIT_PREFIX = "csv:"
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,7 +243,10 @@ def test_devices_and_patient_identifiers_are_reported_once():
     assert (ident["system"], ident["value"]) == ("http://hospital.smarthealthit.org",
                                                  "cbc83bf2-c38e-4617-bc1d-f99fc86a80f0")
     assert ident["patient_id"] == out.obs.column("patient_id")[0].as_py()
-    assert all(r.units == 0 for r in out.devices + out.identifiers)
+    # a patient record too, so the observations' patient references resolve; one unit per patient, not per file
+    assert [p.data.column("patient_id")[0].as_py() for p in out.patients] == [ident["patient_id"]]
+    assert ident["unit_key"] == out.patients[0].data.column("unit_key")[0].as_py() == f"patient:{ident['patient_id']}"
+    assert all(r.units == 0 for r in out.devices + out.identifiers + out.patients)
     assert out.devices[0].data.schema == output_schema("device")
 
 

@@ -28,6 +28,7 @@ class Outcome:
     devices: list[Rows] = field(default_factory=list)
     identifiers: list[Rows] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    patients: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for u in self.units:
@@ -37,6 +38,8 @@ class Outcome:
                 self.observations.append(u)
             elif u.table == "device":
                 self.devices.append(u)
+            elif u.table == "patient":
+                self.patients.append(u)
             else:
                 assert u.table == "patient_identifier", u.table
                 self.identifiers.append(u)

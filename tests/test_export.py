@@ -505,7 +505,7 @@ def test_a_twin_with_two_source_records(tmp_path):
 def test_a_twin_from_fhir_and_hl7v2(tmp_path):
     """HL7 v2 times come without offsets and at minute precision; OBX-18 makes Devices: all of it valid FHIR."""
     store = Store(tmp_path / "s")
-    run_import(store, "fhir", [FIXTURES / "fhir" / "bulk"])
+    run_import(store, "fhir", [FIXTURES / "fhir" / "bundles" / "patient-1.json"])  # the HL7 fixtures' patient
     feed_rows(store, "hl7", list(read_hl7v2(sorted((FIXTURES / "hl7v2").glob("twin-*.hl7")))), kind="hl7v2")
     build_twins(store)
     result = export_twins(store, tmp_path / "out", validate=True)

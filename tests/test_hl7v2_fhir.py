@@ -82,9 +82,9 @@ def test_adt_a01_patient_and_encounter():
                        {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-12-3456",
                         "type": {"coding": [{"code": "SS"}]}}],
         "active": True,
-        "name": [{"family": "Quillfeather", "given": ["Odile", "M"], "prefix": ["Ms."], "use": "official"}],
-        "birthDate": "1965-04-12",
-        "gender": "female",
+        "name": [{"family": "Ullrich", "given": ["Napoleon"], "prefix": ["Mr."], "use": "official"}],
+        "birthDate": "1995-01-08",
+        "gender": "male",
         "address": [{"line": ["12 Rue Invented", "Apt 4"], "city": "Olathe", "state": "KS", "postalCode": "66061",
                      "country": "US", "use": "home"}],
         "telecom": [{"system": "phone", "use": "home"}, {"system": "phone", "use": "work"}],
@@ -368,7 +368,7 @@ def test_ids_do_not_depend_on_delimiters_or_message():
 
 # -- refusals, strictness, versions ---------------------------------------------------------------
 
-NAMES_AND_VALUES = ("EVERYWOMAN", "196203520", "555-44-4444", "Quillfeather", fx.TWIN_MRN)
+NAMES_AND_VALUES = ("EVERYWOMAN", "196203520", "555-44-4444", "Ullrich", fx.TWIN_MRN)
 
 
 def test_lenient_mode_marks_values_that_do_not_convert():

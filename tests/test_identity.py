@@ -91,13 +91,17 @@ def test_patient_link_merges_and_conflicts_are_reported(tmp_path, capsys):
     # one identifier on two people with different birth dates
     x = _patient("x", "Park", "Jo", "1950-01-01", [("urn:ssn", "555", "SS")])
     y = _patient("y", "Park", "Jo", "1951-01-01", [("urn:ssn", "555", "SS")])
-    run = run_import(store, "fhir", [_write(tmp_path / "p.ndjson", old, new, x, y)])
+    # one person with two medical record numbers in one namespace (a merge retires the old one; this is no merge)
+    m1 = _patient("m1", "Ito", "Ai", "1960-06-06", [("urn:ssn", "777", "SS"), ("urn:mrn", "7", "MR")])
+    m2 = _patient("m2", "Ito", "Ai", "1960-06-06", [("urn:ssn", "777", "SS"), ("urn:mrn", "8", "MR")])
+    run = run_import(store, "fhir", [_write(tmp_path / "p.ndjson", old, new, x, y, m1, m2)])
     assert any("conflict" in n for n in run.notes)
-    assert len(twins_of(store, "patient")) == 2
+    assert len(twins_of(store, "patient")) == 3
     assert twin(["link-report", "--store", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
-    assert "2 persons from 4 patient records" in out
-    assert "identifier 1" in out and "patient-link 1" in out
+    assert "3 persons from 6 patient records" in out
+    assert "identifier 2" in out and "patient-link 1" in out
+    assert out.count("two-mrns-in-one-namespace") == 1 and "Patient/m1" in out
     assert "identifier-on-different-birth-dates" in out and "two-mrns-in-one-namespace" in out
     assert "555" not in out  # identifier values are never printed
 

@@ -134,3 +134,14 @@ def test_news2_from_recent_vitals_with_input_times(tmp_path):
 ])
 def test_news2_chart(name, value, points):
     assert news2_points(name, value) == points
+
+
+def test_a_twin_without_a_patient_record_is_built_and_flagged(tmp_path):
+    orphan = _vital("nobody", "8867-4", 70, "2024-01-01T00:00:00Z")
+    (tmp_path / "o.ndjson").write_bytes(orjson.dumps(orphan) + b"\n")
+    store = Store(tmp_path / "s")
+    run_import(store, "fhir", [tmp_path / "o.ndjson"])
+    run_import(store, "fhir", [FIXTURES / "fhir" / "bundles" / "patient-1.json"])
+    build_twins(store)
+    rows = {tuple(r["patient_ids"]): r for r in store.read("twin").to_pylist()}
+    assert () in rows and "no-patient-record" in rows[()]["quality_flags"]

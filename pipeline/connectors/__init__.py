@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..units import Unit
-from . import fhir_files, hl7v2_files
+from . import csv_files, fhir_files, hl7v2_files
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class FileConnector:
     read_all: Callable[[list[Path], dict[str, Any]], Iterable[Unit]] | None = None
     # `twin quarantine retry`: the units of a quarantined payload (None: cannot be replayed alone)
     replay: Callable[[bytes, str], Iterable[Unit]] | None = None
+    # checks every file before anything is read, raising ConfigError (unknown device formats)
+    check: Callable[[list[Path], dict[str, Any]], object] | None = None
 
     def files(self, paths: Iterable[str | Path]) -> Iterator[Path]:
         return fhir_files.walk(paths, self.accept)
@@ -79,9 +81,37 @@ def _hl7v2_replay(payload: bytes, source_ref: str) -> Iterable[Unit]:
     return [mapped.rejected] if mapped.rejected is not None else mapped.resources
 
 
+def _csv_file(path: Path, options: dict[str, Any]) -> HashedRead:
+    return HashedRead(path, lambda p: csv_files.read_csv_logs(
+        [str(p)], format=options.get("format"), patient_id=options.get("patient_id"),
+        device_id=options.get("device_id"), downsample=options.get("downsample")))
+
+
+# In a folder walk, files with these suffixes are taken as device logs (named directly,
+# any file is); READMEs, licences and scripts beside the data are not.
+CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".abp", ".dat", ".log")
+
+
+def _csv_accept(path: Path) -> bool:
+    return path.suffix.lower() in CSV_SUFFIXES and csv_files.accept(path)
+
+
+def _dicom_all(files: list[Path], options: dict[str, Any]) -> Iterable[Unit]:
+    from .dicom_files import read_dicom
+
+    return read_dicom(files, patient_rule=options.get("patient_rule"), timezone=options.get("timezone"))
+
+
 FILE_CONNECTORS: dict[str, FileConnector] = {
     "fhir": FileConnector("fhir", "FHIR R4 NDJSON (.ndjson, .ndjson.gz), Bundles and single resources (.json)",
                           fhir_files.is_fhir_file, read_file=_fhir_file, replay=fhir_files.replay),
     "hl7v2": FileConnector("hl7v2", "HL7 v2 messages: files, batch files (FHS/BHS), MLLP-framed dumps",
                            hl7v2_files._accept, read_file=_hl7v2_file, replay=_hl7v2_replay),
+    # a CSV line cannot be replayed alone: it needs its file's preamble and header
+    "csv": FileConnector("csv", "device logs (monitors, wearables), one mapping file per vendor format",
+                         _csv_accept, read_file=_csv_file,
+                         check=lambda files, o: csv_files.find_logs(files, o.get("format"))),
+    # DICOM groups the instances of a study from many files: the whole input is read each time
+    "dicom": FileConnector("dicom", "DICOM files and folders (metadata only, DICOMDIR included)",
+                           lambda p: True, read_all=_dicom_all),
 }

@@ -52,7 +52,7 @@ from ..devices import (
     split_fields,
 )
 from ..errors import ConfigError
-from ..units import Rejected, Rows
+from ..units import STREAM_UNIT_PREFIX, Rejected, Rows
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | Non
             return
         sha = digest()
         content = short_hash(sha, fmt.digest, kind.kind, str(mapper.window), patient_id or "", device_id or "")
-        table = mapper.take_chunk(f"csv:{sha}:{chunk_no}", final)
+        table = mapper.take_chunk(f"{STREAM_UNIT_PREFIX}{sha}:{chunk_no}", final)
         lines = reader.lines_of(np.array([first_row or 0, last_row]))
         span = f"{ref}:{lines[0]}-{lines[1]}" if in_chunk else ref
         if table.num_rows or units:
@@ -335,7 +335,11 @@ def _derived(mapper: FileMapper, fmt: Format, sha: str, ref: str, seen_devices: 
         if k in emitted:
             continue
         emitted.add(k)
-        key = f"patient-identifier:{sha}:{short_hash(row['system'] or '', row['value'])[:16]}"
+        # One unit per patient, whatever the file: the same patient in many logs is one record
+        # (a patient row, so references from its observations resolve, and its identifier).
+        key = f"patient:{row['patient_id']}"
+        yield Rows("patient", single_row_table("patient", {"patient_id": row["patient_id"]}, key), ref, 0,
+                   short_hash("patient", row["patient_id"]))
         yield Rows("patient_identifier", single_row_table("patient_identifier", row, key), ref, 0,
                    short_hash(row["system"] or "", row["value"], row["patient_id"]))
 

@@ -22,7 +22,10 @@ ArrowDtype-backed frames are ~30x slower in GX 1.24).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -84,15 +87,40 @@ def _plan(gxe, layout: TableLayout, data: pa.Table, config: GateConfig, now: dat
     return plan
 
 
+@contextlib.contextmanager
+def _main_module_with_a_file():
+    """Give `__main__` a file name while Great Expectations is imported.
+
+    GE imports PySpark when it is installed, and PySpark's connect module calls
+    sys.exit(0) when `__main__` has no file (it takes that for a doctest run): under
+    `python -c` (a scheduler's wrapper, a test subprocess) the whole process would end,
+    silently, with success. The name is removed again after the import.
+    """
+    main = sys.modules.get("__main__")
+    patch = main is not None and getattr(main, "__spec__", None) is None and not hasattr(main, "__file__")
+    if patch:
+        main.__file__ = "<twinline>"
+    try:
+        yield
+    finally:
+        if patch:
+            del main.__file__
+
+
 def column_checks(tables: Mapping[str, pa.Table], layouts: Mapping[str, TableLayout], config: GateConfig,
                   now: datetime) -> list[Finding]:
     """Run the expectations of every table; one Finding per expectation."""
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    with warnings.catch_warnings(), _main_module_with_a_file():
+        # GE imports PySpark when it is installed (the spark extra), which warns about pandas 3
+        warnings.simplefilter("ignore", FutureWarning)
+        import great_expectations as gx
+        import great_expectations.expectations as gxe
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    for name in ("great_expectations", "great_expectations.core", "great_expectations.validator"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("great_expectations") and quiet:
+            logging.getLogger(name).setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     source = context.data_sources.add_pandas("twinline-gate")
