@@ -178,7 +178,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_job(args.config)
     store = Store(Path(args.store)) if args.store else None
-    result = run_job(spec, store=store, force=True if args.force else None)
+    engine = None
+    if args.engine == "spark":  # file imports and the build on Spark; servers and the gate in this process
+        from .engines.spark import SparkEngine
+
+        engine = SparkEngine(args.master)
+    result = run_job(spec, store=store, force=True if args.force else None, engine=engine)
     print_run_summary(result.run)
     for line in result.lines:
         print(line)
@@ -397,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     fd.add_argument("--retries", type=int, default=4, help="retries on 5xx, 429 and dropped connections (default 4)")
     fd.set_defaults(func=cmd_fetch_dicomweb)
 
-    r = sub.add_parser("run", parents=[common], help="run a whole job (sources, gate, build) from a config file",
+    r = sub.add_parser("run", parents=[common, engine], help="run a whole job (sources, gate, build) from a config file",
                        description="Run a scheduled job: read every source incrementally into one run, check the "
                                    "gate, build the twins. Exit codes: README, 'Exit codes'.")
     r.add_argument("--config", required=True, metavar="JOB.toml", help="the job file (docs/jobs.md)")

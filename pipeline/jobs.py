@@ -256,8 +256,11 @@ def _fetch_options(opts: dict[str, Any]):
     return FetchOptions(**kw)
 
 
-def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = None) -> JobResult:
+def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = None, engine: Any = None) -> JobResult:
+    """Run a job. `engine` (e.g. pipeline.engines.spark.SparkEngine) runs the file imports
+    and the build elsewhere; None runs everything in this process."""
     store = store or Store(spec.store or default_store_path())
+    importer = engine.import_files if engine is not None else import_files
     unavailable: list[str] = []
     with store.locked(f"run {spec.name}"):
         run = Run(store, "run", inputs=[str(spec.path)])
@@ -267,8 +270,8 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
                 try:
                     if src.kind in FILE_CONNECTORS:
                         options = {k: v for k, v in src.options.items() if k not in ("paths", "reprocess", "privacy")}
-                        import_files(store, run, src.kind, src.options["paths"], source=src.name, options=options,
-                                     reprocess=src.options.get("reprocess", False), hooks=_hooks(store, src))
+                        importer(store, run, src.kind, src.options["paths"], source=src.name, options=options,
+                                 reprocess=src.options.get("reprocess", False), hooks=_hooks(store, src))
                     elif src.kind == "fhir-server":
                         fetches.append(fetch_fhir_into(store, run, _fetch_options(src.options), source=src.name,
                                                        hooks=_hooks(store, src)))
@@ -304,7 +307,8 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
         if spec.build.get("enabled", True) and (result.gate_passed is not False or forced):
             from .twins import build_twins
 
-            result.build_summary = build_twins(store, force=forced).summary()
+            build = engine.build_twins if engine is not None else build_twins
+            result.build_summary = build(store, force=forced).summary()
     return result
 
 

@@ -172,3 +172,18 @@ def test_spark_without_java_is_a_usage_error(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("JAVA_HOME", raising=False)
     code = twin(["build", "--store", str(tmp_path), "--engine", "spark"])
     assert code == 2 and "needs Java" in capsys.readouterr().err
+
+
+def test_a_job_on_spark_gives_the_same_tables(tmp_path, spark):
+    from pipeline.engines.spark import SparkEngine
+    from pipeline.jobs import parse_job, run_job
+
+    job = parse_job({"source": [{"name": "ehr", "kind": "fhir", "paths": [str(FIXTURES / "fhir")]}],
+                     "gate": {"enabled": False}}, tmp_path / "job.toml")
+    one, two = Store(tmp_path / "one"), Store(tmp_path / "two")
+    run_job(job, store=one)
+    engine = SparkEngine("local[2]")
+    engine._spark = spark  # the session of this test session
+    result = run_job(job, store=two, engine=engine)
+    assert result.build_summary and "twins: 6" in result.build_summary
+    assert_same_tables(one, two)
