@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
@@ -28,6 +29,8 @@ from .temporal import utc_now
 from .units import STREAM_UNIT_PREFIX
 
 BUILD_SOURCE = "twinline-build"
+# Part of every twin's input hash: a new version of the build code rebuilds every twin.
+BUILD_VERSION = "2"
 CLINICAL = ("patient", "encounter", "observation", "condition", "medication", "procedure", "immunization",
             "allergy", "diagnostic_report", "imaging_study", "imaging_series", "device")
 NEWS2_WINDOW = timedelta(hours=24)
@@ -147,6 +150,7 @@ def _inputs_hash(snap: Snapshot, bucket: tuple[int, int] | None = None) -> dict[
         t = t.filter(pc.is_in(t.column("twin_id"), value_set=mine))
     t = t.sort_by([("twin_id", "ascending"), ("table", "ascending"), ("unit_key", "ascending")])
     out: dict[str, str] = {}
+    seed = BUILD_VERSION.encode()
     twins = t.column("twin_id").to_pylist()
     blobs = pc.binary_join_element_wise(t.column("table"), t.column("unit_key"), t.column("content_hash"), "\x1f")
     h = None
@@ -155,7 +159,7 @@ def _inputs_hash(snap: Snapshot, bucket: tuple[int, int] | None = None) -> dict[
         if tw != cur:
             if cur is not None:
                 out[cur] = h.hexdigest()
-            cur, h = tw, hashlib.blake2b(digest_size=16)
+            cur, h = tw, hashlib.blake2b(seed, digest_size=16)
         h.update(b.encode())
         h.update(b"\n")
     if cur is not None:
@@ -240,8 +244,8 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
             if plan.todo:
                 twins, timeline = _assemble(snap, pa.array(plan.todo, pa.string()), plan.hashes, now, run)
                 mode = build_mode(as_of)
-                _write(store, "twin", twins, run, mode)
-                _write(store, "timeline", timeline, run, mode, all_units=plan.todo)
+                _write(store, "twin", twins, run, mode, plan.hashes)
+                _write(store, "timeline", timeline, run, mode, plan.hashes, all_units=plan.todo)
                 result.rebuilt = twins.num_rows
                 result.timeline_rows = timeline.num_rows
             end_build(store, run, result, total=len(plan.hashes), rebuilt=len(plan.todo), gone=plan.gone, force=force)
@@ -263,56 +267,47 @@ def _last_as_of(store: Store) -> datetime | None:
     return None if mark == "as_of=now" else datetime.fromisoformat(mark.split("=", 1)[1])
 
 
-def _write(store: Store, table_name: str, data: pa.Table, run: Run, mode: str, *, unit_column: str = "twin_id",
-           all_units: Sequence[str] | None = None) -> None:
+def _write(store: Store, table_name: str, data: pa.Table, run: Run, mode: str, inputs: dict[str, str], *,
+           unit_column: str = "twin_id", all_units: Sequence[str] | None = None) -> None:
+    """Upsert the rows of rebuilt twins, one unit per twin.
+
+    A twin's rows are a pure function of its inputs, the build mode and the build code,
+    so their content hash is computed from those (`inputs`: twin id -> inputs hash), not
+    from the rows: hashing every row in Python would cost more than the build itself.
+    """
     table = store.schema.table(table_name)
     n = data.num_rows
-    keys = data.column(unit_column)
-    # row index within each twin, and one content hash per twin
     if n:
-        order = pc.sort_indices(data, [(unit_column, "ascending")])
-        data = data.take(order)
-        keys = data.column(unit_column)
-    key_list = keys.to_pylist()
-    idx: list[int] = []
-    prev, i = None, 0
-    for k in key_list:
-        i = i + 1 if k == prev else 0
-        idx.append(i)
-        prev = k
-    digests: dict[str, hashlib.blake2b] = {}
-    for k, row in zip(key_list, _row_blobs(data.drop_columns([c for c in ("as_of",) if c in data.column_names])),
-                      strict=True):
-        if k not in digests:
-            digests[k] = hashlib.blake2b(mode.encode(), digest_size=16)
-        digests[k].update(row)
-    hx = {k: d.hexdigest() for k, d in digests.items()}
+        data = data.take(pc.sort_indices(data, [(unit_column, "ascending")]))
+    keys = data.column(unit_column).combine_chunks() if n else pa.array([], pa.string())
+    # position of each row within its twin: row number minus the start of its run of equal keys
+    starts = np.zeros(n, dtype=np.int64)
+    if n > 1:
+        change = np.flatnonzero(pc.not_equal(keys.slice(1), keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)) + 1
+        starts[change] = change
+        starts = np.maximum.accumulate(starts)
+    idx = np.arange(n, dtype=np.int64) - starts
+    uniq = pc.unique(keys).to_pylist()
+    hx = {k: hashlib.blake2b(f"{BUILD_VERSION}|{mode}|{inputs[k]}".encode(), digest_size=16).hexdigest()
+          for k in uniq}
+    digests = pa.array([hx[k] for k in uniq], pa.string())
     cols = {c: data.column(c) for c in data.column_names}
     cols.update({
-        "source": pa.array([BUILD_SOURCE] * n, pa.string()),
-        "source_ref": pa.array([f"build {run.run_id}"] * n, pa.string()),
-        "run_id": pa.array([run.run_id] * n, pa.string()),
-        "ingested_at": pa.array([utc_now()] * n, TIMESTAMP),
+        "source": pa.repeat(pa.scalar(BUILD_SOURCE, pa.string()), n),
+        "source_ref": pa.repeat(pa.scalar(f"build {run.run_id}", pa.string()), n),
+        "run_id": pa.repeat(pa.scalar(run.run_id, pa.string()), n),
+        "ingested_at": pa.repeat(pa.scalar(utc_now(), TIMESTAMP), n),
         "unit_key": keys,
         "unit_version": pa.nulls(n, pa.string()),
         "row_index": pa.array(idx, pa.int32()),
-        "content_hash": pa.array([hx[k] for k in key_list], pa.string()),
+        "content_hash": pc.take(digests, pc.index_in(keys, value_set=pa.array(uniq, pa.string()))),
     })
     full = pa.table({c.name: cols[c.name] if c.name in cols else pa.nulls(n, c.arrow) for c in table.columns})
-    counts: dict[str, int] = {}
-    for k in key_list:
-        counts[k] = counts.get(k, 0) + 1
-    units = {k: (None, hx[k], counts[k]) for k in hx}
+    counts = pc.value_counts(keys).to_pylist() if n else []
+    units = {c["values"]: (None, hx[c["values"]], c["counts"]) for c in counts}
     for k in all_units or ():
         units.setdefault(k, (None, "empty", 0))
     store.upsert_units(table_name, BUILD_SOURCE, full, units)
-
-
-def _row_blobs(data: pa.Table):
-    import orjson
-
-    for row in data.to_pylist():
-        yield orjson.dumps(row, default=str, option=orjson.OPT_SORT_KEYS)
 
 
 # --------------------------------------------------------------------------- assembling

@@ -89,8 +89,9 @@ def _write_group(store: Store, run, result: BuildResult, group: list[dict[str, A
     twins = pa.concat_tables([read_staged(r["staged"]["twin"]) for r in group], promote_options="permissive")
     timeline = pa.concat_tables([read_staged(r["staged"]["timeline"]) for r in group], promote_options="permissive")
     todo = [t for r in group for t in r["todo"]]
-    _write(store, "twin", twins, run, mode)
-    _write(store, "timeline", timeline, run, mode, all_units=todo)
+    hashes = dict(zip(twins.column("twin_id").to_pylist(), twins.column("inputs_hash").to_pylist(), strict=True))
+    _write(store, "twin", twins, run, mode, hashes)
+    _write(store, "timeline", timeline, run, mode, hashes, all_units=todo)
     result.rebuilt += twins.num_rows
     result.timeline_rows += timeline.num_rows
 
