@@ -446,6 +446,8 @@ class Ingest:
         else:
             self.counts.unchanged += unit.units
         self.run.rows[unit.table]["written"] += stats.rows_written
+        del full, cols, data
+        release_memory()
 
     # ------------------------------------------------------------------ flushing
 

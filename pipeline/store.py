@@ -24,6 +24,7 @@ same commit (tombstones delete rows a shorter new version no longer has).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import json
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -303,13 +305,26 @@ class Store:
             return
         table = self.schema.table(table_name)
         data = self._check(table, data)
-        write_deltalake(str(self.table_path(table_name)), data, mode="append", writer_properties=_WRITER)
+        self._write(table_name, data, "append")
+
+    def _write(self, table_name: str, data: pa.Table, mode: str) -> None:
+        """write_deltalake, creating the table with statistics on the columns upserts look up.
+
+        Delta keeps min/max statistics for the first 32 columns only; the provenance
+        columns come last. Naming them makes `stored_units` read only the files whose
+        unit_key range can hold the units asked for, instead of the whole table.
+        """
+        path = str(self.table_path(table_name))
+        config = None
+        if self.schema.table(table_name).provenance and not DeltaTable.is_deltatable(path):
+            config = {"delta.dataSkippingStatsColumns": "source,unit_key,twin_id"}
+        write_deltalake(path, data, mode=mode, writer_properties=_WRITER, configuration=config)
 
     def replace(self, table_name: str, data: pa.Table) -> None:
         """Replace the whole content of a small bookkeeping table in one commit."""
         table = self.schema.table(table_name)
         data = self._check(table, data)
-        write_deltalake(str(self.table_path(table_name)), data, mode="overwrite", writer_properties=_WRITER)
+        self._write(table_name, data, "overwrite")
 
     def merge_by_key(self, table_name: str, data: pa.Table, *, update: bool = True) -> None:
         """Insert rows whose key is new; update (or, with update=False, keep) the others."""
@@ -319,7 +334,7 @@ class Store:
         data = self._check(table, data)
         dt = self.delta(table_name, latest=True)
         if dt is None:
-            write_deltalake(str(self.table_path(table_name)), data, mode="append", writer_properties=_WRITER)
+            self._write(table_name, data, "append")
             return
         pred = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
         m = dt.merge(data, pred, source_alias="s", target_alias="t", writer_properties=_WRITER)
@@ -341,7 +356,7 @@ class Store:
         wanted = pa.array(list(unit_keys), pa.large_string())
         parts = []
         cols = ["source", "unit_key", "unit_version", "content_hash", "row_index"]
-        for batch in dt.to_pyarrow_dataset(as_large_types=True).to_batches(columns=cols, batch_size=1 << 17):
+        for batch in self._candidate_files(dt, table_name, cols, sorted(unit_keys)).to_batches(batch_size=1 << 17):
             mask = pc.and_(pc.equal(batch.column(0), source), pc.is_in(batch.column(1), value_set=wanted))
             hit = batch.filter(mask)
             if hit.num_rows:
@@ -354,6 +369,31 @@ class Store:
         return {k: (v, h, n + 1) for k, v, h, n in zip(
             agg.column("unit_key").to_pylist(), agg.column("unit_version_max").to_pylist(),
             agg.column("content_hash_max").to_pylist(), agg.column("row_index_max").to_pylist(), strict=True)}
+
+    def _candidate_files(self, dt: DeltaTable, table_name: str, columns: list[str], keys: list[str]) -> pads.Dataset:
+        """The table's files whose unit_key statistics can hold one of `keys` (sorted), as a dataset.
+
+        Files without statistics are always candidates. Strings are read as large_string:
+        files delta-rs rewrote hold string_view, and an explicit schema casts both alike.
+        """
+        acts = pa.table(dt.get_add_actions(flatten=True))
+        paths = acts.column("path").to_pylist()
+        if "min.unit_key" in acts.column_names and keys:
+            lo, hi = acts.column("min.unit_key").to_pylist(), acts.column("max.unit_key").to_pylist()
+            chosen = []
+            for p, a, b in zip(paths, lo, hi, strict=True):
+                if a is None or b is None:
+                    chosen.append(p)
+                    continue
+                i = bisect.bisect_left(keys, a)
+                if i < len(keys) and keys[i] <= b:
+                    chosen.append(p)
+            paths = chosen
+        base = self.table_path(table_name)
+        full = self.schema.table(table_name).arrow_schema
+        schema = pa.schema([pa.field(c, pa.large_string() if full.field(c).type == pa.string() else full.field(c).type)
+                            for c in columns])
+        return pads.dataset([str(base / unquote(p)) for p in paths], schema=schema, format="parquet")
 
     def upsert_units(self, table_name: str, source: str, rows: pa.Table,
                      units: dict[str, tuple[str | None, str, int]]) -> UpsertStats:
@@ -401,10 +441,9 @@ class Store:
         data = self._check(table, data)
         stats.rows_written = data.num_rows
         stats.rows_deleted = len(tomb_keys)
-        path = str(self.table_path(table_name))
         dt = self.delta(table_name, latest=True)
         if not replacing or dt is None:
-            write_deltalake(path, data, mode="append", writer_properties=_WRITER)
+            self._write(table_name, data, "append")
             return stats
         ops = pa.array(["upsert"] * data.num_rows + ["delete"] * len(tomb_keys))
         if tomb_keys:

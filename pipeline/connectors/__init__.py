@@ -81,10 +81,16 @@ def _hl7v2_replay(payload: bytes, source_ref: str) -> Iterable[Unit]:
     return [mapped.rejected] if mapped.rejected is not None else mapped.resources
 
 
+# Lines per columnar chunk of a device log: a line becomes one row per signal, each with
+# the observation table's ~50 columns, so 250k lines (~750k rows) keep a chunk's Arrow
+# table near 400 MB. Chunk boundaries are part of the unit keys: keep it fixed.
+CSV_CHUNK_LINES = 250_000
+
+
 def _csv_file(path: Path, options: dict[str, Any]) -> HashedRead:
     return HashedRead(path, lambda p: csv_files.read_csv_logs(
         [str(p)], format=options.get("format"), patient_id=options.get("patient_id"),
-        device_id=options.get("device_id"), downsample=options.get("downsample")))
+        device_id=options.get("device_id"), downsample=options.get("downsample"), chunk_rows=CSV_CHUNK_LINES))
 
 
 # In a folder walk, files with these suffixes are taken as device logs (named directly,
