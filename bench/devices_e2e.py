@@ -9,14 +9,13 @@ Each in its own process pinned to one core; peak RSS of each process.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from import_fhir import run  # noqa: E402  each measurement in its own process, pinned to one core
 
 BASELINE = r"""
 import sys, time, json, resource, pyarrow.csv as pv
@@ -38,11 +37,6 @@ print(json.dumps({"seconds": time.perf_counter() - t, "lines": c.read, "rows": r
 """
 
 
-def run(code: str, *args: str) -> dict:
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    env = {"TWIN_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "TWIN_KEY": "benchmark-key-benchmark-key"}
-    out = subprocess.run([*pin, sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

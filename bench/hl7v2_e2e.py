@@ -10,15 +10,13 @@ baseline), and `twin import hl7v2` of the file into a fresh store.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hl7v2 import corpus  # noqa: E402
+from import_fhir import run  # noqa: E402  each measurement in its own process, pinned to one core
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,11 +43,6 @@ print(json.dumps({"seconds": time.perf_counter() - t, "units": c.read, "quaranti
 """
 
 
-def run(code: str, *args: str) -> dict:
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    env = {"TWIN_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "TWIN_KEY": "benchmark-key-benchmark-key"}
-    out = subprocess.run([*pin, sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from .errors import Exit
-from .runs import Run
+from .runs import Run, last_run
 from .store import Store
 from .temporal import utc_now
 from .units import Rejected
@@ -78,10 +76,5 @@ def run_check(store: Store, *, config: str | Path | None = None, report_dir: str
 
 def last_gate_failed(store: Store) -> bool:
     """Did the most recent `check` run fail? (`twin build` refuses to build after it unless forced.)"""
-    if not store.exists("runs"):
-        return False
-    runs = store.read("runs", ["run_id", "command", "status"], filter=pc.field("command") == "check", latest=True)
-    if runs.num_rows == 0:
-        return False
-    last = max(runs.to_pylist(), key=lambda r: r["run_id"])
-    return last["status"] == "gate_failed"
+    last = last_run(store, "check")
+    return last is not None and last["status"] == "gate_failed"

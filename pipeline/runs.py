@@ -28,6 +28,18 @@ from .units import Counts, Rejected
 QUARANTINE_FLUSH = 5_000
 
 
+def last_run(store: Store, command: str) -> dict[str, Any] | None:
+    """The newest run of `command` in the store (committed or this run's own), or None."""
+    import pyarrow.compute as pc
+
+    if not store.exists("runs") and store.delta("runs", latest=True) is None:
+        return None
+    runs = store.read("runs", filter=pc.field("command") == command, latest=True)
+    if runs.num_rows == 0:
+        return None
+    return max(runs.to_pylist(), key=lambda r: r["run_id"])
+
+
 def new_run_id(now: datetime | None = None) -> str:
     now = now or utc_now()
     return f"{now:%Y%m%dT%H%M%S}Z-{secrets.token_hex(3)}"

@@ -22,7 +22,7 @@ from deltalake import DeltaTable
 
 from .codes import KEY_LABS, VITAL_SIGNS
 from .errors import ConfigError, GateFailed
-from .runs import Run
+from .runs import Run, last_run
 from .schema import TIMESTAMP
 from .store import Store
 from .temporal import utc_now
@@ -257,13 +257,8 @@ def build_twins(store: Store, *, as_of: datetime | None = None, force: bool = Fa
 
 def _last_as_of(store: Store) -> datetime | None:
     """The as-of time of the last build, if it was an as-of build (its runs row says so)."""
-    if not store.exists("runs"):
-        return None
-    runs = store.read("runs", ["run_id", "command", "inputs"], filter=pc.field("command") == "build", latest=True)
-    if runs.num_rows == 0:
-        return None
-    last = max(runs.to_pylist(), key=lambda r: r["run_id"])
-    mark = (last["inputs"] or ["as_of=now"])[0]
+    last = last_run(store, "build")
+    mark = ((last or {}).get("inputs") or ["as_of=now"])[0]
     return None if mark == "as_of=now" else datetime.fromisoformat(mark.split("=", 1)[1])
 
 
