@@ -9,7 +9,6 @@ library.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -56,25 +55,12 @@ def print_run_summary(run, out=None) -> None:
         print(f"  note: {note}", file=out)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-               "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            doc["error"] = record.exc_info[1].__class__.__name__ if record.exc_info[1] else None
-        return json.dumps(doc)
-
-
 def _setup_logging(args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if getattr(args, "log_format", "text") == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    from .logs import install
+
     level = logging.DEBUG if args.verbose >= 2 else logging.INFO if args.verbose == 1 else logging.WARNING
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    # tracebacks and warnings without the exception texts that could quote values (docs/privacy-logs.md)
+    install(level, json_lines=getattr(args, "log_format", "text") == "json")
     # Libraries that log chattily at INFO (Great Expectations announces its temporary
     # folders) speak only at -vv.
     for name in ("great_expectations", "py4j", "urllib3"):

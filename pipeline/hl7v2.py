@@ -558,6 +558,9 @@ def _new_control_id() -> str:
     return "ACK" + os.urandom(8).hex()
 
 
+_TRIGGER = re.compile(r"[A-Z0-9]{3}")
+
+
 def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reason: str | None = None,
               text: str | None = None, location: str | None = None, now: datetime | None = None,
               control_id: str | None = None) -> bytes:
@@ -585,6 +588,8 @@ def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reas
     if len(f) > 9 and d.component:
         parts = fld(9).split(d.component)
         trigger = parts[1] if len(parts) > 1 else ""
+        if not _TRIGGER.fullmatch(trigger):  # echo an event code (table 0003), never whatever MSH-9.2 held
+            trigger = ""
     processing = fld(11) or "P"
     typ = d.component.join(["ACK", trigger, "ACK"]) if d.component else "ACK"
     msh = fs.join(["MSH", d.encoding_characters, fld(5), fld(6), fld(3), fld(4), when, "", typ,

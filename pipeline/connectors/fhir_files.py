@@ -12,6 +12,7 @@ are resolved later through `Resource.full_urls`.
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import io
@@ -280,8 +281,11 @@ class FhirFile:
         if not isinstance(rtype, str) or not rtype:
             return Rejected("parse", "no-resource-type", "the object has no resourceType", ref, **self._payload(payload()))
         if rtype not in RESOURCE_TYPES:
-            shown = rtype if rtype.isidentifier() and len(rtype) <= 64 else "(not a type name)"
-            return Rejected("parse", "unknown-resource-type", f"resourceType {shown} is not a FHIR R4 resource type", ref,
+            # The value itself is not quoted: a field that is not a type name can hold anything, a
+            # patient's name included. A near miss names the type it was probably meant to be.
+            near = difflib.get_close_matches(rtype, RESOURCE_TYPES, n=1, cutoff=0.8) if len(rtype) <= 64 else []
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            return Rejected("parse", "unknown-resource-type", f"resourceType is not a FHIR R4 resource type{hint}", ref,
                             **self._payload(payload()))
         rid = obj.get("id")
         if rid is None:
