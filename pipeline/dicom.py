@@ -41,6 +41,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from .paths import UnsafePath, contained
 from .units import Rejected
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (PS3.4 Annex F)
@@ -511,8 +512,9 @@ def _pixel_data_complete(f: Any, size: int, ds: Any) -> bool:
 
 
 def _directory(ds: Any, path: str) -> Directory:
-    """The files a DICOMDIR lists, relative to its folder. A Referenced File ID component
-    that could leave that folder (`..`, separators) is counted as bad, never followed."""
+    """The files a DICOMDIR lists, relative to its folder. A Referenced File ID that could
+    leave that folder (`..`, separators, a symbolic link pointing elsewhere) is counted
+    as bad, never followed."""
     folder = os.path.dirname(path)
     refs: list[str] = []
     bad = 0
@@ -525,7 +527,13 @@ def _directory(ds: Any, path: str) -> Directory:
         if not parts or not all(_FILE_ID.fullmatch(p) for p in parts):
             bad += 1
             continue
-        target = os.path.join(folder, *parts)
+        try:
+            target = contained(folder or ".", *parts)
+        except UnsafePath:
+            bad += 1
+            continue
+        if not folder:
+            target = os.path.join(*parts)
         if target not in seen:
             seen.add(target)
             refs.append(target)

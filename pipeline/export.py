@@ -40,6 +40,7 @@ the tests validate every resource.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import html
 import logging
@@ -1309,7 +1310,15 @@ def export_twins(store: Store, out_dir: Path | str, twins: Sequence[str] | None 
 
 
 def _private(path: Path):
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+    # O_NOFOLLOW: a symbolic link planted in the output folder under one of our names is an
+    # error, not a way to write patient data wherever it points
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"export: {path} is a symbolic link; Twinline does not write patient data through "
+                              "one: remove it, or export into a new folder") from None
+        raise
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -24,6 +24,7 @@ from .connectors import FILE_CONNECTORS, FileConnector
 from .errors import ConfigError
 from .identity import TwinIds, relink, stored_links
 from .ingest import ColumnTransforms, Ingest, ResourceTransform, ViewSet
+from .paths import safe_name
 from .runs import Run
 from .store import Store
 from .temporal import utc_now
@@ -307,4 +308,4 @@ def run_fetch_dicomweb(store: Store, base_url: str, **kw: Any) -> Run:
 
 
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "source"
+    return safe_name(name)  # a source name is a folder name: never "..", never hidden

@@ -84,6 +84,11 @@ class _Check:
     def file(self, path: str, value: str | None, *, folder_ok: bool = True) -> Path | None:
         if value is None:
             return None
+        if "\x00" in value:  # no file has one; the OS would stop the name there, or refuse it later
+            self.bad(path, "a path with a NUL byte")
+            return None
+        # Paths in a job file are the operator's configuration, not input: `../fhir` and
+        # absolute paths are meant (the demo job uses them), so only NUL is refused here.
         p = Path(value)
         if not p.is_absolute():
             p = self.base / p

@@ -29,6 +29,7 @@ from .hl7v2_fhir import map_message
 from .identity import TwinIds, stored_links
 from .imports import finish_run
 from .ingest import Ingest, ViewSet
+from .paths import safe_name
 from .runs import Run
 from .store import Store
 from .units import Rejected
@@ -221,4 +222,4 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
 
 
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "source"
+    return safe_name(name)  # a source name is a folder name: never "..", never hidden
