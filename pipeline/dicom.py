@@ -132,9 +132,11 @@ def dataset_record(ds: Any, attrs: tuple[Attr, ...], codec: str | None = None) -
         tag = a.tag if a.creator is None else _private_tag(ds, a)
         if tag is None:
             continue
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if raw is None:
             continue
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            raise _TooLarge  # deferred by read_file: larger than Limits.max_element_bytes
         if (isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.VR in (None, a.vr, "UN")
                 and (a.vr in _ASCII_VRS or (codec is not None and a.vr in _TEXT_VRS))):
             value = _raw_value(a.vr, raw.value, codec or "latin-1")
@@ -313,7 +315,31 @@ class Directory:
     bad_references: int
 
 
-def read_file(path: str | Path, wanted: Wanted) -> Instance | Directory | Rejected:
+@dataclass(frozen=True)
+class Limits:
+    """Defensive limits on one file's metadata: generous for real files, fatal for hostile ones.
+
+    Pixel data is never read (it can be gigabytes). Other values larger than
+    `max_element_bytes` (private blobs, waveforms, encapsulated documents) are skipped,
+    not loaded; one that the mapping reads is a reason to reject the file. A deflated
+    dataset (PS3.5 A.5) is inflated whole by pydicom, so its inflated size is measured
+    first, in bounded steps, like a gzip file's (fhir_files.Limits).
+    """
+
+    max_element_bytes: int = 4 << 20        # one value the mapping may read
+    max_inflated_bytes: int = 1 << 30       # a deflated dataset, inflated
+    max_inflate_ratio: int = 200            # inflated / deflated, past the first 64 MiB
+    inflate_ratio_floor: int = 64 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def read_file(path: str | Path, wanted: Wanted, limits: Limits = DEFAULT_LIMITS) -> Instance | Directory | Rejected:
     """Read the metadata of one file, or say why it cannot be used. Never raises for bad input.
 
     The message of a Rejected names the file and the problem, never a value from it.
@@ -335,11 +361,14 @@ def read_file(path: str | Path, wanted: Wanted) -> Instance | Directory | Reject
         else:
             return _reject("not-dicom", "not a DICOM file: no 'DICM' after the 128-byte preamble, and the first "
                            "bytes are not the start of a dataset", ref)
+        bomb = _deflate_bomb(f, 0 if force else 132, limits)
+        if bomb:
+            return _reject("deflate-bomb", bomb, ref)
         f.seek(0)
         with warnings.catch_warnings(), _lenient_reading():
             warnings.simplefilter("ignore")
             try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True, force=force)
+                ds = pydicom.dcmread(f, stop_before_pixels=True, force=force, defer_size=limits.max_element_bytes)
                 if len(ds) == 0:
                     return _reject("no-dataset", "the file holds no data element after its header: it is cut "
                                    "short or not an instance", ref)
@@ -350,6 +379,10 @@ def read_file(path: str | Path, wanted: Wanted) -> Instance | Directory | Reject
                 if meta.sop_class == DICOMDIR_SOP_CLASS:
                     return _directory(ds, ref)
                 return Instance(dataset_record(ds, wanted.attrs, dataset_codec(ds)), meta.transfer_syntax)
+            except _TooLarge:
+                return _reject("element-too-large", f"a data element the mapping reads is larger than "
+                               f"{limits.max_element_bytes} bytes: not a real value (raise max_element_bytes if it is)",
+                               ref)
             except Exception as e:  # noqa: BLE001 - hostile input: any failure is a reason, not a crash
                 return _failure(e, ref)
     except OSError as e:
@@ -376,6 +409,67 @@ def _failure(e: Exception, ref: str) -> Rejected:
     if isinstance(e, RecursionError):
         return _reject("bad-dicom", "sequences nested too deeply to be a real dataset", ref)
     return _reject("bad-dicom", f"the dataset cannot be parsed ({kind})", ref)
+
+
+def _deflate_bomb(f: Any, start: int, limits: Limits) -> str | None:
+    """Why a deflated dataset must not be inflated, or None (also when the file is not deflated).
+
+    The File Meta Information (group 0002, explicit VR little endian, PS3.10 7.1) is
+    walked from `start` to find the transfer syntax and where the dataset begins; a
+    deflated dataset is then inflated in 1 MiB steps and only counted.
+    """
+    want = 4096
+    while True:
+        f.seek(start)
+        head = f.read(want)
+        i, ts, cut = _meta_walk(head)
+        if not cut or len(head) < want or want >= 1 << 20:
+            break
+        want *= 16  # a long meta group: read more of it
+    if ts != DEFLATED:
+        return None
+    f.seek(start + i)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = deflated = 0
+    step = 1 << 20
+    try:
+        while chunk := f.read(step):
+            deflated += len(chunk)
+            data = chunk
+            while data:
+                inflated += len(inflater.decompress(data, step))
+                data = inflater.unconsumed_tail
+                if inflated > limits.max_inflated_bytes or (
+                        inflated > limits.inflate_ratio_floor and inflated > limits.max_inflate_ratio * deflated):
+                    return (f"the deflated dataset expands past {limits.max_inflated_bytes} bytes or "
+                            f"{limits.max_inflate_ratio}x its size: a decompression bomb, not read")
+            if inflater.eof:
+                break
+    except zlib.error:
+        return None  # damaged: pydicom's reading says so (bad-deflate, truncated)
+    return None
+
+
+def _meta_walk(head: bytes) -> tuple[int, str | None, bool]:
+    """(where group 0002 ends, its transfer syntax, whether `head` ended inside the group)."""
+    i, ts = 0, None
+    while i + 8 <= len(head) and head[i:i + 2] == b"\x02\x00":
+        elem = struct.unpack_from("<H", head, i + 2)[0]
+        if head[i + 4:i + 6] in _LONG_LENGTH_VRS:
+            if i + 12 > len(head):
+                return i, ts, True
+            length, i = struct.unpack_from("<I", head, i + 8)[0], i + 12
+        else:
+            length, i = struct.unpack_from("<H", head, i + 6)[0], i + 8
+        if i + length > len(head):
+            return i, ts, True
+        if elem == 0x0010:
+            ts = head[i:i + length].decode("latin-1").strip(" \x00")
+        i += length
+    return i, ts, len(head) - i < 8 and bool(head)
+
+
+_LONG_LENGTH_VRS = frozenset((b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV", b"SV", b"UV"))
 
 
 def _size(f: Any) -> int:
