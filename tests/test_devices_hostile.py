@@ -204,3 +204,23 @@ def test_quarantined_lines_keep_the_file_and_line_of_the_linked_fixture_after_ed
     f.write_text("\n".join(lines) + "\n")
     out = run([f])
     assert by_line(out) == {11: "not-a-number"} and out.lines == 60
+
+
+def test_a_file_over_the_size_limit_is_one_rejection_and_not_read(tmp_path, monkeypatch):
+    import pipeline.connectors.csv_files as csv_files
+
+    f = vitals(tmp_path, *(GOOD.format(i, 70 + i) for i in range(20)))
+    monkeypatch.setattr(csv_files, "MAX_FILE", f.stat().st_size - 1)
+    out = run([f])
+    assert [(r.reason, r.source_ref) for r in out.rejected] == [("file-too-large", str(f))]
+    assert not out.observations
+
+
+def test_a_device_or_pipe_named_as_a_log_is_refused_before_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "feed.csv"
+    os.mkfifo(fifo)  # reading it would block for ever
+    with pytest.raises(ConfigError) as e:
+        list(read_csv_logs([str(fifo)]))
+    assert "not a regular file" in str(e.value.problems)

@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,9 @@ MAX_LINE = 1 << 20  # longer lines are rejected (line-too-long); pyarrow needs a
 BLOCK = 4 << 20  # pyarrow block size: one record batch per block
 PAYLOAD_LIMIT = 64 << 10  # a rejected line's bytes kept in quarantine up to this size
 HEAD_BYTES = 1 << 20  # the preamble, header and units row must fit in the first MiB
+# One file: far beyond a week of 64 Hz wearable data (~2 GB); memory does not grow with it
+# (the body is streamed), but a file past this is an export gone wrong or not a log.
+MAX_FILE = 64 << 30
 _MARK = b"\x00twinline-cut:"
 _MARK_TEXT = _MARK.decode()
 _SEP_RE = re.compile(r'^"?sep=(.)"?\s*$')
@@ -123,6 +127,8 @@ def _plan(paths: Sequence[str], formats: dict[str, Format], name: str | None) ->
                 part.startswith(".") for part in f.relative_to(path).parts))
         elif path.is_file():
             files.append(path)
+        elif path.exists():  # a device, a FIFO: it may never end, or block
+            problems.append(f"{p}: not a regular file (a device, pipe or socket)")
         else:
             problems.append(f"{p}: no such file or folder")
     plan = []
@@ -246,6 +252,16 @@ def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | Non
                window: int | None, force_raw: bool, chunk_rows: int, seen_devices: set[str]) -> Iterator[Rows | Rejected]:
     ref = str(path)
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a device, a FIFO: it may never end, or block
+            yield Rejected("read", "not-a-file", "not a regular file (a device, pipe or socket): not read", ref,
+                           payload_ref=ref, target_table="observation")
+            return
+        if st.st_size > MAX_FILE:
+            yield Rejected("read", "file-too-large", f"the file is larger than {MAX_FILE} bytes: not read "
+                           "(raise csv_files.MAX_FILE if it is genuine)", ref, payload_ref=ref,
+                           target_table="observation")
+            return
         digest = _Digest(path)
         pre = _Preamble(path, kind)
         ctx = FileContext(path, digest, pre.lines, pre.raw_names, pre.names, pre.units)
