@@ -54,6 +54,11 @@ def check_paths(paths: Iterable[str | Path]) -> list[Path]:
     missing = [str(p) for p in out if not p.exists()]
     if missing:
         raise ConfigError("input not found", [f"{p}: no such file or folder" for p in missing])
+    # a FIFO or device named as input could block a read for ever, or never end (/dev/zero)
+    odd = [str(p) for p in out if not (p.is_file() or p.is_dir())]
+    if odd:
+        raise ConfigError("input is not a file", [f"{p}: not a regular file or folder (a device, pipe or socket)"
+                                                  for p in odd])
     return out
 
 

@@ -190,3 +190,11 @@ def test_quarantine_payload_refs_are_never_opened(tmp_path):
     source = Path(quarantine.__file__).read_text()
     assert "payload_ref" in source and "open(" not in source and "read_bytes" not in source
 
+
+
+@pytest.mark.parametrize("kind", ["fhir", "hl7v2", "dicom", "csv"])
+def test_a_pipe_named_as_input_is_refused_not_read(tmp_path, kind, capsys):
+    fifo = tmp_path / "feed"
+    os.mkfifo(fifo)  # opening it for reading would block for ever
+    assert twin(["import", kind, str(fifo), "--store", str(tmp_path / "s")]) == int(ConfigError.exit_code)
+    assert "not a regular file" in capsys.readouterr().err
