@@ -640,3 +640,22 @@ def test_library_warnings_and_log_lines_that_quote_values_are_withheld():
     text = buf.getvalue()
     assert "WARNING pydicom" in text and "UserWarning at" in text and "withheld" in text
     assert not find_leaks(text), find_leaks(text)
+
+
+@pytest.mark.server
+def test_fetch_dicomweb_says_no_patient_data(tmp_path, monkeypatch):
+    """`twin fetch dicomweb -vv` from a real Orthanc holding the DICOM fixtures and a hostile file."""
+    from pipeline.connectors.dicom_files import walk
+    from tests.test_dicomweb import AUTH, orthanc_server
+
+    hostile = write_hostile_inputs(tmp_path / "hostile")["dicom"]
+    (tmp_path / "orthanc").mkdir()
+    with orthanc_server(tmp_path / "orthanc") as server:
+        assert server.load(walk([FIXTURES / "dicom", hostile]))
+        monkeypatch.setenv("DICOMWEB_AUTH", AUTH["Authorization"])
+        store = str(tmp_path / "store")
+        said = [twin_said("fetch", "dicomweb", server.dicomweb, "--store", store, "--auth-header-env", "DICOMWEB_AUTH"),
+                twin_said("quarantine", "list", "--store", store, "--all")]
+    assert said[0].code in (0, 3) and "DEBUG " in said[0].text
+    leaks = [hit for s in said for hit in find_leaks(s.text)]
+    assert not leaks, "\n".join(leaks[:20])
