@@ -631,7 +631,9 @@ def find_twin(store: Store, who: str) -> str:
             return tw
         if ids and (who in ids or any(i.split("/", 1)[-1] == who for i in ids)):
             return tw
-    raise ConfigError(f"no twin found for {who!r} (give a twin id or a patient id; `twin status` lists counts)")
+    # not echoed: a source patient id is an identifier, and this message ends up in logs
+    raise ConfigError(f"no twin found for the PATIENT given ({len(who)} characters; give a twin id or a patient id "
+                      "as `twin show` prints it; `twin status` lists counts)")
 
 
 def show_twin(store: Store, who: str) -> str:

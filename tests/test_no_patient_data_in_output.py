@@ -540,6 +540,8 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
         bad_job.write_text('[job]\nname = "x"\n[[source]]\nname = "a"\nkind = "fhir"\npaths = ["nowhere"]\n')
         broken_job = tmp / "broken-job.toml"
         broken_job.write_text("[job\nname = ")
+        p = _patient_1()
+        family, ssn = p["name"][0]["family"], next(i["value"] for i in p["identifier"] if "ssn" in i.get("system", ""))
         errors = [("import", "fhir", str(tmp / "missing.ndjson")), ("run", "--config", str(bad_job)),
                   ("run", "--config", str(broken_job)), ("run", "--config", str(tmp / "missing.toml")),
                   ("import", "csv", str(hostile["hl7v2"] / "hostile.hl7")),
@@ -547,6 +549,8 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
                   ("import", "fhir", str(FIXTURES / "hl7v2" / "twin-adt-a01.hl7")),
                   ("import", "dicom", str(FIXTURES / "devices" / "linked" / "vitals.csv")),
                   ("quarantine", "show", "0000000000"), ("show", "0" * 32),
+                  # a name or an SSN given where a twin or record id is expected: not echoed back
+                  ("show", ssn), ("export", family, "--out", str(tmp / "export-one")),
                   ("fetch", "fhir", "http://127.0.0.1:9/fhir", "--retries", "0"),
                   ("fetch", "dicomweb", "http://127.0.0.1:9/dicom-web", "--retries", "0")]
         for argv in errors:
