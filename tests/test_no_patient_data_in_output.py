@@ -291,15 +291,34 @@ def sensitive_values() -> tuple[str, ...]:
     return tuple(sorted({v.strip() for v in found if meaningful(v)}))
 
 
-def _pattern(values) -> re.Pattern:
+@cache
+def _pattern(values: tuple[str, ...]) -> re.Pattern:
     alts = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
-    # alone: not inside a longer word or number, not a component of a path
-    return re.compile(rf"(?<![\w/\\])(?:{alts})(?![\w/\\])", re.IGNORECASE)
+    # alone: not inside a longer word or number
+    return re.compile(rf"(?<!\w)(?:{alts})(?!\w)", re.IGNORECASE)
+
+
+_PATH_LIKE = re.compile(r"(?:/|\.{1,2}/|[\w.\-]+/)[\w.\-/]*")
+
+
+def _mask_file_paths(text: str) -> str:
+    """Paths of files and folders that exist (the operator's locators) become `<path>`.
+
+    Only real paths: `Patient/<an MRN>` or a URL with an identifier in it stay and are searched.
+    """
+    def mask(m: re.Match) -> str:
+        token = m.group(0).rstrip("/.")
+        if token.count("/") and any(Path(base, token).exists() for base in ("/", REPO, os.getcwd())):
+            return "<path>"
+        return m.group(0)
+
+    return _PATH_LIKE.sub(mask, text)
 
 
 def find_leaks(text: str) -> list[str]:
     """Each sensitive value found in text, with a little context."""
     hits = []
+    text = _mask_file_paths(text)
     for m in _pattern(sensitive_values()).finditer(text):
         a, b = max(0, m.start() - 60), min(len(text), m.end() + 60)
         hits.append(f"{m.group(0)!r} in ...{text[a:b]!r}...")
@@ -408,7 +427,8 @@ def write_hostile_inputs(folder: Path) -> dict[str, Path]:
     pid = f"PID|1||{mrn}^^^SMARTHOSP&http://hospital.smarthealthit.org&URI^MR~{ssn}^^^USSSA^SS||{family}^{given}||"
     msh = "MSH|^~\\&|HOSTILE|H|TWINLINE|T|20240305081500||{type}|{cid}|P|2.5.1\r"
     hl7 = [
-        msh.format(type="ADT^A01^ADT_A01", cid="HOSTILE-1") + f"EVN|A01|20240305\r{pid}{given}|{family}\r",
+        msh.format(type="ADT^A01^ADT_A01", cid="HOSTILE-1") + f"EVN|A01|20240305\r{pid}{given}|{family}\r"
+        + f"PV1|1|{family}|4E^412^B^H|||||||||||||||{given}^^^H^VN|||||||||||||||||||||||||{born}\r",
         msh.format(type="ORU^R01^ORU_R01", cid="HOSTILE-2") + pid + born.replace("-", "") + "|M\r"
         + f"OBR|1|||8867-4^Heart rate^LN|||{born}\rOBX|1|NM|8867-4^Heart rate^LN||{family}|/min|||||F|||{given}\r",
         msh.format(type=f"{family}^{given}", cid="HOSTILE-3") + pid + "\r",
@@ -514,6 +534,9 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
         for kind, folder in (("fhir", "fhir"), ("hl7v2", "hl7v2"), ("dicom", "dicom"), ("csv", "devices")):
             say(f"import {kind}", "import", kind, str(FIXTURES / folder), "--store", store, "--reprocess")
             say(f"import {kind} hostile", "import", kind, str(hostile[kind]), "--store", store)
+        # strict: a value that does not convert rejects its message, with a message saying why
+        say("import hl7v2 hostile", "import", "hl7v2", str(hostile["hl7v2"]), "--store", store, "--strict",
+            "--reprocess")
         say("check", "check", "--store", store, "--report", str(report))
         say("build", "build", "--store", store, "--force")
         say("status", "status", "--store", store)
