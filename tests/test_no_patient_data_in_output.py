@@ -33,10 +33,11 @@ Which values are not searched, because a match would say nothing (`meaningful`):
   test samples, and when they appear in the output the program may have written them.
 
 A value is found when it stands alone: not inside a longer word or number (so "Peter"
-is not found in "Peterson", nor a birth date inside a run id), and not as a component of
-a file path. File paths are the locators the operator gave (a DICOMDIR's folders are
-named by patient number in pydicom's samples); a path is where a value came from, not a
-value read from inside a file.
+is not found in "Peterson", nor a birth date inside a run id), and not inside the path of
+a file or folder that exists. File paths are the locators the operator gave (a
+DICOMDIR's folders are named by patient number in pydicom's samples); a path is where a
+value came from, not a value read from inside a file. Other text with slashes is
+searched: `Patient/<MRN>` or a URL with an identifier is a leak.
 
 Output that exists to show patient data to the operator who asked for it is not
 searched, each place saying why: `twin show` (a readable twin: birth date, record ids),
