@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,15 +23,16 @@ import pyarrow.compute as pc
 from .connectors import FILE_CONNECTORS, FileConnector
 from .errors import ConfigError
 from .identity import TwinIds, relink, stored_links
-from .ingest import ColumnTransforms, Ingest, ResourceTransform, ViewSet
+from .ingest import Ingest, ViewSet
 from .runs import Run
 from .store import Store
 from .temporal import utc_now
 
+if TYPE_CHECKING:
+    from .privacy import PrivacyHooks
+
 log = logging.getLogger(__name__)
 
-# Privacy hooks for the ingest stage (see pipeline.privacy): a resource transform and column transforms.
-Hooks = tuple["ResourceTransform | None", "ColumnTransforms | None"]
 
 
 @dataclass
@@ -66,7 +67,7 @@ def connector_for(kind: str) -> FileConnector:
 def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: str | None = None,
                options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
                progress: Callable[[FileProgress], None] | None = None, command: str = "import",
-               hooks: Hooks | None = None) -> Run:
+               hooks: PrivacyHooks | None = None) -> Run:
     """Import files of one kind as one run; returns the run (its counts say what happened)."""
     connector_for(kind)
     paths = check_paths(paths)
@@ -101,18 +102,17 @@ def finish_run(store: Store, run: Run) -> None:
 
 def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source: str | None = None,
                  options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
-                 progress: Callable[[FileProgress], None] | None = None, hooks: Hooks | None = None) -> None:
+                 progress: Callable[[FileProgress], None] | None = None, hooks: PrivacyHooks | None = None) -> None:
     """Feed files of one kind into `run` (the caller holds the lock and commits)."""
     connector = connector_for(kind)
     source = source or kind
-    options = options or {}
-    transform, columns = hooks or (None, None)
+    options = {**(options or {}), **(hooks.connector_options if hooks and connector.kind == "dicom" else {})}
     files = list(connector.files(paths))
     if connector.check is not None:
         connector.check(files, options)  # a usage error stops the import before anything is written
     state = FileProgress(total_bytes=sum(_size(f) for f in files))
     ingest = Ingest(store, run, source, connector.kind, ViewSet(store.schema), flush_rows=flush_rows,
-                    twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+                    twin_ids=TwinIds(stored_links(store)), privacy=hooks)
     if connector.read_all is not None:
         _import_whole(store, run, connector, files, source, options, ingest, reprocess)
         return
@@ -213,7 +213,7 @@ def last_watermark(store: Store, key: str) -> str | None:
 
 
 def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
-                    hooks: Hooks | None = None):
+                    hooks: PrivacyHooks | None = None):
     """Feed a FHIR server's resources into `run`; returns the fetch, whose `finished()`
     the caller calls after committing.
 
@@ -234,10 +234,9 @@ def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir
         since = datetime.fromisoformat(mark.replace("Z", "+00:00")) if mark else None
     opts = replace(options, since=since, state_dir=store.meta / "fetch" / _safe(source))
     fetch = fetch_fhir(opts)
-    transform, columns = hooks or (None, None)
     try:
         ingest = Ingest(store, run, source, "fhir", ViewSet(store.schema), flush_rows=flush_rows,
-                        twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+                        twin_ids=TwinIds(stored_links(store)), privacy=hooks)
         ingest.feed_all(fetch.units())
         ingest.finish()
     except BaseException:
@@ -249,7 +248,7 @@ def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir
 
 
 def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
-                   hooks: Hooks | None = None) -> Run:
+                   hooks: PrivacyHooks | None = None) -> Run:
     """Pull from a FHIR server (search or Bulk $export) as one run."""
     with store.locked("fetch"):
         run = Run(store, "fetch", inputs=[options.base_url])
@@ -266,7 +265,7 @@ def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_ro
 
 def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = "dicomweb",
                        since: Any = None, headers: dict[str, str] | None = None, options: dict[str, Any] | None = None,
-                       flush_rows: int = 50_000, hooks: Hooks | None = None) -> None:
+                       flush_rows: int = 50_000, hooks: PrivacyHooks | None = None) -> None:
     """Feed a DICOMweb service's study metadata into `run`, incrementally by Study Date.
 
     Without `since`, the date of the last committed run of this source and server is
@@ -282,12 +281,12 @@ def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = 
     if since is None:
         mark = last_watermark(store, key)
         since = date.fromisoformat(mark) if mark else None
-    transform, columns = hooks or (None, None)
     units = read_dicomweb(base_url, since=since, headers=headers, patient_rule=options.get("patient_rule"),
-                          timezone=options.get("timezone"), **{k: options[k] for k in ("timeout", "retries")
+                          timezone=options.get("timezone"), deid_profile=hooks.connector_options.get("deid_profile")
+                          if hooks else None, **{k: options[k] for k in ("timeout", "retries")
                                                                  if k in options})
     ingest = Ingest(store, run, source, "dicom", ViewSet(store.schema), flush_rows=flush_rows,
-                    twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+                    twin_ids=TwinIds(stored_links(store)), privacy=hooks)
     ingest.feed_all(units)
     ingest.finish()
     run.watermarks[key] = run.started_at.date().isoformat()

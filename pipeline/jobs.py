@@ -229,11 +229,9 @@ class JobResult:
 
 
 def _hooks(store: Store, spec: SourceSpec):
-    if spec.options.get("privacy", "none") == "none":
-        return None
-    from .privacy import privacy_hooks  # type: ignore[attr-defined]
+    from .privacy import privacy_hooks
 
-    return privacy_hooks(None if spec.options["privacy"] == "pseudonymise" else "deid", source=spec.name)
+    return privacy_hooks(spec.options.get("privacy", "none"), source=spec.name)
 
 
 def _fetch_options(opts: dict[str, Any]):

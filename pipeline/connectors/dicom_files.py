@@ -160,7 +160,8 @@ class _Spool:
 
 
 def read_dicom(paths: list[str] | list[Path], *, patient_rule: str | None = None,
-               mapping: str | Path | DicomMapping | None = None, timezone: str | None = None) -> DicomFiles:
+               mapping: str | Path | DicomMapping | None = None, timezone: str | None = None,
+               deid_profile: str | None = None) -> DicomFiles:
     """FHIR resources (and Rejected units) from DICOM files and folders.
 
     `patient_rule`: how to link files without Patient ID: `patient_id_from=<Keyword>` or
@@ -170,7 +171,8 @@ def read_dicom(paths: list[str] | list[Path], *, patient_rule: str | None = None
     for a bad mapping or rule, before reading anything.
     """
     if not isinstance(mapping, DicomMapping):
-        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone)
+        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone,
+                                    deid_profile=deid_profile)
     return DicomFiles(paths, mapping)
 
 
