@@ -72,7 +72,7 @@ def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: 
     connector_for(kind)
     paths = check_paths(paths)
     with store.locked(command):
-        run = Run(store, command, inputs=[str(p) for p in paths])
+        run = Run(store, command, inputs=[_ledger_path(hooks, p) if hooks else str(p) for p in paths])
         try:
             import_files(store, run, kind, paths, source=source, options=options, reprocess=reprocess,
                          flush_rows=flush_rows, progress=progress, hooks=hooks)
@@ -121,7 +121,7 @@ def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source
     ledger_rows: list[dict[str, Any]] = []
     skipped = 0
     for path in files:
-        apath = str(path.resolve())
+        apath = _ledger_path(hooks, path)
         try:
             st = path.stat()
         except OSError:
@@ -167,7 +167,8 @@ def _import_whole(store: Store, run: Run, connector: FileConnector, files: list[
     otherwise everything is read again (upserts make the known part a no-op).
     """
     seen = {} if reprocess else _ledger(store, source)
-    stats = {str(f.resolve()): f.stat() for f in files if f.exists()}
+    stats = {_ledger_path(ingest.privacy, f): f for f in files if f.exists()}
+    stats = {p: f.stat() for p, f in stats.items()}
     if stats and all(p in seen and seen[p][0] == st.st_size and seen[p][1] == st.st_mtime_ns
                      for p, st in stats.items()):
         run.notes.append(f"{source}: {len(stats)} file(s) unchanged since they were last imported, skipped "
@@ -176,10 +177,11 @@ def _import_whole(store: Store, run: Run, connector: FileConnector, files: list[
     ingest.feed_all(connector.read_all(files, options))
     ingest.finish()
     rows = []
+    real = {_ledger_path(ingest.privacy, f): f for f in files}
     for p, st in stats.items():
         h = hashlib.sha256()
         try:
-            with open(p, "rb") as fh:
+            with open(real[p], "rb") as fh:
                 h.update(fh.read(1 << 20))
         except OSError:
             continue
@@ -187,6 +189,13 @@ def _import_whole(store: Store, run: Run, connector: FileConnector, files: list[
                      "sha256": h.hexdigest(), "run_id": run.run_id, "processed_at": utc_now(), "units_read": 0})
     if rows:
         store.merge_by_key("ledger", pa.Table.from_pylist(rows, schema=store.schema.table("ledger").arrow_schema))
+
+
+def _ledger_path(hooks: PrivacyHooks | None, path: Path) -> str:
+    """The ledger's name for a file: its absolute path, or under a privacy profile a keyed
+    locator (folder and file names often hold patient ids: DICOM trees, exports)."""
+    apath = str(path.resolve())
+    return hooks.locator(apath) if hooks is not None else apath
 
 
 def _size(path: Path) -> int:

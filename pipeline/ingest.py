@@ -14,7 +14,6 @@ and processed after the rest of the input (see pipeline.references).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
@@ -408,9 +407,7 @@ class Ingest:
     def _quarantine(self, r: Rejected) -> None:
         """Under a privacy profile the quarantine keeps no payload (it would be the raw,
         identified input): the locator says where to find it, and a retry re-reads it."""
-        if self.privacy is not None and (r.payload is not None or r.payload_ref is None):
-            r = dataclasses.replace(r, payload=None, payload_ref=r.source_ref)
-        self.run.quarantine(self.source, self.source_kind, r)
+        self.run.quarantine(self.source, self.source_kind, r if self.privacy is None else self.privacy.rejected(r))
 
     def _ignored(self, rtype: str) -> None:
         self.counts.ignored += 1

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from ..errors import ConfigError
 from ..resources import config_dir
 from ..schema import TIMESTAMP, load_schema
-from ..units import Resource, Rows
+from ..units import Rejected, Resource, Rows
 from .deid import Deidentifier, load_profile
 from .pseudonym import Pseudonymiser, pseudonym, pseudonym_id
 
@@ -85,6 +85,24 @@ class PrivacyHooks:
         """Options for the connectors that apply a part of the profile themselves (DICOM)."""
         return {"deid_profile": self.dicom_profile} if self.profile == "deid" else {}
 
+    def locator(self, ref: str) -> str:
+        """A source_ref (path:line, path#entry[3], SOP UID) with its file or UID part keyed:
+        paths and UIDs can name patients. Line and entry numbers stay, to find the unit
+        again by hashing the candidate files' paths with the same key."""
+        base, hash_, frag = ref.partition("#")
+        head, colon, line = base.rpartition(":")
+        if colon and line.isdigit():
+            base = head
+        else:
+            line = ""
+        return f"ref:{pseudonym(base)[:24]}{':' + line if line else ''}{hash_}{frag}"
+
+    def rejected(self, r: Rejected) -> Rejected:
+        """A quarantine entry without the raw input (the locator says where it is) and with
+        a keyed locator."""
+        ref = self.locator(r.source_ref)
+        return dataclasses.replace(r, source_ref=ref, payload=None, payload_ref=ref)
+
     def resource(self, unit: Resource) -> Resource | None:
         """The unit with its resource pseudonymised (and de-identified); None to drop it."""
         res = self.pseudonymiser.resource(unit.resource)
@@ -93,7 +111,7 @@ class PrivacyHooks:
             res = self.deidentifier.resource(res, full_urls)
             if res is None:
                 return None
-        return dataclasses.replace(unit, resource=res, full_urls=full_urls)
+        return dataclasses.replace(unit, resource=res, full_urls=full_urls, source_ref=self.locator(unit.source_ref))
 
     def column_transforms(self) -> dict[str, dict[str, Any]]:
         """table -> column -> function, for the rows mapped from resources."""
@@ -107,6 +125,10 @@ class PrivacyHooks:
         pcol = table.patient_column
         if pcol and pcol in data.column_names:
             data = _map_strings(data, pcol, lambda v: pseudonym_id("Patient", v))
+        if "device_id" in data.column_names:
+            data = _map_strings(data, "device_id", lambda v: pseudonym_id("Device", v))
+        if "unit_key" in data.column_names:  # patient:<id>, device:<id> (docs/devices.md)
+            data = _map_strings(data, "unit_key", _unit_key)
         hashed = list(self.columns.get(unit.table, ()))
         if unit.table == "patient_identifier":
             hashed.append("value")
@@ -119,7 +141,7 @@ class PrivacyHooks:
                     i = data.column_names.index(col)
                     data = data.set_column(i, col, pa.nulls(data.num_rows, data.schema.field(col).type))
             data = self._times(data, table, pcol)
-        return dataclasses.replace(unit, data=data)
+        return dataclasses.replace(unit, data=data, source_ref=self.locator(unit.source_ref))
 
     def _times(self, data: pa.Table, table: Any, pcol: str | None) -> pa.Table:
         assert self.deidentifier is not None
@@ -143,6 +165,13 @@ class PrivacyHooks:
                 shifted = pc.add(pc.cast(ts, pa.int64()), per_row)
                 data = data.set_column(data.column_names.index(col), col, pc.cast(shifted, TIMESTAMP))
         return data
+
+
+def _unit_key(key: str) -> str:
+    kind, sep, rest = key.partition(":")
+    if sep and kind in ("patient", "device"):
+        return f"{kind}:{pseudonym_id(kind.capitalize(), rest)}"
+    return key
 
 
 def _map_strings(data: pa.Table, col: str, f) -> pa.Table:

@@ -19,7 +19,7 @@ they are to the linker.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -106,11 +106,3 @@ class Pseudonymiser:
             rtype, _, rid = target.partition("/")
             out[url] = f"{rtype}/{pseudonym_id(rtype, rid)}"
         return out
-
-
-def column_hasher(kind: str) -> Callable[[str], str]:
-    """The function a configured table column is hashed with ('identifier' or 'id:Type')."""
-    if kind == "identifier":
-        return pseudonym
-    rtype = kind.partition(":")[2] or "value"
-    return lambda v: pseudonym_id(rtype, v)
