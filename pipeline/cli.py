@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.config)
     store = Store(Path(args.store)) if args.store else None
     engine = None
-    if args.engine == "spark":  # file imports and the build on Spark; servers and the gate in this process
+    if args.engine == "spark":  # file imports, the gate and the build on Spark; server fetches in this process
         from .engines.spark import SparkEngine
 
         engine = SparkEngine(args.master)
@@ -225,7 +225,12 @@ def cmd_listen_mllp(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .gate_runs import run_check
 
-    outcome = run_check(_store(args), config=args.config, report_dir=args.report)
+    spark = None
+    if args.engine == "spark":  # docs/spark.md
+        from .engines.spark import spark_session
+
+        spark = spark_session(args.master)
+    outcome = run_check(_store(args), config=args.config, report_dir=args.report, spark=spark)
     print(outcome.summary())
     return int(Exit.OK if outcome.passed else Exit.GATE_FAILED)
 
@@ -446,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--strict", action="store_true", help="reject a message when a value does not convert")
     lm.set_defaults(func=cmd_listen_mllp)
 
-    ch = sub.add_parser("check", parents=[common], help="the quality and bias gate",
+    ch = sub.add_parser("check", parents=[common, engine], help="the quality and bias gate",
                         description="Check data quality and bias over the stored tables; write an HTML + JSON "
                                     "report; exit 4 when an error-level check fails (docs/gate.md).")
     ch.add_argument("--report", metavar="DIR", help="where to write report.html and report.json "

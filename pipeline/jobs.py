@@ -295,7 +295,8 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
         if spec.gate.get("enabled", True):
             from .gate_runs import run_check
 
-            check = run_check(store, config=spec.gate.get("config"), report_dir=spec.gate.get("report"))
+            checker = engine.check if engine is not None else run_check
+            check = checker(store, config=spec.gate.get("config"), report_dir=spec.gate.get("report"))
             result.gate_passed = check.passed
             result.report = check.report_html
             result.lines.append(check.summary())

@@ -260,9 +260,10 @@ def _map_and_write(spark, parts: list[Part], ctx: ImportContext, collector: Coll
 
 
 class SparkEngine:
-    """What a job runner calls to run a job's file imports and its build on Spark.
+    """What a job runner calls to run a job's file imports, gate and build on Spark.
 
-    The same signatures as pipeline.imports.import_files and pipeline.twins.build_twins,
+    The same signatures as pipeline.imports.import_files, pipeline.gate_runs.run_check
+    and pipeline.twins.build_twins,
     so that `run_job` can take either; the session starts on first use.
     """
 
@@ -279,6 +280,11 @@ class SparkEngine:
     def import_files(self, store: Store, run: Run, kind: str, paths: list[Path], **kw: Any) -> None:
         kw.pop("progress", None)
         spark_import_files(self.spark, store, run, kind, paths, **kw)
+
+    def check(self, store: Store, **kw: Any):
+        from ..gate_runs import run_check
+
+        return run_check(store, spark=self.spark, **kw)
 
     def build_twins(self, store: Store, **kw: Any):
         from .build import spark_build
