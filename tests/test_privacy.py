@@ -324,3 +324,18 @@ def test_dicom_record_filter_follows_the_basic_profile():
                    "Modality": "CT", "AnatomicRegionSequence": [{"CodeValue": "T-1"}]}
     uid = uid_pseudonym("1.2.840.10008.1")
     assert uid.startswith("2.25.") and len(uid) <= 64 and re.fullmatch(r"[0-9.]+", uid)
+
+
+def test_messages_received_over_mllp_are_pseudonymised_as_they_are_drained(tmp_path):
+    from pipeline.listen import _MSG, Drainer, Spool
+
+    store = Store(tmp_path / "s")
+    spool = Spool(tmp_path / "spool")
+    raw = (FIXTURES / "hl7v2" / "twin-adt-a01.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    spool.append([(_MSG, "mllp:127.0.0.1:1 [ctl]", raw)])
+    drainer = Drainer(store, spool, "adt", privacy=privacy_hooks("deid", source="adt"))
+    assert drainer.drain() and not spool.ready()  # drained, and the raw segment is gone
+    ids = _table(store, "patient_identifier")
+    assert ids.num_rows and all(re.fullmatch(r"[0-9a-f]{32}", v) for v in ids.column("value").to_pylist())
+    assert _table(store, "patient").column("name_family").null_count == _table(store, "patient").num_rows
+    assert not any(_in(v, _strings(store)) for v in _sensitive()["identifiers"] | _sensitive()["names"])
