@@ -204,6 +204,15 @@ def test_deid_from_the_command_line(tmp_path, capsys):
     assert "--deid-dates goes with --deid" in capsys.readouterr().err
 
 
+def test_a_profile_refuses_the_public_development_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TWIN_KEY")
+    monkeypatch.delenv("TWIN_KEY_FILE", raising=False)
+    keys.secret_key.cache_clear()
+    assert main(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", str(tmp_path), "--pseudonymise"]) == 2
+    assert "needs a secret key" in capsys.readouterr().err
+    assert not (tmp_path / "patient").exists()
+
+
 def test_a_job_source_can_ask_for_a_profile(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(f'[job]\nname = "p"\n[[source]]\nname = "ehr"\nkind = "fhir"\nprivacy = "pseudonymise"\n'

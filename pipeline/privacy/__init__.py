@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ConfigError
+from ..keys import has_secret_key
 from ..resources import config_dir
 from ..schema import TIMESTAMP, load_schema
 from ..units import Rejected, Resource, Rows
@@ -56,6 +57,9 @@ class PrivacyHooks:
     def __init__(self, profile: str, source: str, cfg: dict[str, Any] | None = None, *, dates: str | None = None):
         if profile not in PROFILES:
             raise ConfigError(f"privacy profile {profile!r} is not one of {', '.join(PROFILES)}")
+        if not has_secret_key():
+            raise ConfigError(f"the {profile} profile needs a secret key: set TWIN_KEY or TWIN_KEY_FILE "
+                              "(with the public development key, anyone could reverse the pseudonyms)")
         cfg = load_privacy_config() if cfg is None else cfg
         pseudo = _settings(cfg, "pseudonymise", source)
         self.profile = profile
