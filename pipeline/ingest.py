@@ -604,7 +604,10 @@ except (OSError, AttributeError):
 
 
 def _payload(unit: Resource) -> dict[str, Any]:
-    data = unit.raw if unit.raw is not None else orjson.dumps(unit.resource)
+    try:
+        data = unit.raw if unit.raw is not None else orjson.dumps(unit.resource)
+    except TypeError:  # nested deeper than orjson writes (254 levels): the locator must do
+        return {"payload_ref": unit.source_ref}
     if len(data) <= 1 << 20:
         return {"payload": data}
     return {"payload_ref": unit.source_ref}

@@ -15,7 +15,6 @@ from pathlib import Path
 import deltalake
 import pyarrow as pa
 import pyarrow.compute as pc
-import pydicom
 import pytest
 
 from pipeline import keys
@@ -29,6 +28,7 @@ from pipeline.privacy.pseudonym import Pseudonymiser, pseudonym, pseudonym_id, p
 from pipeline.store import Store
 
 from .conftest import FIXTURES
+from .sensitive import contains, found_in, sensitive_values
 
 KEY = "privacy-test-key-0123456789"
 HL7 = [FIXTURES / "hl7v2" / n for n in ("twin-adt-a01.hl7", "twin-oru-r01.hl7", "twin-vxu-v04.hl7",
@@ -73,44 +73,6 @@ def _strings(store: Store) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- what the inputs say
-
-
-def _sensitive() -> dict[str, set[str]]:
-    """Names, identifier values and full birth dates present in the fixture inputs."""
-    names, idents, births = set(), set(), set()
-    for f in (FIXTURES / "fhir").rglob("*.json*"):
-        docs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] \
-            if f.suffix == ".ndjson" else [json.loads(f.read_text())]
-        for doc in docs:
-            for res in [e.get("resource", {}) for e in doc.get("entry", [])] or [doc]:
-                if res.get("resourceType") != "Patient":
-                    continue
-                for n in res.get("name", []):
-                    names.update([n.get("family", "")] + n.get("given", []))
-                idents.update(i["value"] for i in res.get("identifier", []) if "value" in i)
-                births.add(res.get("birthDate", ""))
-    for f in HL7:
-        for seg in re.split(r"[\r\n]+", f.read_text()):
-            if seg.startswith("PID|"):
-                fields = seg.split("|")
-                idents.update(rep.split("^")[0] for rep in fields[3].split("~"))
-                names.update(fields[5].split("^")[:2])
-                births.add(fields[7][:8])
-    for f in (FIXTURES / "dicom").rglob("*"):
-        if f.is_file() and f.suffix not in (".md", ".py"):
-            try:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - the broken fixtures are meant to be broken
-                continue
-            names.update(str(ds.get("PatientName", "")).replace("^", " ").split())
-            idents.add(str(ds.get("PatientID", "")))
-            births.add(str(ds.get("PatientBirthDate", "")))
-    keep = lambda values: {v for v in values if len(v) >= 5 and not v.isspace()}  # noqa: E731 - short tokens match anything
-    iso = {f"{b[:4]}-{b[4:6]}-{b[6:8]}" for b in births if len(b) == 8 and b.isdigit()}
-    return {"names": keep(names), "identifiers": keep(idents), "births": keep(births) | iso}
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     mp = pytest.MonkeyPatch()
@@ -124,26 +86,20 @@ def stores(tmp_path_factory):
 
 
 def test_the_fixtures_hold_what_the_privacy_tests_look_for(stores):
-    s = _sensitive()
+    s = sensitive_values()
     assert len(s["names"]) >= 10 and len(s["identifiers"]) >= 10 and len(s["births"]) >= 3
     text = _strings(stores["plain"])
-    assert sum(_in(n, text) for n in s["names"]) >= 10  # the plain store does hold them: the search works
-
-
-def _in(value: str, text: str) -> bool:
-    """As a token: 99000 is an identifier in the inputs, and also inside SNOMED code 4399000..."""
-    return re.search(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])", text) is not None
+    assert sum(contains(text, n) for n in s["names"]) >= 10  # the plain store does hold them: the search works
 
 
 def test_deid_store_holds_no_name_identifier_or_birth_date(stores):
     text = _strings(stores["deid"])
-    found = {kind: sorted(v for v in values if _in(v, text)) for kind, values in _sensitive().items()}
-    assert found == {"names": [], "identifiers": [], "births": []}
+    assert found_in(text) == {"names": [], "identifiers": [], "births": []}
 
 
 def test_pseudonymised_store_holds_no_identifier(stores):
     text = _strings(stores["pseudonymise"])
-    assert [v for v in _sensitive()["identifiers"] if _in(v, text)] == []
+    assert [v for v in sensitive_values()["identifiers"] if contains(text, v)] == []
     values = _table(stores["pseudonymise"], "patient_identifier").column("value").to_pylist()
     assert values and all(re.fullmatch(r"[0-9a-f]{32}", v) for v in values)
 
@@ -347,4 +303,4 @@ def test_messages_received_over_mllp_are_pseudonymised_as_they_are_drained(tmp_p
     ids = _table(store, "patient_identifier")
     assert ids.num_rows and all(re.fullmatch(r"[0-9a-f]{32}", v) for v in ids.column("value").to_pylist())
     assert _table(store, "patient").column("name_family").null_count == _table(store, "patient").num_rows
-    assert not any(_in(v, _strings(store)) for v in _sensitive()["identifiers"] | _sensitive()["names"])
+    assert not any(contains(_strings(store), v) for v in sensitive_values()["identifiers"] | sensitive_values()["names"])

@@ -25,6 +25,7 @@ import orjson
 from ..dicom import Directory, read_file
 from ..dicom_fhir import SOP_UID, STUDY_UID, DicomCounts, DicomMapping, DicomSource
 from ..units import Rejected, Resource
+from .fhir_files import inside
 
 
 def walk(paths: Iterable[str | Path]) -> Iterator[str]:
@@ -41,7 +42,7 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
         for root, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if not name.startswith("."):
+                if not name.startswith(".") and inside(p, os.path.join(root, name)):
                     yield os.path.join(root, name)
 
 
