@@ -26,7 +26,15 @@ from ..store import Store
 from ..twins import twin_bucket
 from ..validation.checks import Finding, GateResult, RowFailure, judge, row_message
 from ..validation.config import GateConfig
-from ..validation.gate import PER_PATIENT, examples, measure, only_kinds, structure_checks, typed_tables
+from ..validation.gate import (
+    PER_PATIENT,
+    examples,
+    judge_all,
+    measure,
+    only_kinds,
+    structure_checks,
+    typed_tables,
+)
 from ..validation.layout import TableLayout, layouts, references
 from .parts import Part
 
@@ -141,19 +149,8 @@ def spark_gate(store: Store, spark, tables: list[str], config: GateConfig, *, no
     known = {t: store.read(t, _driver_columns(t, lay[t], lay, config)) for t in tables if t in lay}
     findings = structure_checks({t: _schema_only(store, t) for t in known}, lay, config)
     driver = measure(typed_tables(known, lay), lay, only_kinds(config, lambda k: k not in PER_PATIENT), now)
-    results, failures = [], []
-    for f in findings + driver:
-        if config.examples and f.rows is not None and len(f.rows):
-            refs = examples(known[f.table], f.rows, config.examples)
-            if refs:
-                f.details.setdefault("examples", refs)
-        result, rows = judge(f, config)
-        results.append(result)
-        if rows is not None:
-            t = known[f.table]
-            idx = pa.array(rows, pa.int64())
-            cols = [t.column(c).take(idx).to_pylist() for c in ("source", "unit_key", "source_ref")]
-            failures += [RowFailure(result.name, result.table, *x, row_message(result)) for x in zip(*cols, strict=True)]
+    results, quarantined = judge_all(findings + driver, known, config)
+    failures = []
     for f, refs, locators in _merge(parts, config.examples):
         if refs:
             f.details.setdefault("examples", refs)
@@ -161,7 +158,7 @@ def spark_gate(store: Store, spark, tables: list[str], config: GateConfig, *, no
         results.append(result)
         failures += [RowFailure(result.name, result.table, *loc, row_message(result)) for loc in locators]
     return GateResult(checks=results, now=now, tables={t: d.num_rows for t, d in known.items()},
-                      config_source=config.source, _row_failures=failures)
+                      config_source=config.source, _quarantined=quarantined, _data=known, _row_failures=failures)
 
 
 __all__ = ["bucket_rows", "gate_bucket", "spark_gate"]

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .bias import bias_checks
-from .checks import Finding, GateResult, _Quarantined, judge
+from .checks import CheckResult, Finding, GateResult, _Quarantined, judge
 from .completeness import patients_without_data, reference_checks
 from .config import GateConfig
 from .freshness import freshness_checks
@@ -120,6 +120,14 @@ def run_gate(tables: Mapping[str, pa.Table], config: GateConfig, *, now: datetim
         log.warning("gate: tables not in the twin schema are not checked: %s", ", ".join(unknown))
     known = {n: t for n, t in tables.items() if n in lay}
     findings = structure_checks(known, lay, config) + measure(typed_tables(known, lay), lay, config, now)
+    results, quarantined = judge_all(findings, known, config)
+    return GateResult(checks=results, now=now, tables={n: t.num_rows for n, t in known.items()},
+                      config_source=config.source, _quarantined=quarantined, _data=dict(known))
+
+
+def judge_all(findings: list[Finding], known: Mapping[str, pa.Table],
+              config: GateConfig) -> tuple[list[CheckResult], list[_Quarantined]]:
+    """Judge every finding (with its example locators); the rows to quarantine by check."""
     results, quarantined = [], []
     for f in findings:
         if config.examples and f.rows is not None and len(f.rows):
@@ -130,8 +138,7 @@ def run_gate(tables: Mapping[str, pa.Table], config: GateConfig, *, now: datetim
         results.append(result)
         if rows is not None:
             quarantined.append(_Quarantined(result, rows))
-    return GateResult(checks=results, now=now, tables={n: t.num_rows for n, t in known.items()},
-                      config_source=config.source, _quarantined=quarantined, _data=dict(known))
+    return results, quarantined
 
 
-__all__ = ["PER_PATIENT", "examples", "measure", "only_kinds", "run_gate", "structure_checks", "typed_tables"]
+__all__ = ["PER_PATIENT", "examples", "judge_all", "measure", "only_kinds", "run_gate", "structure_checks", "typed_tables"]
