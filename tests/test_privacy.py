@@ -160,6 +160,15 @@ def test_deid_from_the_command_line(tmp_path, capsys):
     assert "--deid-dates goes with --deid" in capsys.readouterr().err
 
 
+def test_a_pseudonymised_twin_is_found_by_its_original_id_with_the_key(tmp_path, capsys):
+    store = str(tmp_path / "s")
+    assert main(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", store, "--pseudonymise"]) == 0
+    assert main(["build", "--store", store]) == 0
+    capsys.readouterr()
+    assert main(["show", "2354df0f-349f-4042-a827-2ef12013e69d", "--store", store]) == 0
+    assert "born 1995-01-08" in capsys.readouterr().out
+
+
 def test_a_profile_refuses_the_public_development_key(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TWIN_KEY")
     monkeypatch.delenv("TWIN_KEY_FILE", raising=False)
