@@ -94,6 +94,16 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(Path(args.store) if args.store else default_store_path())
 
 
+def _privacy(args: argparse.Namespace, source: str):
+    """The privacy hooks the --pseudonymise / --deid flags ask for (docs/privacy.md)."""
+    from .privacy import privacy_hooks
+
+    profile = "deid" if args.deid else "pseudonymise" if args.pseudonymise else None
+    if args.deid_dates and profile != "deid":
+        raise ConfigError("--deid-dates goes with --deid")
+    return privacy_hooks(profile, source=source, dates=args.deid_dates)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from .imports import run_import
 
@@ -105,13 +115,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         from .engines.spark import spark_import
 
         run = spark_import(_store(args), args.kind, args.paths, master=args.master, source=args.source,
-                           options=options, reprocess=args.reprocess)
+                           options=options, reprocess=args.reprocess, hooks=_privacy(args, args.source or args.kind))
         print_run_summary(run)
         return int(run.exit_code())
     update, close = _progress_bar(f"import {args.kind}")
     try:
         run = run_import(_store(args), args.kind, args.paths, source=args.source, options=options,
-                         reprocess=args.reprocess, progress=update)
+                         reprocess=args.reprocess, progress=update, hooks=_privacy(args, args.source or args.kind))
     finally:
         close()
     print_run_summary(run)
@@ -152,7 +162,7 @@ def cmd_fetch_fhir(args: argparse.Namespace) -> int:
         patient=args.patient, count=args.count, auth=auth, state_dir=Path("."), timeout=timeout,
         max_retries=args.retries, rate_limit=args.rate_limit, verify_tls=not args.no_verify_tls,
         progress=_fetch_progress(), allowed_origin=args.allowed_origin)
-    run = run_fetch_fhir(_store(args), opts, source=args.source)
+    run = run_fetch_fhir(_store(args), opts, source=args.source, hooks=_privacy(args, args.source))
     if sys.stderr.isatty():
         sys.stderr.write("\r\x1b[K")
     print_run_summary(run)
@@ -165,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_job(args.config)
     store = Store(Path(args.store)) if args.store else None
     engine = None
-    if args.engine == "spark":  # file imports and the build on Spark; servers and the gate in this process
+    if args.engine == "spark":  # file imports, the gate and the build on Spark; server fetches in this process
         from .engines.spark import SparkEngine
 
         engine = SparkEngine(args.master)
@@ -192,7 +202,7 @@ def cmd_listen_mllp(args: argparse.Namespace) -> int:
     stats = ServerStats()
     result = listen_mllp(_store(args), args.host, args.port, source=args.source, ssl_context=ctx,
                          batch_max=args.batch_max, batch_wait_ms=args.batch_wait_ms, drain_every=args.drain_every,
-                         strict=args.strict, stats=stats)
+                         strict=args.strict, stats=stats, privacy=_privacy(args, args.source))
     print(f"listened on {args.host}:{args.port}: {result.drained_messages:,} message(s) stored in "
           f"{result.drains:,} drain(s); {result.waits_for_lock:,} wait(s) for the store's lock")
     return int(Exit.OK)
@@ -201,7 +211,12 @@ def cmd_listen_mllp(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .gate_runs import run_check
 
-    outcome = run_check(_store(args), config=args.config, report_dir=args.report)
+    spark = None
+    if args.engine == "spark":  # docs/spark.md
+        from .engines.spark import spark_session
+
+        spark = spark_session(args.master)
+    outcome = run_check(_store(args), config=args.config, report_dir=args.report, spark=spark)
     print(outcome.summary())
     return int(Exit.OK if outcome.passed else Exit.GATE_FAILED)
 
@@ -224,7 +239,7 @@ def cmd_fetch_dicomweb(args: argparse.Namespace) -> int:
     since = parse_instant_arg(args.since).date() if args.since else None
     run = run_fetch_dicomweb(_store(args), args.base_url, source=args.source, since=since, headers=headers or None,
                              options={"patient_rule": args.patient_rule, "timezone": args.timezone,
-                                      "retries": args.retries})
+                                      "retries": args.retries}, hooks=_privacy(args, args.source))
     print_run_summary(run)
     return int(run.exit_code())
 
@@ -311,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     common.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="log lines on stderr as text (default) or JSON lines")
+    privacy = argparse.ArgumentParser(add_help=False)
+    pv = privacy.add_mutually_exclusive_group()
+    pv.add_argument("--pseudonymise", action="store_true",
+                    help="replace identifiers and ids by keyed hashes (key: $TWIN_KEY or $TWIN_KEY_FILE)")
+    pv.add_argument("--deid", action="store_true",
+                    help="de-identify: pseudonymise, then keep only mappings/deid/'s allow-lists (Safe Harbor, PS3.15)")
+    privacy.add_argument("--deid-dates", choices=["year", "shift"],
+                         help="with --deid: dates to the year, or shifted per patient (default: config/privacy.toml)")
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument("--engine", choices=["single", "spark"], default="single",
                         help="where the work runs: this process (default) or Apache Spark (docs/spark.md)")
@@ -322,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"twinline {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    imp = sub.add_parser("import", parents=[common, engine], help="import files and folders",
+    imp = sub.add_parser("import", parents=[common, engine, privacy], help="import files and folders",
                          description="Import files and folders of one kind into the store, as one run.")
     imp.add_argument("kind", choices=sorted(FILE_CONNECTORS), help="what the files hold")
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (folders are walked)")
@@ -346,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Pull from a server, incrementally: the watermark of the last run is used "
                                        "when --since is not given.")
     fsub = fetch.add_subparsers(dest="fetch_kind", required=True, metavar="KIND")
-    ff = fsub.add_parser("fhir", parents=[common], help="FHIR REST search or Bulk Data $export",
+    ff = fsub.add_parser("fhir", parents=[common, privacy], help="FHIR REST search or Bulk Data $export",
                          description="FHIR search (following next links) or Bulk Data $export (--bulk).")
     ff.add_argument("base_url", metavar="BASE_URL")
     ff.add_argument("--types", help="resource types, comma separated (default: those the views map)")
@@ -374,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     ff.add_argument("--allowed-origin", metavar="URL", help="one more origin bulk files may come from (object storage)")
     ff.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (testing only)")
     ff.set_defaults(func=cmd_fetch_fhir)
-    fd = fsub.add_parser("dicomweb", parents=[common], help="DICOMweb: QIDO-RS search, WADO-RS metadata",
+    fd = fsub.add_parser("dicomweb", parents=[common, privacy], help="DICOMweb: QIDO-RS search, WADO-RS metadata",
                          description="Study, series and instance metadata from a PACS over DICOMweb (never pixel "
                                      "data), incrementally by Study Date.")
     fd.add_argument("base_url", metavar="BASE_URL")
@@ -397,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("listen", parents=[common], help="receive messages live")
     lsub = li.add_subparsers(dest="listen_kind", required=True, metavar="KIND")
-    lm = lsub.add_parser("mllp", parents=[common], help="HL7 v2 over MLLP",
+    lm = lsub.add_parser("mllp", parents=[common, privacy], help="HL7 v2 over MLLP",
                          description="An MLLP server: each message is acknowledged (AA/AE/AR) once it is durably "
                                      "spooled, and moved into the store whenever the store's lock is free. "
                                      "Stops on SIGTERM/SIGINT after storing what it acknowledged.")
@@ -414,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--strict", action="store_true", help="reject a message when a value does not convert")
     lm.set_defaults(func=cmd_listen_mllp)
 
-    ch = sub.add_parser("check", parents=[common], help="the quality and bias gate",
+    ch = sub.add_parser("check", parents=[common, engine], help="the quality and bias gate",
                         description="Check data quality and bias over the stored tables; write an HTML + JSON "
                                     "report; exit 4 when an error-level check fails (docs/gate.md).")
     ch.add_argument("--report", metavar="DIR", help="where to write report.html and report.json "

@@ -950,7 +950,9 @@ def constant(value: Any, n: int, typ: pa.DataType, *, cache: bool = True) -> lis
     files (`cache`); per-file values (ids, unit keys) get a block of their own each time,
     or the cache would grow with the number of files and chunks.
     """
-    block = _block(value, typ) if cache else _make_block(value, min(n, _BLOCK), typ)
+    if n < _BLOCK:  # a small file: its own n copies cost less than a block of 65,536 made on a cache miss
+        return [_make_block(value, n, typ)]
+    block = _block(value, typ) if cache else _make_block(value, _BLOCK, typ)
     out = [block] * (n // _BLOCK)
     if n % _BLOCK:
         out.append(block.slice(0, n % _BLOCK))

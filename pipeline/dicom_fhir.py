@@ -538,14 +538,17 @@ class DicomMapping:
         if problems:
             raise ConfigError(f"the DICOM mapping {source or ''} has problems", problems)
         self.wanted = Wanted.of(sorted(paths))
+        # de-identification of each record before it is mapped (pipeline.privacy.dicom_deid)
+        self.record_filter: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self._admit = [s.required() for s in self.sections.values()]
         self._patient_identifier = Section(tuple(e for e in self.sections["Patient"].elements
                                                  if e.steps[0] == "identifier"))
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, patient_rule: str | None = None,
-             timezone: str | None = None) -> DicomMapping:
-        """Load a mapping file (default mappings/dicom/fhir-r4.toml) and the CSV tables beside it."""
+             timezone: str | None = None, deid_profile: str | None = None) -> DicomMapping:
+        """Load a mapping file (default mappings/dicom/fhir-r4.toml) and the CSV tables beside it.
+        `deid_profile`: a file in mappings/deid/ whose PS3.15 actions each record goes through."""
         path = Path(path) if path else mappings_dir() / "dicom" / DEFAULT_MAPPING
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -554,7 +557,12 @@ class DicomMapping:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"the DICOM mapping {path} is not valid TOML: {e}") from None
         tables = _tables(doc, path.parent, timezone)
-        return cls(doc, tables, patient_rule=patient_rule, source=str(path))
+        mapping = cls(doc, tables, patient_rule=patient_rule, source=str(path))
+        if deid_profile:
+            from .privacy.dicom_deid import load_dicom_profile, record_filter
+
+            mapping.record_filter = record_filter(load_dicom_profile(mappings_dir() / "deid" / deid_profile))
+        return mapping
 
     # ------------------------------------------------------------------ instances
 
@@ -600,6 +608,8 @@ class DicomMapping:
         Instances naming another patient than the study's first one are rejected
         (`patient-mismatch`): a study belongs to one patient, and guessing which is wrong.
         """
+        if self.record_filter is not None:
+            instances = [(self.record_filter(rec), ref) for rec, ref in instances]
         series: dict[str, list[tuple[dict[str, Any], str]]] = {}
         for rec, ref in instances:
             series.setdefault(rec[SERIES_UID], []).append((rec, ref))

@@ -68,12 +68,13 @@ def converter(name: str, kind: int, primitive: bool = False):
     return deco
 
 
-_NM = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\Z")
+# re.ASCII: \d is 0-9 (HL7 numbers and dates are ASCII), not every Unicode digit ("²" is one)
+_NM = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\Z", re.ASCII)
 _DTM = re.compile(
     r"(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?"
-    r"(?:(?P<sign>[+-])(?P<oh>\d{2})(?P<om>\d{2}))?\Z"
+    r"(?:(?P<sign>[+-])(?P<oh>\d{2})(?P<om>\d{2}))?\Z", re.ASCII
 )
-_TM = re.compile(r"(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?(?:[+-]\d{4})?\Z")
+_TM = re.compile(r"(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?(?:[+-]\d{4})?\Z", re.ASCII)
 
 
 def dtm_offset(text: str) -> str | None:
@@ -89,7 +90,7 @@ def code_text(text: str) -> str:
 
 def parse_nm(text: str) -> int | float:
     """HL7 NM: optional sign, digits, optional decimal point (no exponent, no thousands separator)."""
-    if text.isdigit():  # the common case, without the regex
+    if text.isascii() and text.isdigit():  # the common case, without the regex
         return int(text)
     m = _NM.match(text)
     if not m:
@@ -581,8 +582,8 @@ def _nm_quantity(run: Run, rule: Rule, v: str) -> Any:
     return _quantity(run, value, _unit_raw(run, rule))
 
 
-_RANGE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*\Z")
-_LIMIT = re.compile(r"\s*([<>])=?\s*(-?\d+(?:\.\d+)?)\s*\Z")
+_RANGE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*\Z", re.ASCII)
+_LIMIT = re.compile(r"\s*([<>])=?\s*(-?\d+(?:\.\d+)?)\s*\Z", re.ASCII)
 
 
 @converter("ST[referenceRange]", SCALAR)
@@ -665,6 +666,8 @@ def _varies(run: Run, rule: Rule, reps: list[str]) -> Any:
     if kind == "string":
         text = "\n".join(run.text(r) for r in reps).strip()
         return ("String", text) if text else None
+    if not reps:  # OBX-5 of empty repetitions ("~")
+        return None
     if len(reps) > 1:
         run.note_invalid(f"{len(reps)} repetitions where FHIR has room for one: only the first is mapped")
     raw = reps[0]

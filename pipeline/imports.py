@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,16 +23,17 @@ import pyarrow.compute as pc
 from .connectors import FILE_CONNECTORS, FileConnector
 from .errors import ConfigError
 from .identity import TwinIds, relink, stored_links
-from .ingest import ColumnTransforms, Ingest, ResourceTransform, ViewSet
+from .ingest import Ingest, ViewSet
 from .paths import safe_name
 from .runs import Run
 from .store import Store
 from .temporal import utc_now
 
+if TYPE_CHECKING:
+    from .privacy import PrivacyHooks
+
 log = logging.getLogger(__name__)
 
-# Privacy hooks for the ingest stage (see pipeline.privacy): a resource transform and column transforms.
-Hooks = tuple["ResourceTransform | None", "ColumnTransforms | None"]
 
 
 @dataclass
@@ -72,12 +73,12 @@ def connector_for(kind: str) -> FileConnector:
 def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: str | None = None,
                options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
                progress: Callable[[FileProgress], None] | None = None, command: str = "import",
-               hooks: Hooks | None = None) -> Run:
+               hooks: PrivacyHooks | None = None) -> Run:
     """Import files of one kind as one run; returns the run (its counts say what happened)."""
     connector_for(kind)
     paths = check_paths(paths)
     with store.locked(command):
-        run = Run(store, command, inputs=[str(p) for p in paths])
+        run = Run(store, command, inputs=[_ledger_path(hooks, p) if hooks else str(p) for p in paths])
         try:
             import_files(store, run, kind, paths, source=source, options=options, reprocess=reprocess,
                          flush_rows=flush_rows, progress=progress, hooks=hooks)
@@ -107,18 +108,17 @@ def finish_run(store: Store, run: Run) -> None:
 
 def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source: str | None = None,
                  options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
-                 progress: Callable[[FileProgress], None] | None = None, hooks: Hooks | None = None) -> None:
+                 progress: Callable[[FileProgress], None] | None = None, hooks: PrivacyHooks | None = None) -> None:
     """Feed files of one kind into `run` (the caller holds the lock and commits)."""
     connector = connector_for(kind)
     source = source or kind
-    options = options or {}
-    transform, columns = hooks or (None, None)
+    options = {**(options or {}), **(hooks.connector_options if hooks and connector.kind == "dicom" else {})}
     files = list(connector.files(paths))
     if connector.check is not None:
         connector.check(files, options)  # a usage error stops the import before anything is written
     state = FileProgress(total_bytes=sum(_size(f) for f in files))
     ingest = Ingest(store, run, source, connector.kind, ViewSet(store.schema), flush_rows=flush_rows,
-                    twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+                    twin_ids=TwinIds(stored_links(store)), privacy=hooks)
     if connector.read_all is not None:
         _import_whole(store, run, connector, files, source, options, ingest, reprocess)
         return
@@ -127,7 +127,7 @@ def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source
     ledger_rows: list[dict[str, Any]] = []
     skipped = 0
     for path in files:
-        apath = str(path.resolve())
+        apath = _ledger_path(hooks, path)
         try:
             st = path.stat()
         except OSError:
@@ -173,7 +173,8 @@ def _import_whole(store: Store, run: Run, connector: FileConnector, files: list[
     otherwise everything is read again (upserts make the known part a no-op).
     """
     seen = {} if reprocess else _ledger(store, source)
-    stats = {str(f.resolve()): f.stat() for f in files if f.exists()}
+    stats = {_ledger_path(ingest.privacy, f): f for f in files if f.exists()}
+    stats = {p: f.stat() for p, f in stats.items()}
     if stats and all(p in seen and seen[p][0] == st.st_size and seen[p][1] == st.st_mtime_ns
                      for p, st in stats.items()):
         run.notes.append(f"{source}: {len(stats)} file(s) unchanged since they were last imported, skipped "
@@ -182,10 +183,11 @@ def _import_whole(store: Store, run: Run, connector: FileConnector, files: list[
     ingest.feed_all(connector.read_all(files, options))
     ingest.finish()
     rows = []
+    real = {_ledger_path(ingest.privacy, f): f for f in files}
     for p, st in stats.items():
         h = hashlib.sha256()
         try:
-            with open(p, "rb") as fh:
+            with open(real[p], "rb") as fh:
                 h.update(fh.read(1 << 20))
         except OSError:
             continue
@@ -193,6 +195,13 @@ def _import_whole(store: Store, run: Run, connector: FileConnector, files: list[
                      "sha256": h.hexdigest(), "run_id": run.run_id, "processed_at": utc_now(), "units_read": 0})
     if rows:
         store.merge_by_key("ledger", pa.Table.from_pylist(rows, schema=store.schema.table("ledger").arrow_schema))
+
+
+def _ledger_path(hooks: PrivacyHooks | None, path: Path) -> str:
+    """The ledger's name for a file: its absolute path, or under a privacy profile a keyed
+    locator (folder and file names often hold patient ids: DICOM trees, exports)."""
+    apath = str(path.resolve())
+    return hooks.locator(apath) if hooks is not None else apath
 
 
 def _size(path: Path) -> int:
@@ -219,7 +228,7 @@ def last_watermark(store: Store, key: str) -> str | None:
 
 
 def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
-                    hooks: Hooks | None = None):
+                    hooks: PrivacyHooks | None = None):
     """Feed a FHIR server's resources into `run`; returns the fetch, whose `finished()`
     the caller calls after committing.
 
@@ -240,10 +249,9 @@ def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir
         since = datetime.fromisoformat(mark.replace("Z", "+00:00")) if mark else None
     opts = replace(options, since=since, state_dir=store.meta / "fetch" / _safe(source))
     fetch = fetch_fhir(opts)
-    transform, columns = hooks or (None, None)
     try:
         ingest = Ingest(store, run, source, "fhir", ViewSet(store.schema), flush_rows=flush_rows,
-                        twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+                        twin_ids=TwinIds(stored_links(store)), privacy=hooks)
         ingest.feed_all(fetch.units())
         ingest.finish()
     except BaseException:
@@ -255,7 +263,7 @@ def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir
 
 
 def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
-                   hooks: Hooks | None = None) -> Run:
+                   hooks: PrivacyHooks | None = None) -> Run:
     """Pull from a FHIR server (search or Bulk $export) as one run."""
     with store.locked("fetch"):
         run = Run(store, "fetch", inputs=[options.base_url])
@@ -272,7 +280,7 @@ def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_ro
 
 def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = "dicomweb",
                        since: Any = None, headers: dict[str, str] | None = None, options: dict[str, Any] | None = None,
-                       flush_rows: int = 50_000, hooks: Hooks | None = None) -> None:
+                       flush_rows: int = 50_000, hooks: PrivacyHooks | None = None) -> None:
     """Feed a DICOMweb service's study metadata into `run`, incrementally by Study Date.
 
     Without `since`, the date of the last committed run of this source and server is
@@ -288,12 +296,12 @@ def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = 
     if since is None:
         mark = last_watermark(store, key)
         since = date.fromisoformat(mark) if mark else None
-    transform, columns = hooks or (None, None)
     units = read_dicomweb(base_url, since=since, headers=headers, patient_rule=options.get("patient_rule"),
-                          timezone=options.get("timezone"), **{k: options[k] for k in ("timeout", "retries")
+                          timezone=options.get("timezone"), deid_profile=hooks.connector_options.get("deid_profile")
+                          if hooks else None, **{k: options[k] for k in ("timeout", "retries")
                                                                  if k in options})
     ingest = Ingest(store, run, source, "dicom", ViewSet(store.schema), flush_rows=flush_rows,
-                    twin_ids=TwinIds(stored_links(store)), transform=transform, column_transforms=columns)
+                    twin_ids=TwinIds(stored_links(store)), privacy=hooks)
     ingest.feed_all(units)
     ingest.finish()
     run.watermarks[key] = run.started_at.date().isoformat()

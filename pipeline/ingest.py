@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
@@ -37,6 +37,9 @@ from .store import Store, version_newer
 from .temporal import BadTemporal, parse_fhir_datetime, utc_now
 from .units import Deletion, Rejected, Resource, Rows, Unit
 from .views import RowError, Unresolved, ViewError, compile_view
+
+if TYPE_CHECKING:
+    from .privacy import PrivacyHooks
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +253,7 @@ class Mapped:
     tables: dict[str, list[list[Any]]]
 
 
-# A resource transform (de-identification) returns the resource to map, or None to drop
-# it; column transforms (pseudonymisation) replace one typed value by another.
-ResourceTransform = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+# Column transforms (pseudonymisation of configured columns) replace one typed value by another.
 ColumnTransforms = dict[str, dict[str, Callable[[Any], Any]]]
 
 
@@ -265,11 +266,9 @@ class ResourceMapper:
     whether to defer); every other problem with the resource is a `Rejected`.
     """
 
-    def __init__(self, views: ViewSet, resolver: Resolver, *, transform: ResourceTransform | None = None,
-                 column_transforms: ColumnTransforms | None = None):
+    def __init__(self, views: ViewSet, resolver: Resolver, *, column_transforms: ColumnTransforms | None = None):
         self.views = views
         self.resolver = resolver
-        self.transform = transform
         self.column_transforms = column_transforms or {}
         self._positions = {
             t: [(views.schema.table(t).own_columns.index(c), f) for c, f in cols.items()]
@@ -277,16 +276,12 @@ class ResourceMapper:
         }
 
     def map(self, unit: Resource) -> Mapped | Rejected | None:
-        """None when no view maps the resource's type (or the transform drops it)."""
+        """None when no view maps the resource's type."""
         res = unit.resource
         rtype = res["resourceType"]
         tvs = self.views.by_type.get(rtype)
         if not tvs:
             return None
-        if self.transform is not None:
-            res = self.transform(res)
-            if res is None:
-                return None
         self.resolver.full_urls = unit.full_urls
         tables: dict[str, list[list[Any]]] = {}
         tv = tvs[0]
@@ -321,8 +316,7 @@ class Ingest:
 
     def __init__(self, store: Store, run: Run, source: str, source_kind: str, views: ViewSet,
                  *, flush_rows: int = 50_000, twin_ids: TwinIds | None = None,
-                 on_flush: Callable[[], None] | None = None, transform: ResourceTransform | None = None,
-                 column_transforms: ColumnTransforms | None = None):
+                 on_flush: Callable[[], None] | None = None, privacy: PrivacyHooks | None = None):
         self.store = store
         self.run = run
         self.source = source
@@ -333,7 +327,9 @@ class Ingest:
         self.counts = run.counts[source]
         self.index = IdentifierIndex(self._stored_identifiers)
         self.resolver = Resolver(self.index)
-        self.mapper = ResourceMapper(views, self.resolver, transform=transform, column_transforms=column_transforms)
+        self.privacy = privacy
+        self.mapper = ResourceMapper(views, self.resolver,
+                                     column_transforms=privacy.column_transforms() if privacy else None)
         self.on_flush = on_flush
         self._pending: dict[str, Mapped] = {}
         self._deletions: dict[str, str] = {}  # unit_key -> source_ref
@@ -349,13 +345,21 @@ class Ingest:
         for unit in units:
             self.feed(unit)
 
-    def feed(self, unit: Unit) -> None:
+    def feed(self, unit: Unit, *, private: bool = False) -> None:
+        """Take one unit. `private`: it has been through the privacy hooks already (a
+        deferred resource read back)."""
         if isinstance(unit, Resource):
             self.counts.read += 1
+            if self.privacy is not None and not private:
+                kept = self.privacy.resource(unit)
+                if kept is None:  # the profile does not keep this resource type
+                    self._ignored(unit.resource["resourceType"])
+                    return
+                unit = kept
             self._resource(unit)
         elif isinstance(unit, Rejected):
             self.counts.read += 1
-            self.run.quarantine(self.source, self.source_kind, unit)
+            self._quarantine(unit)
         elif isinstance(unit, Deletion):
             self.counts.read += 1
             key = f"{unit.resource_type}/{unit.resource_id}"
@@ -365,7 +369,7 @@ class Ingest:
                 self._pending_rows -= sum(len(r) for r in dropped.tables.values())
             self._deletions[key] = unit.source_ref
         elif isinstance(unit, Rows):
-            self._rows(unit)
+            self._rows(unit if self.privacy is None else self.privacy.rows(unit))
         else:  # pragma: no cover - a connector bug
             raise TypeError(f"not a unit: {type(unit).__name__}")
         if self._pending_rows >= self.flush_rows:
@@ -385,11 +389,10 @@ class Ingest:
             self._defer(unit)
             return
         if mapped is None:
-            self.counts.ignored += 1
-            self.counts.ignored_types[rtype] = self.counts.ignored_types.get(rtype, 0) + 1
+            self._ignored(rtype)
             return
         if isinstance(mapped, Rejected):
-            self.run.quarantine(self.source, self.source_kind, mapped)
+            self._quarantine(mapped)
             return
         self._deletions.pop(key, None)
         old = self._pending.get(key)
@@ -400,6 +403,15 @@ class Ingest:
             self._pending_rows -= sum(len(r) for r in old.tables.values())
         self._pending[key] = mapped
         self._pending_rows += sum(len(r) for r in mapped.tables.values())
+
+    def _quarantine(self, r: Rejected) -> None:
+        """Under a privacy profile the quarantine keeps no payload (it would be the raw,
+        identified input): the locator says where to find it, and a retry re-reads it."""
+        self.run.quarantine(self.source, self.source_kind, r if self.privacy is None else self.privacy.rejected(r))
+
+    def _ignored(self, rtype: str) -> None:
+        self.counts.ignored += 1
+        self.counts.ignored_types[rtype] = self.counts.ignored_types.get(rtype, 0) + 1
 
     def _defer(self, unit: Resource) -> None:
         if self._spill is None:
@@ -560,7 +572,7 @@ class Ingest:
             with open(self._spill_path, "rb") as f:
                 for line in f:
                     rec = orjson.loads(line)
-                    self.feed(Resource(rec["r"], rec["ref"], rec["fu"]))
+                    self.feed(Resource(rec["r"], rec["ref"], rec["fu"]), private=True)
             self._spill_path.unlink(missing_ok=True)
             self.flush()
             self.resolver.final = False
@@ -592,7 +604,10 @@ except (OSError, AttributeError):
 
 
 def _payload(unit: Resource) -> dict[str, Any]:
-    data = unit.raw if unit.raw is not None else orjson.dumps(unit.resource)
+    try:
+        data = unit.raw if unit.raw is not None else orjson.dumps(unit.resource)
+    except TypeError:  # nested deeper than orjson writes (254 levels): the locator must do
+        return {"payload_ref": unit.source_ref}
     if len(data) <= 1 << 20:
         return {"payload": data}
     return {"payload_ref": unit.source_ref}

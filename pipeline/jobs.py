@@ -233,12 +233,10 @@ class JobResult:
     lines: list[str] = field(default_factory=list)
 
 
-def _hooks(store: Store, spec: SourceSpec):
-    if spec.options.get("privacy", "none") == "none":
-        return None
-    from .privacy import privacy_hooks  # type: ignore[attr-defined]
+def _hooks(spec: SourceSpec):
+    from .privacy import privacy_hooks
 
-    return privacy_hooks(None if spec.options["privacy"] == "pseudonymise" else "deid", source=spec.name)
+    return privacy_hooks(spec.options.get("privacy", "none"), source=spec.name)
 
 
 def _fetch_options(opts: dict[str, Any]):
@@ -267,6 +265,7 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
     store = store or Store(spec.store or default_store_path())
     importer = engine.import_files if engine is not None else import_files
     unavailable: list[str] = []
+    hooks = {src.name: _hooks(src) for src in spec.sources}  # a bad privacy setup stops the job before it reads
     with store.locked(f"run {spec.name}"):
         run = Run(store, "run", inputs=[str(spec.path)])
         fetches = []
@@ -276,10 +275,10 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
                     if src.kind in FILE_CONNECTORS:
                         options = {k: v for k, v in src.options.items() if k not in ("paths", "reprocess", "privacy")}
                         importer(store, run, src.kind, src.options["paths"], source=src.name, options=options,
-                                 reprocess=src.options.get("reprocess", False), hooks=_hooks(store, src))
+                                 reprocess=src.options.get("reprocess", False), hooks=hooks[src.name])
                     elif src.kind == "fhir-server":
                         fetches.append(fetch_fhir_into(store, run, _fetch_options(src.options), source=src.name,
-                                                       hooks=_hooks(store, src)))
+                                                       hooks=hooks[src.name]))
                 except SourceUnavailable as e:
                     log.warning("source %s unavailable: %s", src.name, e)
                     run.notes.append(f"{src.name}: unavailable, retry later ({e})")
@@ -302,7 +301,8 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
         if spec.gate.get("enabled", True):
             from .gate_runs import run_check
 
-            check = run_check(store, config=spec.gate.get("config"), report_dir=spec.gate.get("report"))
+            checker = engine.check if engine is not None else run_check
+            check = checker(store, config=spec.gate.get("config"), report_dir=spec.gate.get("report"))
             result.gate_passed = check.passed
             result.report = check.report_html
             result.lines.append(check.summary())

@@ -39,6 +39,12 @@ def secret_key() -> bytes:
     return _DEV_KEY
 
 
+def has_secret_key() -> bool:
+    """Is a real key set? (A privacy profile refuses the public development key: its
+    pseudonyms could be reversed by anyone hashing guessed identifiers.)"""
+    return secret_key() != _DEV_KEY
+
+
 def keyed_hash(*parts: str, length: int = 32) -> str:
     """HMAC-SHA256 of the parts (unit-separated), as hex, cut to `length` characters."""
     msg = "\x1f".join(parts).encode("utf-8")

@@ -114,8 +114,9 @@ class ListenStats:
 class Drainer:
     """Moves sealed spool segments into the store, one `listen` run per drain."""
 
-    def __init__(self, store: Store, spool: Spool, source: str, *, strict: bool = False):
+    def __init__(self, store: Store, spool: Spool, source: str, *, strict: bool = False, privacy=None):
         self.store = store
+        self.privacy = privacy  # pipeline.privacy.PrivacyHooks: applied as the spool is drained
         self.spool = spool
         self.source = source
         self.strict = strict
@@ -133,7 +134,7 @@ class Drainer:
                 run = Run(self.store, "listen", inputs=[s.name for s in segments])
                 try:
                     ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
-                                    twin_ids=TwinIds(stored_links(self.store)))
+                                    twin_ids=TwinIds(stored_links(self.store)), privacy=self.privacy)
                     n = 0
                     for seg in segments:
                         for kind, ref, data in Spool.read(seg):
@@ -187,13 +188,13 @@ def spooling_handler(spool: Spool, *, strict: bool = False):
 def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ssl_context=None,
                 batch_max: int = 100, batch_wait_ms: float = 20, drain_every: float = 2.0, strict: bool = False,
                 ready: threading.Event | None = None, stop: threading.Event | None = None, stats=None,
-                shutdown_wait: float = 60.0) -> ListenStats:
+                shutdown_wait: float = 60.0, privacy=None) -> ListenStats:
     """Serve until SIGTERM/SIGINT (or `stop`); on the way out, drain what was acknowledged."""
     from .connectors.mllp import ServerStats, serve_mllp
 
     store.meta.mkdir(parents=True, exist_ok=True)
     spool = Spool(store.meta / "spool" / _safe(source))
-    drainer = Drainer(store, spool, source, strict=strict)
+    drainer = Drainer(store, spool, source, strict=strict, privacy=privacy)
     done = threading.Event()
 
     def drain_loop() -> None:

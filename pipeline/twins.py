@@ -622,14 +622,21 @@ def _timeline(snap: Snapshot, twins: pa.Array, obs: pa.Table, now: datetime) -> 
 
 
 def find_twin(store: Store, who: str) -> str:
-    """A twin id, or a source patient id (`id` or `source/id`)."""
+    """A twin id, or a source patient id (`id` or `source/id`). With a secret key set, the
+    original id of a pseudonymised record finds it too (docs/privacy.md)."""
     if not store.exists("twin"):
         raise ConfigError("no twins yet: run `twin build` first")
+    from .keys import has_secret_key
+    from .privacy.pseudonym import pseudonym_id
+
+    names = {who, who.split("/", 1)[-1]}
+    if has_secret_key():
+        names.add(pseudonym_id("Patient", who.split("/", 1)[-1]))
     t = store.read("twin", ["twin_id", "patient_ids"])
     for tw, ids in zip(t.column("twin_id").to_pylist(), t.column("patient_ids").to_pylist(), strict=True):
         if tw == who or tw.startswith(who) and len(who) >= 8:
             return tw
-        if ids and (who in ids or any(i.split("/", 1)[-1] == who for i in ids)):
+        if ids and any(i in names or i.split("/", 1)[-1] in names for i in ids):
             return tw
     # not echoed: a source patient id is an identifier, and this message ends up in logs
     raise ConfigError(f"no twin found for the PATIENT given ({len(who)} characters; give a twin id or a patient id "

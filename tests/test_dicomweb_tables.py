@@ -40,3 +40,20 @@ def test_fetched_tables_equal_imported_tables(tmp_path, monkeypatch):
                      "--auth-header-env", "DICOMWEB_AUTH"]) in (0, 3)
         for table in TABLES:
             assert _content(a, table) == _content(b, table), table
+        # de-identified the same way whichever way the metadata came (PS3.15 actions, then FHIR)
+        from pipeline import keys
+
+        monkeypatch.setenv("TWIN_KEY", "dicomweb-deid-test-key-0123")
+        keys.secret_key.cache_clear()
+        di, df = tmp_path / "deid-imported", tmp_path / "deid-fetched"
+        assert twin(["import", "dicom", *map(str, accepted), "--store", str(di), "--deid"]) in (0, 3)
+        assert twin(["fetch", "dicomweb", server.dicomweb, "--store", str(df), "--deid",
+                     "--auth-header-env", "DICOMWEB_AUTH"]) in (0, 3)
+        c, d = Store(di), Store(df)
+        for table in TABLES:
+            assert _content(c, table) == _content(d, table), table
+        assert {r["name_family"] for r in snapshot(d, "patient")} == {None}
+        uids = [r["study_instance_uid"] for r in snapshot(d, "imaging_study")]
+        plain = {r["study_instance_uid"] for r in snapshot(b, "imaging_study")}
+        assert uids and not plain & set(uids)
+    keys.secret_key.cache_clear()

@@ -75,3 +75,17 @@ def test_any_manifest_is_accepted_or_refused_clearly(doc):
     assert {"transactionTime", "requiresAccessToken", "files", "problems"} <= set(manifest)
     for f in manifest["files"]:
         assert f["url"].startswith("https://fhir.example.org/") and f["name"].endswith(".ndjson")
+
+
+def test_manifest_names_never_become_paths():
+    """A manifest's `type` names the local file only when it is a FHIR resource type: a
+    hostile one (`../../etc/cron.d/x`, an absolute path, a NUL) cannot place a file."""
+    hostile = ["../../etc/cron.d/x", "/etc/passwd", "Patient/../../x", "Observation\x00.sh", "..", "C:\\x"]
+    doc = {"transactionTime": "2026-01-01T00:00:00Z", "request": "https://fhir.example.org/r4/$export",
+           "requiresAccessToken": True,
+           "output": [{"type": t, "url": f"https://fhir.example.org/r4/files/{i}.ndjson"} for i, t in enumerate(hostile)]
+           + [{"type": "Patient", "url": "https://fhir.example.org/r4/files/p.ndjson"}]}
+    manifest = _bulk._checked_manifest(doc, "https://fhir.example.org/r4/$export-status/1")
+    names = [f["name"] for f in manifest["files"]]
+    assert names == [f"output.{i:03d}.ndjson" for i in range(len(hostile))] + ["Patient.000.ndjson"]
+    assert all("/" not in n and "\\" not in n and ".." not in n.replace("...", "") for n in names)

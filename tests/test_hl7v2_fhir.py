@@ -526,3 +526,20 @@ def test_every_shared_sample_maps_or_is_rejected_with_a_reason(shared_data):
     assert stats.reconciles() and stats.rejected == rejected and stats.resources == resources
     assert stats.files >= 170 and stats.messages >= 200 and stats.mapped >= 60
     assert stats.by_reason.get("unsupported-message-type", 0) > 100   # SIU, ORM, MDM, ...
+
+
+@pytest.mark.parametrize("obx5, obx7", [("²9", ""), ("1¹2", ""), ("~", ""), ("5", "1²-9"), ("٣", "<٣"),
+                                        ("7", "³")])
+def test_odd_numbers_and_empty_repetitions_are_refused_or_kept_never_fatal(obx5, obx7):
+    """Found by bench/fuzz_hl7v2.py: Unicode digits passed str.isdigit and \\d, then int()
+    failed; an OBX-5 of empty repetitions reached an index. HL7 numbers are ASCII."""
+    msg = ("MSH|^~\\&|LAB|HOSP|TWIN|HOSP|20240101120000||ORU^R01|C1|P|2.5\r"
+           "PID|1||12345^^^HOSP^MR||DOE^JANE||19800101|F\r"
+           "OBR|1|||24317-0^Hemogram^LN|||20240101110000\r"
+           f"OBX|1|NM|11156-7^Leukocytes^LN||{obx5}|10*3/uL|{obx7}|N|||F\r").encode()
+    for strict in (False, True):
+        out = map_message(msg, "t", strict=strict)
+        assert out.ack_code in ("AA", "AE", "AR")
+        obs = [r.resource for r in out.resources if r.resource["resourceType"] == "Observation"]
+        if out.rejected is None and obs and "valueQuantity" in obs[0]:
+            assert isinstance(obs[0]["valueQuantity"]["value"], int | float)

@@ -1,11 +1,11 @@
 """Names from input never lead outside their folder (issue 10, "path traversal ... refused").
 
 Every place where a name read from input becomes a file path is tested with `..`,
-absolute paths, NUL bytes and symbolic links that point elsewhere: DICOMDIR Referenced
-File IDs, the local names of Bulk Data manifest files, source names that name spool and
-download folders, the export's file names, and the paths of a job file. The audit, with
-the places that take no name from input (quarantine payload_ref, archives), is in
-docs/privacy-logs.md.
+absolute paths, NUL bytes and symbolic links that point elsewhere: folder walks,
+DICOMDIR Referenced File IDs, the local names of Bulk Data manifest files, source names
+that name spool and download folders, the export's file names, and the paths of a job
+file. The audit, with the places that take no name from input (quarantine payload_ref,
+archives), is in docs/privacy-logs.md.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ import pydicom
 import pytest
 
 from pipeline.cli import main as twin
+from pipeline.connectors import FILE_CONNECTORS
+from pipeline.connectors.csv_files import read_csv_logs
 from pipeline.connectors.dicom_files import read_dicom
+from pipeline.connectors.dicom_files import walk as dicom_walk
 from pipeline.connectors.fhir_server import FetchOptions, fetch_fhir
+from pipeline.connectors.hl7v2_files import ReadStats
+from pipeline.connectors.hl7v2_files import walk as hl7_walk
 from pipeline.errors import ConfigError
 from pipeline.listen import Spool
 from pipeline.paths import UnsafePath, contained, is_inside, safe_name
@@ -30,6 +35,54 @@ from pipeline.units import Rejected, Resource
 from tests.conftest import FIXTURES
 
 PD = FIXTURES / "dicom" / "pydicom"
+
+
+# --------------------------------------------------------------------------- folder walks
+
+SAMPLES = {"fhir": FIXTURES / "fhir" / "bundles" / "patient-1.json", "hl7v2": FIXTURES / "hl7v2" / "twin-adt-a01.hl7",
+           "csv": FIXTURES / "devices" / "linked" / "vitals.csv"}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/ holds a link to a file outside it and a link to a file inside it."""
+    root, outside = tmp_path / "export", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    for sample in SAMPLES.values():
+        shutil.copy(sample, outside / sample.name)
+        (root / f"out-{sample.name}").symlink_to(outside / sample.name)
+        shutil.copy(sample, root / sample.name)
+        (root / "sub").mkdir(exist_ok=True)
+        (root / "sub" / f"in-{sample.name}").symlink_to(root / sample.name)
+    (root / "linked-dir").symlink_to(outside, target_is_directory=True)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["fhir", "hl7v2", "csv", "dicom"])
+def test_walking_a_folder_never_leaves_it(tree, kind, caplog):
+    found = [p.name for p in FILE_CONNECTORS[kind].files([tree])]
+    assert not any(n.startswith("out-") for n in found)
+    assert "linked-dir" not in " ".join(str(p) for p in FILE_CONNECTORS[kind].files([tree]))
+    if kind != "dicom":
+        assert SAMPLES[kind].name in found and f"in-{SAMPLES[kind].name}" in found
+        assert "a symbolic link to a file outside" in caplog.text
+
+
+def test_the_library_walkers_agree(tree, tmp_path):
+    assert not any(p.name.startswith("out-") for p in hl7_walk([tree], ReadStats()))
+    assert not any(p.startswith(str(tree / "out-")) for p in dicom_walk([tree]))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    shutil.copy(SAMPLES["csv"], logs / "a.csv")
+    (logs / "b.csv").symlink_to(tree.parent / "elsewhere" / SAMPLES["csv"].name)
+    refs = {u.source_ref.split(":")[0] for u in read_csv_logs([str(logs)], format="twinline-vitals")}
+    assert refs == {str(logs / "a.csv")}
+
+
+def test_a_file_named_directly_is_read_even_through_a_link(tree):
+    link = tree / f"out-{SAMPLES['fhir'].name}"
+    assert list(FILE_CONNECTORS["fhir"].files([link])) == [link]
 
 
 # --------------------------------------------------------------------------- the helper

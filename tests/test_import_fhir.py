@@ -341,3 +341,24 @@ def test_quarantine_retry_resolves_only_what_is_stored(tmp_path, capsys, monkeyp
     assert q["3"]["status"] == "open"
     statuses = store.read("observation", ["observation_id", "status"]).to_pylist()
     assert {"observation_id": "no-status", "status": "unknown"} in statuses
+
+
+def test_a_resource_nested_deeper_than_json_writers_go_is_quarantined_not_fatal(tmp_path):
+    """Found by bench/fuzz_fhir_views.py: a refused resource nested 300 levels deep could
+    not be serialised for the quarantine (orjson stops at 254) and stopped the import."""
+    deep: object = "x"
+    for _ in range(300):
+        deep = {"x": deep}
+    obs = {"resourceType": "Observation", "id": "deep", "status": "final", "code": {"coding": [{"code": "1"}]},
+           "subject": {"reference": "Patient/p"}, "valueQuantity": {"value": 1, "unit": deep}}
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": obs}]}
+    (tmp_path / "deep.json").write_text(json.dumps(bundle))
+    from pipeline.ingest import ResourceMapper, ViewSet
+    from pipeline.references import IdentifierIndex, Resolver
+    from pipeline.units import Rejected, Resource
+
+    mapper = ResourceMapper(ViewSet(Store(tmp_path / "s").schema), Resolver(IdentifierIndex(lambda: [])))
+    out = mapper.map(Resource(obs, "deep.json#entry[0]", None))
+    assert isinstance(out, Rejected) and out.payload is None and out.payload_ref == "deep.json#entry[0]"
+    run = run_import(Store(tmp_path / "s"), "fhir", [tmp_path / "deep.json"])
+    assert run.counts["fhir"].quarantined == 1 and run.counts["fhir"].reconciles()

@@ -535,6 +535,8 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
         for kind, folder in (("fhir", "fhir"), ("hl7v2", "hl7v2"), ("dicom", "dicom"), ("csv", "devices")):
             say(f"import {kind}", "import", kind, str(FIXTURES / folder), "--store", store, "--reprocess")
             say(f"import {kind} hostile", "import", kind, str(hostile[kind]), "--store", store)
+        say("import json logs", "import", "csv", str(FIXTURES / "devices"), "--store", store, "--reprocess",
+            "--log-format", "json")
         # strict: a value that does not convert rejects its message, with a message saying why
         say("import hl7v2 hostile", "import", "hl7v2", str(hostile["hl7v2"]), "--store", store, "--strict",
             "--reprocess")
@@ -554,6 +556,7 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
         show = say("show", "show", tid, "--store", store)
         # `twin show` exists to print one twin to the operator who asked for it: its birth date and record
         # ids are the point. Only its log lines (stderr) are searched.
+        out["show, not searched"] = [Said(show.argv, show.code, show.text)]
         show.text = "\n".join(ln for ln in show.text.splitlines() if re.match(r"(DEBUG|INFO|WARNING|ERROR) ", ln))
         with FhirTestServer(FIXTURES / "fhir-server") as server:
             say("fetch fhir", "fetch", "fhir", server.base_url, "--store", store, "--source", "server")
@@ -586,6 +589,8 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
         **files_said(report), **files_said(Path(store) / "_twin" / "reports"),
         **files_said(export, "index.ndjson"), **_rejected_messages(export),
         **{k: v for k, v in files_said(tmp).items() if k.endswith((".log", ".txt", ".md", ".html"))}}.items()]
+    # the runs table: inputs, notes and counts of every run, as `twin status` and schedulers read them
+    out["files"].append(Said(["runs table"], 0, json.dumps(Store(Path(store)).read("runs").to_pylist(), default=str)))
     return out
 
 
@@ -599,7 +604,8 @@ def _rejected_messages(export: Path) -> dict[str, str]:
     return {str(f): "\n".join(json.dumps({k: v for k, v in r.items() if k != "payload"}) for r in lines)}
 
 
-CHECKS = ["run", "import fhir", "import fhir hostile", "import hl7v2", "import hl7v2 hostile", "import dicom",
+CHECKS = ["run", "import fhir", "import fhir hostile", "import hl7v2", "import hl7v2 hostile", "import json logs",
+          "import dicom",
           "import dicom hostile", "import csv", "import csv hostile", "check", "build", "status", "link-report",
           "quarantine list", "quarantine show", "quarantine retry", "export", "show", "fetch fhir", "listen mllp",
           "error paths", "files"]
@@ -612,10 +618,17 @@ def test_no_patient_data_in_what_the_command_said(said, check):
     assert not leaks, "\n".join(leaks[:20])
 
 
+def test_the_search_finds_what_it_looks_for(said):
+    """Not blind: `twin show` prints the birth date and record ids it is asked to show."""
+    hits = find_leaks(said["show, not searched"][0].text)
+    assert any("'1995-01-08'" in h for h in hits), hits
+
+
 def test_the_commands_ran_at_debug_level(said):
     # the search means something only if the commands spoke: debug lines, summaries, quarantine messages
     text = "\n".join(s.text for group in said.values() for s in group)
     assert "DEBUG " in text and "quarantined" in text and "report" in text
+    assert '"level": "info"' in said["import json logs"][0].text
     assert any("MSA|AE" in s.text or "MSA|AR" in s.text for s in said["listen mllp"])
 
 

@@ -148,9 +148,10 @@ def test_cli_and_job_runner_calls(tmp_path, spark, capsys):
     bundles = FIXTURES / "fhir" / "bundles"
     cli_store = tmp_path / "cli"
     assert twin(["import", "fhir", str(bundles), "--store", str(cli_store), "--engine", "spark"]) == 0
-    assert twin(["build", "--store", str(cli_store), "--engine", "spark", "--master", "local[2]"]) == 0
+    assert twin(["check", "--store", str(cli_store), "--engine", "spark", "--master", "local[2]"]) in (0, 4)
+    assert twin(["build", "--store", str(cli_store), "--engine", "spark", "--master", "local[2]", "--force"]) == 0
     out = capsys.readouterr().out
-    assert "fhir: read 369 units" in out and "twins: 3 (3 rebuilt" in out
+    assert "fhir: read 369 units" in out and "(check): " in out and "twins: 3 (3 rebuilt" in out
 
     store = Store(tmp_path / "job")
     engine = SparkEngine("local[2]")
@@ -179,11 +180,58 @@ def test_a_job_on_spark_gives_the_same_tables(tmp_path, spark):
     from pipeline.jobs import parse_job, run_job
 
     job = parse_job({"source": [{"name": "ehr", "kind": "fhir", "paths": [str(FIXTURES / "fhir")]}],
-                     "gate": {"enabled": False}}, tmp_path / "job.toml")
+                     "build": {"force": True}}, tmp_path / "job.toml")
     one, two = Store(tmp_path / "one"), Store(tmp_path / "two")
     run_job(job, store=one)
     engine = SparkEngine("local[2]")
     engine._spark = spark  # the session of this test session
     result = run_job(job, store=two, engine=engine)
     assert result.build_summary and "twins: 6" in result.build_summary
+    assert result.gate_passed == run_job(job, store=Store(tmp_path / "three")).gate_passed
     assert_same_tables(one, two)
+
+
+def _gate_both(store: Store, spark, buckets: int):
+    """The gate's result on one store, single process and partitioned by patient on Spark."""
+    from datetime import UTC, datetime
+
+    from pipeline.engines.gate import spark_gate
+    from pipeline.gate_runs import GATE_TABLES
+    from pipeline.validation import load_gate_config, run_gate
+
+    cfg = load_gate_config()
+    now = datetime(2026, 11, 28, tzinfo=UTC)
+    tables = [t for t in GATE_TABLES if store.exists(t)]
+    one = run_gate({t: store.read(t) for t in tables}, cfg, now=now, schema=store.schema.raw)
+    two = spark_gate(store, spark, tables, cfg, now=now, buckets=buckets)
+
+    def checks(result):
+        return {c.id: c.to_dict() for c in result.checks}
+
+    def failures(result):
+        return sorted((f.check, f.table, f.source or "", f.unit_key or "", f.source_ref or "")
+                      for f in result.row_failures)
+
+    return (checks(one), failures(one), one.passed), (checks(two), failures(two), two.passed)
+
+
+def test_the_gate_partitioned_by_patient_gives_the_same_verdict(tmp_path, spark):
+    store = Store(tmp_path / "s")
+    run_import(store, "fhir", [FIXTURES / "fhir"])
+    run_import(store, "hl7v2", [FIXTURES / "hl7v2"])  # public samples with real defects: rows fail
+    run_import(store, "dicom", [FIXTURES / "dicom"])
+    run_import(store, "csv", [FIXTURES / "devices"])
+    one, two = _gate_both(store, spark, buckets=3)
+    assert one[1], "the input should make some rows fail a quarantining check"
+    assert not one[2], "and the gate fail, so that failing counts are compared, not only passes"
+    assert set(one[0]) == set(two[0])
+    for cid in one[0]:
+        assert one[0][cid] == two[0][cid], cid
+    assert one[1] == two[1]
+
+
+def test_shared_synthea_data_gives_the_same_gate(shared_data, tmp_path, spark):
+    store = Store(tmp_path / "s")
+    run_import(store, "fhir", [shared_data / "fhir" / "generated-sample-data"])
+    one, two = _gate_both(store, spark, buckets=2)
+    assert one == two

@@ -105,7 +105,8 @@ def _csv_accept(path: Path) -> bool:
 def _dicom_all(files: list[Path], options: dict[str, Any]) -> Iterable[Unit]:
     from .dicom_files import read_dicom
 
-    return read_dicom(files, patient_rule=options.get("patient_rule"), timezone=options.get("timezone"))
+    return read_dicom(files, patient_rule=options.get("patient_rule"), timezone=options.get("timezone"),
+                      deid_profile=options.get("deid_profile"))
 
 
 FILE_CONNECTORS: dict[str, FileConnector] = {

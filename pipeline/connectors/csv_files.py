@@ -54,6 +54,7 @@ from ..devices import (
 )
 from ..errors import ConfigError
 from ..units import STREAM_UNIT_PREFIX, Rejected, Rows
+from .fhir_files import inside
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _plan(paths: Sequence[str], formats: dict[str, Format], name: str | None) ->
         path = Path(p)
         if path.is_dir():
             files += sorted(f for f in path.rglob("*") if f.is_file() and not any(
-                part.startswith(".") for part in f.relative_to(path).parts))
+                part.startswith(".") for part in f.relative_to(path).parts) and inside(path, f))
         elif path.is_file():
             files.append(path)
         elif path.exists():  # a device, a FIFO: it may never end, or block

@@ -25,6 +25,7 @@ import orjson
 from ..dicom import Directory, read_file
 from ..dicom_fhir import SOP_UID, STUDY_UID, DicomCounts, DicomMapping, DicomSource
 from ..units import Rejected, Resource
+from .fhir_files import inside
 
 
 def walk(paths: Iterable[str | Path]) -> Iterator[str]:
@@ -41,7 +42,7 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
         for root, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                if not name.startswith("."):
+                if not name.startswith(".") and inside(p, os.path.join(root, name)):
                     yield os.path.join(root, name)
 
 
@@ -160,7 +161,8 @@ class _Spool:
 
 
 def read_dicom(paths: list[str] | list[Path], *, patient_rule: str | None = None,
-               mapping: str | Path | DicomMapping | None = None, timezone: str | None = None) -> DicomFiles:
+               mapping: str | Path | DicomMapping | None = None, timezone: str | None = None,
+               deid_profile: str | None = None) -> DicomFiles:
     """FHIR resources (and Rejected units) from DICOM files and folders.
 
     `patient_rule`: how to link files without Patient ID: `patient_id_from=<Keyword>` or
@@ -170,7 +172,8 @@ def read_dicom(paths: list[str] | list[Path], *, patient_rule: str | None = None
     for a bad mapping or rule, before reading anything.
     """
     if not isinstance(mapping, DicomMapping):
-        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone)
+        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone,
+                                    deid_profile=deid_profile)
     return DicomFiles(paths, mapping)
 
 

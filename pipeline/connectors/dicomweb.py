@@ -306,7 +306,7 @@ def read_dicomweb(base_url: str, *, since: date | None = None, headers: Mapping[
                   timeout: tuple[float, float] = (5, 60), retries: int = 4, page_size: int = 100,
                   backoff: float = 0.5, patient_rule: str | None = None,
                   mapping: str | DicomMapping | None = None, timezone: str | None = None,
-                  session: requests.Session | None = None) -> DicomWeb:
+                  session: requests.Session | None = None, deid_profile: str | None = None) -> DicomWeb:
     """FHIR resources (and Rejected units) from a DICOMweb service (QIDO-RS + WADO-RS metadata).
 
     `headers` (e.g. {"Authorization": "Bearer ..."}) go with every request; `since` pulls
@@ -317,7 +317,8 @@ def read_dicomweb(base_url: str, *, since: date | None = None, headers: Mapping[
     if page_size < 1:
         raise ConfigError("page_size must be at least 1")
     if not isinstance(mapping, DicomMapping):
-        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone)
+        mapping = DicomMapping.load(mapping, patient_rule=patient_rule, timezone=timezone,
+                                    deid_profile=deid_profile)
     client = DicomWebClient(base_url, headers=headers, timeout=timeout, retries=retries, backoff=backoff,
                             session=session)
     return DicomWeb(client, mapping, since=since, page_size=page_size)

@@ -16,6 +16,7 @@ import difflib
 import gzip
 import hashlib
 import io
+import logging
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import orjson
 
 from ..fhir import RESOURCE_TYPES, valid_id
 from ..units import Deletion, Rejected, Resource, Unit
+
+log = logging.getLogger(__name__)
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
 JSON_SUFFIXES = (".json", ".json.gz")
@@ -50,14 +53,29 @@ def is_fhir_file(path: Path) -> bool:
     return name.endswith(NDJSON_SUFFIXES) or name.endswith(JSON_SUFFIXES)
 
 
+def inside(root: str | Path, child: str | Path) -> bool:
+    """Does a file found below `root` really lie there? A symbolic link in an export folder
+    can point anywhere (/etc, another patient's export): walking a folder never follows
+    one out of it. Logged with the link's path, a locator. Files named directly are read."""
+    try:
+        ok = Path(child).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a loop of links
+        ok = False
+    if not ok:
+        log.warning("%s: a symbolic link to a file outside %s, not read", child, root)
+    return ok
+
+
 def walk(paths: Iterable[str | Path], accept=is_fhir_file) -> Iterator[Path]:
-    """Files named directly, and files `accept` takes in folders (recursively, sorted, no hidden ones)."""
+    """Files named directly, and files `accept` takes in folders (recursively, sorted, no
+    hidden ones, none outside the folder)."""
     for p in paths:
         p = Path(p)
         if p.is_dir():
             for child in sorted(p.rglob("*")):
                 rel = child.relative_to(p).parts
-                if child.is_file() and not any(part.startswith(".") for part in rel) and accept(child):
+                if child.is_file() and not any(part.startswith(".") for part in rel) and accept(child) \
+                        and inside(p, child):
                     yield child
         else:
             yield p

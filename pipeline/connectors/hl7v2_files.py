@@ -28,6 +28,7 @@ from ..hl7v2 import DEFAULT_LIMITS, Limits
 from ..hl7v2_fhir import Mappings, map_message
 from ..hl7v2_framing import FramingProblem, RawMessage, frame_stream
 from ..units import Rejected, Resource
+from .fhir_files import inside
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def walk(paths: Iterable[str | os.PathLike], stats: ReadStats) -> Iterator[Path]
         if p.is_dir():
             for child in sorted(p.rglob("*")):
                 rel = child.relative_to(p).parts
-                if not child.is_file() or any(part.startswith(".") for part in rel):
+                if not child.is_file() or any(part.startswith(".") for part in rel) or not inside(p, child):
                     continue
                 if _accept(child):
                     yield child

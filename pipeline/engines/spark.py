@@ -23,14 +23,14 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
 
 from ..errors import ConfigError
 from ..identity import TwinIds, stored_links
-from ..imports import Hooks, _ledger, check_paths, connector_for, finish_run, import_files
+from ..imports import _ledger, check_paths, connector_for, finish_run, import_files
 from ..ingest import Ingest, ViewSet
 from ..runs import Run
 from ..store import Store
@@ -38,6 +38,9 @@ from ..temporal import utc_now
 from .collect import Collector
 from .parts import Part, auto_part_bytes, plan_parts, with_line_numbers
 from .tasks import ImportContext, guarded, iter_parts, key_fingerprint, map_part, scan_part, wait_staged
+
+if TYPE_CHECKING:
+    from ..privacy import PrivacyHooks
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def run_tasks(spark, items: list[dict[str, Any]], fn: Callable[[Part], dict[str,
 def spark_import(store: Store, kind: str, paths: Iterable[str | Path], *, spark=None, master: str = DEFAULT_MASTER,
                  source: str | None = None, options: dict[str, Any] | None = None, reprocess: bool = False,
                  flush_rows: int = DEFAULT_FLUSH_ROWS, part_bytes: int | None = None, command: str = "import",
-                 hooks: Hooks | None = None) -> Run:
+                 hooks: PrivacyHooks | None = None) -> Run:
     """`twin import --engine spark`: import files of one kind as one run, mapped on Spark."""
     connector_for(kind)
     checked = check_paths(paths)
@@ -161,7 +164,7 @@ def spark_import(store: Store, kind: str, paths: Iterable[str | Path], *, spark=
 def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Path], *, source: str | None = None,
                        options: dict[str, Any] | None = None, reprocess: bool = False,
                        flush_rows: int = DEFAULT_FLUSH_ROWS, part_bytes: int | None = None,
-                       hooks: Hooks | None = None) -> None:
+                       hooks: PrivacyHooks | None = None) -> None:
     """Feed files of one kind into `run` on Spark (the caller holds the lock and commits).
 
     The same contract as pipeline.imports.import_files, so a job can use either.
@@ -169,9 +172,11 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
     connector = connector_for(kind)
     source = source or kind
     options = options or {}
-    if connector.read_all is not None or connector.read_file is None:
-        # the mapping needs every file at once (DICOM series): nothing to partition
-        run.notes.append(f"{source}: {kind} is read as a whole input, on the driver")
+    if connector.read_all is not None or connector.read_file is None or hooks is not None:
+        # the mapping needs every file at once (DICOM series): nothing to partition; a
+        # privacy profile runs where the key is known to be (docs/spark.md)
+        why = "with a privacy profile" if hooks is not None else f"{kind} is read as a whole input"
+        run.notes.append(f"{source}: {why}, on the driver")
         import_files(store, run, kind, paths, source=source, options=options, reprocess=reprocess, hooks=hooks)
         return
     files = list(connector.files(paths))
@@ -182,8 +187,7 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
     log.info("spark import: %d parts scanned in %.2f s", len(parts), time.perf_counter() - clock)
     clock = time.perf_counter()
     ingest = Ingest(store, run, source, connector.kind, ViewSet(store.schema), flush_rows=flush_rows,
-                    twin_ids=TwinIds(stored_links(store)), transform=hooks[0] if hooks else None,
-                    column_transforms=hooks[1] if hooks else None)
+                    twin_ids=TwinIds(stored_links(store)))
     stage = store.tmp_dir() / f"spark-{run.run_id}"
     stage.mkdir(parents=True, exist_ok=True)
     ctx = ImportContext(kind=kind, source=source, source_kind=connector.kind, run_id=run.run_id, now=utc_now(),
@@ -191,7 +195,7 @@ def spark_import_files(spark, store: Store, run: Run, kind: str, paths: list[Pat
                         stored_identifiers=list(ingest._stored_identifiers()) if store.exists("resource_identifier") else [],
                         links=ingest.twin_ids._links, key_check=key_fingerprint(), options=options)
     collector = Collector(ingest)
-    _map_and_write(spark, parts, ctx, hooks, collector)
+    _map_and_write(spark, parts, ctx, collector)
     collector.finish({(t, s, v): i for t, s, v, i in ordered})
     shutil.rmtree(stage, ignore_errors=True)
     log.info("spark import: %d parts mapped and written in %.2f s", len(parts), time.perf_counter() - clock)
@@ -237,13 +241,13 @@ def _scan(spark, parts: list[Part], kind: str, options: dict[str, Any]
     return with_line_numbers(parts, by_piece), sha, ordered
 
 
-def _map_and_write(spark, parts: list[Part], ctx: ImportContext, hooks: Hooks | None, collector: Collector) -> None:
+def _map_and_write(spark, parts: list[Part], ctx: ImportContext, collector: Collector) -> None:
     """The mapping job; the driver writes part i as soon as it is staged, while later parts are mapped."""
     bc = spark.sparkContext.broadcast(ctx)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="twinline-spark") as pool:
             job = pool.submit(run_tasks, spark, [p.to_json() for p in parts],
-                              lambda p: map_part(p, bc.value, hooks), "mapping")
+                              lambda p: map_part(p, bc.value), "mapping")
             try:
                 for part in parts:
                     collector.add(wait_staged(ctx.stage_dir, part.index, job), [pc.path for pc in part.pieces])
@@ -256,9 +260,10 @@ def _map_and_write(spark, parts: list[Part], ctx: ImportContext, hooks: Hooks | 
 
 
 class SparkEngine:
-    """What a job runner calls to run a job's file imports and its build on Spark.
+    """What a job runner calls to run a job's file imports, gate and build on Spark.
 
-    The same signatures as pipeline.imports.import_files and pipeline.twins.build_twins,
+    The same signatures as pipeline.imports.import_files, pipeline.gate_runs.run_check
+    and pipeline.twins.build_twins,
     so that `run_job` can take either; the session starts on first use.
     """
 
@@ -275,6 +280,11 @@ class SparkEngine:
     def import_files(self, store: Store, run: Run, kind: str, paths: list[Path], **kw: Any) -> None:
         kw.pop("progress", None)
         spark_import_files(self.spark, store, run, kind, paths, **kw)
+
+    def check(self, store: Store, **kw: Any):
+        from ..gate_runs import run_check
+
+        return run_check(store, spark=self.spark, **kw)
 
     def build_twins(self, store: Store, **kw: Any):
         from .build import spark_build

@@ -148,7 +148,7 @@ class ImportContext:
 _CACHE: dict[str, Any] = {}
 
 
-def _mapper(ctx: ImportContext, hooks: Any) -> tuple[ResourceMapper, ViewSet, TwinIds]:
+def _mapper(ctx: ImportContext) -> tuple[ResourceMapper, ViewSet, TwinIds]:
     """One mapper per worker process and run: views compile once, the index is built once."""
     hit = _CACHE.get("mapper")
     if hit is not None and hit[0] == ctx.run_id:
@@ -163,8 +163,7 @@ def _mapper(ctx: ImportContext, hooks: Any) -> tuple[ResourceMapper, ViewSet, Tw
         index.add(rtype, system, value, rid)
     resolver = Resolver(index)
     resolver.final = True  # the index is complete: a reference it cannot resolve never will be
-    transform, columns = hooks or (None, None)
-    made = (ResourceMapper(views, resolver, transform=transform, column_transforms=columns), views,
+    made = (ResourceMapper(views, resolver), views,
             TwinIds(ctx.links))
     _CACHE["mapper"] = (ctx.run_id, made)
     return made
@@ -194,13 +193,9 @@ class _TableRows:
             self.seqs.append(seq)
 
 
-def map_part(part: Part, ctx: ImportContext, hooks: Any = None) -> dict[str, Any]:
-    """Map every unit of the part; stage per-table Arrow and the unit list; return tallies.
-
-    `hooks` (privacy transforms, closures) travel with the task, not in the broadcast
-    context, which Spark serialises with plain pickle.
-    """
-    mapper, views, twin_ids = _mapper(ctx, hooks)
+def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
+    """Map every unit of the part; stage per-table Arrow and the unit list; return tallies."""
+    mapper, views, twin_ids = _mapper(ctx)
     mapper.resolver.unresolved = {}
     schema = views.schema
     units: dict[str, list[Any]] = {f.name: [] for f in UNIT_SCHEMA}

@@ -208,6 +208,7 @@ class GateResult:
     config_source: str
     _quarantined: list[_Quarantined] = field(default_factory=list, repr=False)
     _data: dict[str, pa.Table] = field(default_factory=dict, repr=False)
+    _row_failures: list[RowFailure] = field(default_factory=list, repr=False)  # made already (partitioned gate)
 
     @property
     def passed(self) -> bool:
@@ -219,11 +220,12 @@ class GateResult:
 
     @property
     def row_failure_count(self) -> int:
-        return sum(len(q.rows) for q in self._quarantined)
+        return sum(len(q.rows) for q in self._quarantined) + len(self._row_failures)
 
     @property
     def row_failures(self) -> Iterator[RowFailure]:
         """Rows to quarantine, made on demand (a bad load can fail millions of rows)."""
+        yield from self._row_failures
         for q in self._quarantined:
             data = self._data[q.result.table]
             idx = pa.array(q.rows, pa.int64())

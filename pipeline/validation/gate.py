@@ -13,14 +13,17 @@ time zone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .bias import bias_checks
-from .checks import Finding, GateResult, _Quarantined, judge
+from .checks import CheckResult, Finding, GateResult, _Quarantined, judge
 from .completeness import patients_without_data, reference_checks
 from .config import GateConfig
 from .freshness import freshness_checks
@@ -51,6 +54,58 @@ def structure_checks(tables: Mapping[str, pa.Table], lay: Mapping[str, TableLayo
     return findings
 
 
+# Checks whose verdict on a row needs only that row and the rows of its own patient: they
+# can be measured per bucket of patients and summed (`twin check --engine spark`). The
+# others compare rows across patients (unique keys, references), or judge the population.
+PER_PATIENT = frozenset({"required", "allowed-values", "code-system", "future-date", "unit", "value-range",
+                         "after-birth", "before-death", "start-before-end", "sex-specific"})
+
+
+def only_kinds(config: GateConfig, keep: Callable[[str], bool]) -> GateConfig:
+    """The same configuration with every check kind `keep` refuses disabled."""
+    checks = {k: c if keep(k) else replace(c, enabled=False) for k, c in config.checks.items()}
+    overrides = {k: o if keep(k) else {w: replace(c, enabled=False) for w, c in o.items()}
+                 for k, o in config.overrides.items()}
+    return replace(config, checks=checks, overrides=overrides)
+
+
+def typed_tables(tables: Mapping[str, pa.Table], lay: Mapping[str, TableLayout]) -> dict[str, pa.Table]:
+    """Tables whose columns have the schema's types (the others are left to column-type:
+    the other checks would misread them)."""
+    return {n: t for n, t in tables.items() if n in lay and
+            all(t.schema.field(c).type.equals(s.arrow) for c, s in lay[n].columns.items() if c in t.column_names)}
+
+
+def measure(typed: Mapping[str, pa.Table], lay: Mapping[str, TableLayout], config: GateConfig,
+            now: datetime) -> list[Finding]:
+    """Every check but the structural ones, over tables of the schema's types."""
+    # sex is needed by the sex-specific check even when no bias dimension uses it
+    attrs = tuple(dict.fromkeys([*(d.column for d in config.bias.dimensions.values() if not d.bands), "sex"]))
+    persons = people(typed.get("patient"), lay.get("patient"), attrs)
+    findings: list[Finding] = []
+    findings += column_checks(typed, lay, config, now)
+    findings += measurement_checks(typed.get("observation"), config)
+    findings += reference_checks(typed, lay, config)
+    findings += patients_without_data(typed, lay, persons, config)
+    findings += life_checks(typed, lay, persons, config)
+    findings += period_checks(typed, lay, config)
+    findings += sex_checks(typed, lay, persons, config)
+    findings += freshness_checks(typed, lay, config, now)
+    findings += bias_checks(typed, lay, persons, config, now)
+    return findings
+
+
+def examples(data: pa.Table, rows: np.ndarray, k: int) -> list[str]:
+    """The `k` smallest source_refs of the failing rows: the same whichever way the rows
+    were split up to be checked."""
+    if k <= 0 or not len(rows) or "source_ref" not in data.column_names:
+        return []
+    refs = data.column("source_ref").take(pa.array(rows, pa.int64())).drop_null()
+    if len(refs) > k:
+        refs = refs.take(pc.select_k_unstable(refs, k, [("dummy", "ascending")]))
+    return sorted(refs.to_pylist())
+
+
 def run_gate(tables: Mapping[str, pa.Table], config: GateConfig, *, now: datetime, schema: dict[str, Any]) -> GateResult:
     """Check `tables` (name -> Arrow table in the shape of the twin schema) against `config`.
 
@@ -64,35 +119,26 @@ def run_gate(tables: Mapping[str, pa.Table], config: GateConfig, *, now: datetim
     if unknown:
         log.warning("gate: tables not in the twin schema are not checked: %s", ", ".join(unknown))
     known = {n: t for n, t in tables.items() if n in lay}
-    findings: list[Finding] = []
-    findings += structure_checks(known, lay, config)
-    # Tables whose columns have the wrong type are left to column-type: the other checks would misread them.
-    typed = {n: t for n, t in known.items()
-             if all(t.schema.field(c).type.equals(s.arrow) for c, s in lay[n].columns.items() if c in t.column_names)}
-    # sex is needed by the sex-specific check even when no bias dimension uses it
-    attrs = tuple(dict.fromkeys([*(d.column for d in config.bias.dimensions.values() if not d.bands), "sex"]))
-    persons = people(typed.get("patient"), lay.get("patient"), attrs)
-    findings += column_checks(typed, lay, config, now)
-    findings += measurement_checks(typed.get("observation"), config)
-    findings += reference_checks(typed, lay, config)
-    findings += patients_without_data(typed, lay, persons, config)
-    findings += life_checks(typed, lay, persons, config)
-    findings += period_checks(typed, lay, config)
-    findings += sex_checks(typed, lay, persons, config)
-    findings += freshness_checks(typed, lay, config, now)
-    findings += bias_checks(typed, lay, persons, config, now)
-
-    results, quarantined = [], []
-    for f in findings:
-        if config.examples and f.rows is not None and len(f.rows) and "source_ref" in known[f.table].column_names:
-            refs = known[f.table].column("source_ref").take(pa.array(f.rows[:config.examples], pa.int64())).to_pylist()
-            f.details.setdefault("examples", refs)
-        result, rows = judge(f, config)
-        results.append(result)
-        if rows is not None:
-            quarantined.append(_Quarantined(result, rows))
+    findings = structure_checks(known, lay, config) + measure(typed_tables(known, lay), lay, config, now)
+    results, quarantined = judge_all(findings, known, config)
     return GateResult(checks=results, now=now, tables={n: t.num_rows for n, t in known.items()},
                       config_source=config.source, _quarantined=quarantined, _data=dict(known))
 
 
-__all__ = ["run_gate", "structure_checks"]
+def judge_all(findings: list[Finding], known: Mapping[str, pa.Table],
+              config: GateConfig) -> tuple[list[CheckResult], list[_Quarantined]]:
+    """Judge every finding (with its example locators); the rows to quarantine by check."""
+    results, quarantined = [], []
+    for f in findings:
+        if config.examples and f.rows is not None and len(f.rows):
+            refs = examples(known[f.table], f.rows, config.examples)
+            if refs:
+                f.details.setdefault("examples", refs)
+        result, rows = judge(f, config)
+        results.append(result)
+        if rows is not None:
+            quarantined.append(_Quarantined(result, rows))
+    return results, quarantined
+
+
+__all__ = ["PER_PATIENT", "examples", "judge_all", "measure", "only_kinds", "run_gate", "structure_checks", "typed_tables"]

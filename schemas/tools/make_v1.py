@@ -1,5 +1,5 @@
-# Generator of schemas/twin-v1.json (run from the repo root). Kept so the draft can be regenerated
-# while v1 is a draft; once v1 is released the JSON is frozen and this script is not run again.
+# Generator of schemas/twin-v1.json (run from the repo root). v1 is released (2026-11-28): the JSON
+# is frozen and this script refuses to overwrite it; it stays as the starting point of twin-v2.
 import json
 P = "provenance"
 def c(name, type_, desc, required=False, **kw):
@@ -392,7 +392,7 @@ tables["resource_identifier"] = dict(
 prov = [
     c("twin_id", "string", "the person this row belongs to (keyed hash; null when the unit names no patient)"),
     c("source", "string", "configured source name", True),
-    c("source_ref", "string", "where the unit came from: file and line, bundle and entry, message control id and segment, SOP Instance UID", True),
+    c("source_ref", "string", "where the unit came from: file and line, bundle and entry, message control id and segment, SOP Instance UID; under a privacy profile a keyed locator (ref:<hash>[:line][#entry], docs/privacy.md)", True),
     c("run_id", "string", "the run that wrote the row", True),
     c("ingested_at", "timestamp", "when the row was written", True),
     c("unit_key", "string", "key of the source unit (for example Observation/123); the rows of one unit are replaced together", True),
@@ -403,11 +403,14 @@ prov = [
 doc = {
     "schema": "twinline-twin",
     "version": "1",
-    "status": "draft",
+    "status": "released",
+    "released": "2026-11-28",
     "description": "The unified twin schema. A released version is never edited: changes make a new file (twin-v2.json) that lists what changed.",
     "types": "string, boolean, int32, int64, float64, date, timestamp (microseconds, UTC), binary, list<T>, map<string,T>, struct<name:T,...>",
     "provenance": {"description": "Columns every clinical and assembled table carries, after its own columns.", "columns": prov},
     "tables": tables,
 }
+if json.load(open("schemas/twin-v1.json")).get("status") == "released":
+    raise SystemExit("schemas/twin-v1.json is released: it is never edited. Copy this script to make_v2.py")
 json.dump(doc, open("schemas/twin-v1.json", "w"), indent=1, ensure_ascii=False)
 print(sum(len(t["columns"]) for t in tables.values()), "columns in", len(tables), "tables")
