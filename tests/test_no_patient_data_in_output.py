@@ -531,6 +531,21 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
     try:
         # the demo job once: every source kind, the gate, the build
         assert say("run", "run", "--config", str(FIXTURES / "demo" / "job.toml"), "--store", store).code == 3
+        # the same job under the de-identification profile (docs/privacy.md): its own messages too
+        deid = tmp / "deid-job.toml"
+        deid.write_text(re.sub(r'^(kind = "\w+")$', r'\1\nprivacy = "deid"',
+                               (FIXTURES / "demo" / "job.toml").read_text().replace('"../', f'"{FIXTURES}/'),
+                               flags=re.MULTILINE))
+        saved_key = os.environ.get("TWIN_KEY")
+        os.environ["TWIN_KEY"] = "no-patient-data-test-key-0123456789abcdef"  # profiles refuse the public key
+        try:
+            say("run deid", "run", "--config", str(deid), "--store", str(tmp / "deid-store"))
+            say("run deid", "quarantine", "list", "--all", "--store", str(tmp / "deid-store"))
+        finally:
+            if saved_key is None:
+                os.environ.pop("TWIN_KEY", None)
+            else:
+                os.environ["TWIN_KEY"] = saved_key
         # every fixture file, the ones the demo leaves out included, then the hostile ones
         for kind, folder in (("fhir", "fhir"), ("hl7v2", "hl7v2"), ("dicom", "dicom"), ("csv", "devices")):
             say(f"import {kind}", "import", kind, str(FIXTURES / folder), "--store", store, "--reprocess")
@@ -604,7 +619,7 @@ def _rejected_messages(export: Path) -> dict[str, str]:
     return {str(f): "\n".join(json.dumps({k: v for k, v in r.items() if k != "payload"}) for r in lines)}
 
 
-CHECKS = ["run", "import fhir", "import fhir hostile", "import hl7v2", "import hl7v2 hostile", "import json logs",
+CHECKS = ["run", "run deid", "import fhir", "import fhir hostile", "import hl7v2", "import hl7v2 hostile", "import json logs",
           "import dicom",
           "import dicom hostile", "import csv", "import csv hostile", "check", "build", "status", "link-report",
           "quarantine list", "quarantine show", "quarantine retry", "export", "show", "fetch fhir", "listen mllp",
