@@ -320,12 +320,27 @@ def cmd_views_test(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(*, top: bool) -> argparse.ArgumentParser:
+    """--store, -v and --log-format, accepted before the command and after it.
+
+    The command's copy has no defaults (SUPPRESS): argparse copies a subcommand's
+    defaults over the values already parsed, so `twin --store DIR import ...` would
+    otherwise silently write to ./twinstore.
+    """
+    def default(value):
+        return value if top else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", metavar="DIR", help="the twin store (default: $TWIN_STORE or ./twinstore)")
-    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    common.add_argument("--log-format", choices=["text", "json"], default="text",
+    common.add_argument("--store", metavar="DIR", default=default(None),
+                        help="the twin store (default: $TWIN_STORE or ./twinstore)")
+    common.add_argument("-v", "--verbose", action="count", default=default(0), help="more log output (-vv: debug)")
+    common.add_argument("--log-format", choices=["text", "json"], default=default("text"),
                         help="log lines on stderr as text (default) or JSON lines")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top, common = _common_options(top=True), _common_options(top=False)
     privacy = argparse.ArgumentParser(add_help=False)
     pv = privacy.add_mutually_exclusive_group()
     pv.add_argument("--pseudonymise", action="store_true",
@@ -341,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --engine spark: local[N] or a cluster URL (default local[2])")
 
     p = argparse.ArgumentParser(prog="twin", description="Twinline: patient digital twins from hospital data.",
-                                parents=[common])
+                                parents=[top])
     p.add_argument("--version", action="version", version=f"twinline {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

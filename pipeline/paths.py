@@ -9,7 +9,11 @@ was given (docs/privacy-logs.md, "Hostile input limits").
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class UnsafePath(ValueError):
@@ -61,11 +65,17 @@ def safe_name(name: str, fallback: str = "source") -> str:
     return "_" + out if out.startswith(".") else out
 
 
-def is_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
-    """Does `path` (symbolic links followed) lie inside `root`?"""
-    real_root = os.path.realpath(os.fspath(root))
-    return os.path.commonpath([real_root, os.path.realpath(os.fspath(path))]) == real_root
+def inside(root: str | os.PathLike[str], child: str | os.PathLike[str]) -> bool:
+    """Does a file found below `root` really lie there? A symbolic link in an export folder
+    can point anywhere (/etc, another patient's export): walking a folder never follows
+    one out of it. Logged with the link's path, a locator. Files named directly are read."""
+    try:
+        ok = Path(child).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, RuntimeError):  # a loop of links
+        ok = False
+    if not ok:
+        log.warning("%s: a symbolic link to a file outside %s, not read", child, root)
+    return ok
 
 
-__all__ = ["UnsafePath", "contained", "is_inside", "safe_name"]
-
+__all__ = ["UnsafePath", "contained", "inside", "safe_name"]

@@ -30,7 +30,7 @@ from pipeline.connectors.hl7v2_files import ReadStats
 from pipeline.connectors.hl7v2_files import walk as hl7_walk
 from pipeline.errors import ConfigError
 from pipeline.listen import Spool
-from pipeline.paths import UnsafePath, contained, is_inside, safe_name
+from pipeline.paths import UnsafePath, contained, inside, safe_name
 from pipeline.units import Rejected, Resource
 from tests.conftest import FIXTURES
 
@@ -114,7 +114,7 @@ def test_a_symbolic_link_may_point_inside_its_folder_but_not_out(tmp_path):
         with pytest.raises(UnsafePath, match="symbolic link") as e:
             contained(root, *parts)
         assert e.value.reason == "outside-root"
-    assert is_inside(root, root / "inside" / "f") and not is_inside(root, root / "outside")
+    assert inside(root, root / "inside" / "f") and not inside(root, root / "outside")
 
 
 @pytest.mark.parametrize(("name", "safe"), [
@@ -186,7 +186,7 @@ def test_bulk_manifest_types_never_name_a_local_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"], "nothing may be written beside the state folder"
     names = [p.name for p in state.rglob("*") if p.is_file() and p.parent.name == "files"]
     assert names and all(re.fullmatch(r"(Patient|output|deleted)\.\d{3}\.ndjson(\.gz)?", n) for n in names), names
-    assert all(is_inside(state, p) for p in state.rglob("*"))
+    assert all(inside(state, p) for p in state.rglob("*"))
     # each listed file was still read (the type only names the local copy): read = written + rejected
     assert sum(isinstance(u, Resource) for u in units) == 2 * (1 + len(HOSTILE_TYPES))
 
@@ -202,7 +202,7 @@ def test_source_names_cannot_move_the_spool_or_the_download_folder(tmp_path):
     for name in ("..", "../../outside", ".", "/etc"):
         for make in (spool_folder_name, fetch_folder_name):
             folder = store_meta / "spool" / make(name)
-            assert is_inside(store_meta / "spool", folder) and folder.parent == store_meta / "spool"
+            assert inside(store_meta / "spool", folder) and folder.parent == store_meta / "spool"
             assert folder.name not in (".", "..") and not folder.name.startswith(".")
     spool = Spool(store_meta / "spool" / spool_folder_name(".."))
     spool.append([(b"M", "ref", b"MSH|...")])

@@ -53,8 +53,8 @@ from ..devices import (
     split_fields,
 )
 from ..errors import ConfigError
+from ..paths import inside
 from ..units import STREAM_UNIT_PREFIX, Rejected, Rows
-from .fhir_files import inside
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ HEAD_BYTES = 1 << 20  # the preamble, header and units row must fit in the first
 MAX_FILE = 64 << 30
 _MARK = b"\x00twinline-cut:"
 _MARK_TEXT = _MARK.decode()
+_BOM = b"\xef\xbb\xbf"
 _SEP_RE = re.compile(r'^"?sep=(.)"?\s*$')
 
 
@@ -445,6 +446,8 @@ class _GuardedFile(io.RawIOBase):
         Not text: not UTF-8, or holding a NUL byte (never in a text log, and the marker
         starts with one, so no input line can pass for a marker).
         """
+        if _BOM in data:  # a byte-order mark mid-file (files concatenated): nothing, as at the start
+            data = data.replace(b"\n" + _BOM, b"\n").removeprefix(_BOM)
         first = data.find(b"\n")
         if (first if first >= 0 else len(data)) > MAX_LINE:
             self.pending += self._marker("line-too-long", data[:first]) + (b"\n" if first >= 0 else b"")

@@ -24,8 +24,8 @@ import orjson
 
 from ..dicom import Directory, read_file
 from ..dicom_fhir import SOP_UID, STUDY_UID, DicomCounts, DicomMapping, DicomSource
+from ..paths import inside
 from ..units import Rejected, Resource
-from .fhir_files import inside
 
 
 def walk(paths: Iterable[str | Path]) -> Iterator[str]:

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from ..fhir import RESOURCE_TYPES, valid_id
+from ..paths import inside
 from ..units import Deletion, Rejected, Resource, Unit
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,6 @@ DEFAULT_LIMITS = Limits()
 def is_fhir_file(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(NDJSON_SUFFIXES) or name.endswith(JSON_SUFFIXES)
-
-
-def inside(root: str | Path, child: str | Path) -> bool:
-    """Does a file found below `root` really lie there? A symbolic link in an export folder
-    can point anywhere (/etc, another patient's export): walking a folder never follows
-    one out of it. Logged with the link's path, a locator. Files named directly are read."""
-    try:
-        ok = Path(child).resolve().is_relative_to(Path(root).resolve())
-    except (OSError, RuntimeError):  # a loop of links
-        ok = False
-    if not ok:
-        log.warning("%s: a symbolic link to a file outside %s, not read", child, root)
-    return ok
 
 
 def walk(paths: Iterable[str | Path], accept=is_fhir_file) -> Iterator[Path]:

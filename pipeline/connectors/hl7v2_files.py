@@ -27,8 +27,8 @@ from pathlib import Path
 from ..hl7v2 import DEFAULT_LIMITS, Limits
 from ..hl7v2_fhir import Mappings, map_message
 from ..hl7v2_framing import FramingProblem, RawMessage, frame_stream
+from ..paths import inside
 from ..units import Rejected, Resource
-from .fhir_files import inside
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,51 @@
+"""The options every command shares: where the store is and how loud the log is, wherever they are written."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipeline.cli import build_parser
+from pipeline.cli import main as twin
+from tests.conftest import FIXTURES
+
+PATIENTS = str(FIXTURES / "fhir" / "bulk" / "Patient.000.ndjson")
+
+
+@pytest.mark.parametrize("args", [
+    ["--store", "{s}", "import", "fhir", PATIENTS],
+    ["import", "fhir", PATIENTS, "--store", "{s}"],
+    ["import", "--store", "{s}", "fhir", PATIENTS],
+])
+def test_store_before_or_after_the_command_is_the_store_written(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)  # a store written to ./twinstore would show here
+    monkeypatch.delenv("TWIN_STORE", raising=False)
+    assert twin([a.format(s=tmp_path / "chosen") for a in args]) == 0
+    assert (tmp_path / "chosen").is_dir() and not (tmp_path / "twinstore").exists()
+    assert twin(["status", "--store", str(tmp_path / "chosen")]) == 0
+
+
+def test_without_store_twin_store_then_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TWIN_STORE", str(tmp_path / "from-env"))
+    assert twin(["import", "fhir", PATIENTS]) == 0
+    assert (tmp_path / "from-env").is_dir() and not (tmp_path / "twinstore").exists()
+    monkeypatch.delenv("TWIN_STORE")
+    assert twin(["import", "fhir", PATIENTS]) == 0
+    assert (tmp_path / "twinstore").is_dir()
+
+
+def test_verbosity_and_log_format_before_the_command_are_kept():
+    args = build_parser().parse_args(["-vv", "--log-format", "json", "status"])
+    assert args.verbose == 2 and args.log_format == "json" and args.store is None
+    args = build_parser().parse_args(["status", "-v"])
+    assert args.verbose == 1 and args.log_format == "text"
+    args = build_parser().parse_args(["--store", "a", "status"])
+    assert args.store == "a"
+
+
+def test_verbose_before_the_command_logs_at_debug(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert twin(["-vv", "--store", str(tmp_path / "s"), "status"]) in (0, 2)
+    assert logging.getLogger().level == logging.DEBUG
