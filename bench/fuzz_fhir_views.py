@@ -22,15 +22,12 @@ the exit code is 1.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import random
 import sys
 import tempfile
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,8 @@ import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from fuzzing import Fuzz, options  # noqa: E402  (bench/, the script's folder)
 
 from pipeline.connectors.fhir_files import FhirFile  # noqa: E402
 from pipeline.ingest import Mapped, ResourceMapper, ViewSet  # noqa: E402
@@ -208,22 +207,15 @@ class Target:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--executions", type=int, default=1_000_000)
-    ap.add_argument("--seconds", type=float, default=None, help="stop after this long (default: no limit)")
-    ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args()
+    args = options(__doc__).parse_args()
     sys.setrecursionlimit(10_000)
     rnd = random.Random(args.seed)
     corpus = seeds()
     target = Target()
-    started = time.monotonic()
-    end = started + args.seconds if args.seconds else float("inf")
-    runs = failures = 0
-    while runs < args.executions and time.monotonic() < end:
+    fuzz = Fuzz("fhir", ".json", args)
+    while fuzz.more():
         seed = rnd.choice(corpus)
         res = mutate(rnd, seed)
-        runs += 1
         try:
             if rnd.random() < 0.1:
                 line = json.dumps(res, default=str, allow_nan=True).encode()
@@ -231,22 +223,17 @@ def main() -> int:
             else:
                 target.map(res, seed, rnd.random() < 0.9)
         except Exception:  # noqa: BLE001 - every failure is reported and kept
-            failures += 1
-            out = Path(tempfile.gettempdir()) / f"fuzz-fhir-failure-{failures}.json"
-            try:
-                out.write_bytes(orjson.dumps(res, default=str))
-            except TypeError:  # deeper than orjson writes
-                out.write_text(repr(res))
-            print(f"FAILURE {failures}: input in {out}\n{traceback.format_exc()}", file=sys.stderr)
-            if failures >= 5:
-                break
-        if runs % 100_000 == 0:
-            print(f"{runs:,} executions, {time.monotonic() - started:.0f} s, {failures} failures", flush=True)
-    seconds = time.monotonic() - started
-    print(f"{runs:,} executions in {seconds:.0f} s ({runs / seconds:,.0f}/s) from {len(corpus):,} seeds, "
-          f"{failures} failures")
+            fuzz.failed(lambda out, res=res: _save(out, res))
+    code = fuzz.finish(f"{len(corpus):,} seeds")
     target.shm.unlink(missing_ok=True)
-    return 1 if failures else 0
+    return code
+
+
+def _save(out: Path, res: Any) -> None:
+    try:
+        out.write_bytes(orjson.dumps(res, default=str))
+    except TypeError:  # deeper than orjson writes
+        out.write_text(repr(res))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,15 @@ A failing input is written to $TMPDIR/fuzz-hl7v2-failure-<n>.hl7; the exit code 
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import sys
-import tempfile
-import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from fuzzing import Fuzz, options  # noqa: E402  (bench/, the script's folder)
 
 from pipeline.hl7v2 import HL7ParseError, parse_message  # noqa: E402
 from pipeline.hl7v2_fhir import map_message  # noqa: E402
@@ -117,10 +115,7 @@ def check(data: bytes, rnd: random.Random, validate: float, model) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--executions", type=int, default=1_000_000)
-    ap.add_argument("--seconds", type=float, default=None, help="stop after this long (default: no limit)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap = options(__doc__)
     ap.add_argument("--validate", type=float, default=0.01, help="share of mapped messages validated with R4B")
     args = ap.parse_args()
     from fhir.resources.R4B import get_fhir_model_class
@@ -128,29 +123,16 @@ def main() -> int:
     rnd = random.Random(args.seed)
     corpus = seeds()
     messages = [u.data for f in corpus for u in frame_bytes(f) if isinstance(u, RawMessage)]
-    started = time.monotonic()
-    end = started + args.seconds if args.seconds else float("inf")
-    runs = failures = 0
-    while runs < args.executions and time.monotonic() < end:
+    fuzz = Fuzz("hl7v2", ".hl7", args)
+    while fuzz.more():
         data = mutate(rnd, rnd.choice(corpus) if rnd.random() < 0.1 else rnd.choice(messages))
         if rnd.random() < 0.2:  # MLLP framing around it
             data = b"\x0b" + data + (b"\x1c\r" if rnd.random() < 0.8 else b"")
-        runs += 1
         try:
             check(data, rnd, args.validate, get_fhir_model_class)
         except Exception:  # noqa: BLE001 - every failure is reported and kept
-            failures += 1
-            out = Path(tempfile.gettempdir()) / f"fuzz-hl7v2-failure-{failures}.hl7"
-            out.write_bytes(data)
-            print(f"FAILURE {failures}: input in {out}\n{traceback.format_exc()}", file=sys.stderr)
-            if failures >= 5:
-                break
-        if runs % 100_000 == 0:
-            print(f"{runs:,} executions, {time.monotonic() - started:.0f} s, {failures} failures", flush=True)
-    seconds = time.monotonic() - started
-    print(f"{runs:,} executions in {seconds:.0f} s ({runs / seconds:,.0f}/s) from {len(corpus)} seed files "
-          f"({len(messages):,} messages), {failures} failures")
-    return 1 if failures else 0
+            fuzz.failed(lambda out, data=data: out.write_bytes(data))
+    return fuzz.finish(f"{len(corpus)} seed files ({len(messages):,} messages)")
 
 
 if __name__ == "__main__":
