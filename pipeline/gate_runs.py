@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .errors import Exit
+from .errors import ConfigError, Exit
 from .runs import Run, last_run
 from .store import Store
 from .temporal import utc_now
@@ -49,6 +49,9 @@ def run_check(store: Store, *, config: str | Path | None = None, report_dir: str
     from .validation.report import failed_lines, write_report
 
     cfg = load_gate_config(config)
+    if not any(store.exists(t) for t in GATE_TABLES):
+        # "passed: 0 checks" would read as a clean bill of health for data that is not there
+        raise ConfigError("nothing to check: the store has no data yet (import something first)")
     with store.locked("check"):
         run = Run(store, "check", inputs=[str(config) if config else "config/gate.toml"])
         try:

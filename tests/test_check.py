@@ -52,3 +52,10 @@ def test_a_failed_gate_stops_the_build_until_forced(tmp_path, capsys):
     q = s.read("quarantine", filter=pc.field("stage") == "gate").to_pylist()
     assert len(q) == 30 and all(e["target_table"] == "observation" for e in q)
     assert s.read("observation", filter=pc.field("value_number") == 900.0).num_rows == 30
+
+
+def test_an_empty_store_is_not_checked_and_says_so(tmp_path, capsys):
+    # "passed: 0 checks" would tell an integrator the data is clean when there is none
+    assert twin(["check", "--store", str(tmp_path / "s")]) == 2
+    assert "nothing to check" in capsys.readouterr().err
+    assert twin(["build", "--store", str(tmp_path / "s")]) == 2
