@@ -26,6 +26,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .arrays import constant
 from .errors import ConfigError
 from .fhir import DIRECTORY_TYPES
 from .identity import TwinIds
@@ -439,14 +440,16 @@ class Ingest:
         else:
             twin = pa.nulls(n, pa.string())
         cols = {name: data.column(name) for name in data.column_names}
+        # Provenance is one value per chunk: blocks shared by every row, not n copies each
+        # (pa.repeat of a 64-character hash over 750,000 rows costs more than mapping them).
         cols.update({
             "twin_id": twin,
-            "source": pa.repeat(pa.scalar(self.source, pa.string()), n),
-            "source_ref": pa.repeat(pa.scalar(unit.source_ref, pa.string()), n),
-            "run_id": pa.repeat(pa.scalar(self.run.run_id, pa.string()), n),
-            "ingested_at": pa.repeat(pa.scalar(now, TIMESTAMP), n),
+            "source": pa.chunked_array(constant(self.source, n, pa.string(), cache=False), pa.string()),
+            "source_ref": pa.chunked_array(constant(unit.source_ref, n, pa.string(), cache=False), pa.string()),
+            "run_id": pa.chunked_array(constant(self.run.run_id, n, pa.string(), cache=False), pa.string()),
+            "ingested_at": pa.chunked_array(constant(now, n, TIMESTAMP, cache=False), TIMESTAMP),
             "unit_version": pa.nulls(n, pa.string()),
-            "content_hash": pa.repeat(pa.scalar(unit.content_hash, pa.string()), n),
+            "content_hash": pa.chunked_array(constant(unit.content_hash, n, pa.string(), cache=False), pa.string()),
         })
         full = pa.table({c.name: cols[c.name] if c.name in cols else pa.nulls(n, c.arrow) for c in table.columns})
         agg = full.select(["unit_key"]).group_by("unit_key").aggregate([("unit_key", "count")])

@@ -23,7 +23,6 @@ from pipeline.devices import (
     LOCAL_CODES,
     LOINC,
     detect,
-    fixed_strings,
     load_format,
     load_formats,
     local_to_utc,
@@ -431,9 +430,3 @@ def test_local_to_utc_reads_the_repeated_autumn_hour_as_the_earlier_one():
     naive = np.array([int((datetime(2024, 10, 27, 2, 30) - datetime(1970, 1, 1)).total_seconds() * 1e6)])
     us, gap = local_to_utc(naive, "Europe/Berlin")
     assert not gap[0] and us[0] == int(utc(2024, 10, 27, 0, 30).timestamp() * 1e6)
-
-
-def test_fixed_width_ids_spell_hex():
-    arr = fixed_strings([b"ab-", np.array([0, 255, -1]), b"-", np.array([1, 2, 3])], 3)
-    assert arr.to_pylist() == ["ab-0000000000000000-0000000000000001", "ab-00000000000000ff-0000000000000002",
-                               "ab-ffffffffffffffff-0000000000000003"]
