@@ -339,6 +339,7 @@ class Ingest:
         self._spill_path: Path | None = None
         self._spill = None
         self.deferred = 0
+        self.no_patient: dict[str, int] = {}  # device-stream rows naming no patient, per table
 
     # ------------------------------------------------------------------ units
 
@@ -437,8 +438,12 @@ class Ingest:
             uniq = pc.unique(pids)
             tids = pa.array(self.twin_ids.many(self.source, uniq.to_pylist()), pa.string())
             twin = pc.take(tids, pc.index_in(pids, value_set=uniq))
+            orphans = pids.null_count
         else:
             twin = pa.nulls(n, pa.string())
+            orphans = n if pcol else 0
+        if orphans and unit.table != "device":  # a device need not belong to anyone
+            self.no_patient[unit.table] = self.no_patient.get(unit.table, 0) + orphans
         cols = {name: data.column(name) for name in data.column_names}
         # Provenance is one value per chunk: blocks shared by every row, not n copies each
         # (pa.repeat of a 64-character hash over 750,000 rows costs more than mapping them).
@@ -579,6 +584,13 @@ class Ingest:
             self._spill_path.unlink(missing_ok=True)
             self.flush()
             self.resolver.final = False
+        if self.no_patient:
+            # A wearable's export often does not say whose it is (Empatica E4): such rows
+            # are kept, but belong to no twin; say so rather than let them vanish from view.
+            rows = ", ".join(f"{t} {n:,}" for t, n in sorted(self.no_patient.items()))
+            self.run.notes.append(f"{self.source}: rows name no patient ({rows}) and belong to no twin; "
+                                  "pass --patient-id, or map the id in the format's [patient] section")
+            self.no_patient = {}
         missed = self.resolver.unresolved
         if missed:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(missed.items()))

@@ -1,0 +1,28 @@
+"""`twin import csv` as a user runs it: what the run summary says about device data."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+
+from pipeline.cli import main as twin
+from pipeline.store import Store
+from tests.conftest import FIXTURES
+
+E4 = str(FIXTURES / "devices" / "devicely" / "empatica")  # the E4 export does not name the wearer
+
+
+def test_rows_of_no_patient_are_kept_and_the_summary_says_so(tmp_path, capsys):
+    store = str(tmp_path / "s")
+    assert twin(["import", "csv", E4, "--store", store]) == 0
+    out = capsys.readouterr().out
+    obs = Store(store).read("observation")
+    assert obs.num_rows > 0 and obs.column("twin_id").null_count == obs.num_rows
+    assert f"rows name no patient (observation {obs.num_rows:,})" in out and "--patient-id" in out
+
+
+def test_with_a_patient_id_the_rows_belong_to_a_twin_and_no_note(tmp_path, capsys):
+    store = str(tmp_path / "s")
+    assert twin(["import", "csv", E4, "--patient-id", "wearer-1", "--store", store]) == 0
+    assert "name no patient" not in capsys.readouterr().out
+    obs = Store(store).read("observation")
+    assert obs.column("twin_id").null_count == 0 and pc.count_distinct(obs.column("twin_id")).as_py() == 1
