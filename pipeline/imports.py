@@ -63,11 +63,20 @@ def check_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def connector_for(kind: str) -> FileConnector:
+def connector_for(kind: str, options: dict[str, Any] | None = None) -> FileConnector:
+    """The connector of `kind`; a ConfigError if there is none or it does not take one of `options`."""
     try:
-        return FILE_CONNECTORS[kind]
+        connector = FILE_CONNECTORS[kind]
     except KeyError:
         raise ConfigError(f"unknown source kind {kind!r}: one of {', '.join(sorted(FILE_CONNECTORS))}") from None
+    wrong = connector.misplaced(options)
+    if wrong:
+        def takers(key: str) -> str:
+            return " and ".join(k for k, c in sorted(FILE_CONNECTORS.items()) if key in c.options)
+
+        raise ConfigError(f"options that do not apply to {kind} imports",
+                          [f"{k} (--{k.replace('_', '-')}) is for {takers(k)} imports" for k in wrong])
+    return connector
 
 
 def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: str | None = None,
@@ -75,7 +84,7 @@ def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: 
                progress: Callable[[FileProgress], None] | None = None, command: str = "import",
                hooks: PrivacyHooks | None = None) -> Run:
     """Import files of one kind as one run; returns the run (its counts say what happened)."""
-    connector_for(kind)
+    connector_for(kind, options)
     paths = check_paths(paths)
     with store.locked(command):
         run = Run(store, command, inputs=[_ledger_path(hooks, p) if hooks else str(p) for p in paths])
@@ -110,7 +119,7 @@ def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source
                  options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
                  progress: Callable[[FileProgress], None] | None = None, hooks: PrivacyHooks | None = None) -> None:
     """Feed files of one kind into `run` (the caller holds the lock and commits)."""
-    connector = connector_for(kind)
+    connector = connector_for(kind, options)
     source = source or kind
     options = {**(options or {}), **(hooks.connector_options if hooks and connector.kind == "dicom" else {})}
     files = list(connector.files(paths))

@@ -98,7 +98,7 @@ class _Check:
 
 
 _FILE_SOURCE_KEYS = {"name", "kind", "paths", "reprocess", "privacy", "format", "patient_id", "device_id",
-                     "downsample", "patient_rule", "strict"}
+                     "downsample", "patient_rule", "timezone", "strict"}
 _SERVER_KEYS = {"name", "kind", "base_url", "types", "since", "bulk", "group", "patient", "count", "timeout",
                 "retries", "rate_limit", "verify_tls", "allowed_origin", "auth", "privacy"}
 _AUTH_KEYS = {"kind", "token_env", "token_file", "username", "password_env", "password_file", "client_id",
@@ -152,10 +152,13 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
                     resolved.append(c.file(f"{at}.paths[{j}]", p))
             opts = {"paths": resolved, "reprocess": c.typed(at, s, "reprocess", (bool,), default=False),
                     "strict": c.typed(at, s, "strict", (bool,), default=False)}
-            for key in ("format", "patient_id", "device_id", "downsample", "patient_rule"):
+            for key in ("format", "patient_id", "device_id", "downsample", "patient_rule", "timezone"):
                 v = c.typed(at, s, key, (str,))
                 if v is not None:
                     opts[key] = v
+            for key in FILE_CONNECTORS[kind].misplaced({k: v for k, v in opts.items() if k not in ("paths", "reprocess")}):
+                users = " and ".join(k for k, conn in sorted(FILE_CONNECTORS.items()) if key in conn.options)
+                c.bad(f"{at}.{key}", f"applies to {users} sources, not {kind}")
             _check_format(c, at, kind, opts.get("format"))
         elif kind == "fhir-server":
             c.keys(at, s, dict.fromkeys(_SERVER_KEYS))

@@ -49,3 +49,15 @@ def test_verbose_before_the_command_logs_at_debug(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert twin(["-vv", "--store", str(tmp_path / "s"), "status"]) in (0, 2)
     assert logging.getLogger().level == logging.DEBUG
+
+
+@pytest.mark.parametrize(("kind", "flag", "value"), [
+    ("fhir", "--patient-id", "p1"), ("fhir", "--format", "faros"), ("hl7v2", "--timezone", "UTC"),
+    ("csv", "--strict", None), ("dicom", "--downsample", "1min"), ("csv", "--patient-rule", "patient_id=x"),
+])
+def test_an_option_of_another_kind_is_refused_not_ignored(tmp_path, capsys, kind, flag, value):
+    args = ["import", kind, str(FIXTURES), flag, *([value] if value else []), "--store", str(tmp_path / "s")]
+    assert twin(args) == 2
+    err = capsys.readouterr().err
+    assert f"do not apply to {kind} imports" in err and flag in err
+    assert not (tmp_path / "s").exists()  # refused before anything is written

@@ -157,3 +157,12 @@ def test_load_job_reads_the_demo():
     spec = load_job(JOB)
     assert [s.kind for s in spec.sources] == ["fhir", "hl7v2", "dicom", "csv"]
     assert spec.sources[0].options["paths"][0].is_dir()
+
+
+def test_a_source_option_of_another_kind_is_a_job_file_error(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('[[source]]\nname = "ehr"\nkind = "fhir"\npaths = ["."]\npatient_id = "p1"\n\n'
+                   '[[source]]\nname = "pacs"\nkind = "dicom"\npaths = ["."]\ntimezone = "Europe/Paris"\n')
+    with pytest.raises(ConfigError) as e:
+        load_job(job)
+    assert e.value.problems == ["source[0].patient_id: applies to csv sources, not fhir"]

@@ -35,6 +35,13 @@ class FileConnector:
     replay: Callable[[bytes, str], Iterable[Unit]] | None = None
     # checks every file before anything is read, raising ConfigError (unknown device formats)
     check: Callable[[list[Path], dict[str, Any]], object] | None = None
+    # the options (`twin import` flags, job source keys) this kind takes; others are refused,
+    # not ignored: `--patient-id` on a FHIR import must not look as if it had done something
+    options: tuple[str, ...] = ()
+
+    def misplaced(self, options: dict[str, Any] | None) -> list[str]:
+        """The options given (not None, not False) that this kind does not take."""
+        return [k for k, v in (options or {}).items() if v not in (None, False) and k not in self.options]
 
     def files(self, paths: Iterable[str | Path]) -> Iterator[Path]:
         return fhir_files.walk(paths, self.accept)
@@ -113,12 +120,13 @@ FILE_CONNECTORS: dict[str, FileConnector] = {
     "fhir": FileConnector("fhir", "FHIR R4 NDJSON (.ndjson, .ndjson.gz), Bundles and single resources (.json)",
                           fhir_files.is_fhir_file, read_file=_fhir_file, replay=fhir_files.replay),
     "hl7v2": FileConnector("hl7v2", "HL7 v2 messages: files, batch files (FHS/BHS), MLLP-framed dumps",
-                           hl7v2_files._accept, read_file=_hl7v2_file, replay=_hl7v2_replay),
+                           hl7v2_files._accept, read_file=_hl7v2_file, replay=_hl7v2_replay, options=("strict",)),
     # a CSV line cannot be replayed alone: it needs its file's preamble and header
     "csv": FileConnector("csv", "device logs (monitors, wearables), one mapping file per vendor format",
                          _csv_accept, read_file=_csv_file,
-                         check=lambda files, o: csv_files.find_logs(files, o.get("format"))),
+                         check=lambda files, o: csv_files.find_logs(files, o.get("format")),
+                         options=("format", "patient_id", "device_id", "downsample")),
     # DICOM groups the instances of a study from many files: the whole input is read each time
     "dicom": FileConnector("dicom", "DICOM files and folders (metadata only, DICOMDIR included)",
-                           lambda p: True, read_all=_dicom_all),
+                           lambda p: True, read_all=_dicom_all, options=("patient_rule", "timezone")),
 }

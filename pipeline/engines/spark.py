@@ -146,7 +146,7 @@ def spark_import(store: Store, kind: str, paths: Iterable[str | Path], *, spark=
                  flush_rows: int = DEFAULT_FLUSH_ROWS, part_bytes: int | None = None, command: str = "import",
                  hooks: PrivacyHooks | None = None) -> Run:
     """`twin import --engine spark`: import files of one kind as one run, mapped on Spark."""
-    connector_for(kind)
+    connector_for(kind, options)
     checked = check_paths(paths)
     spark = spark or spark_session(master)
     with store.locked(command):
