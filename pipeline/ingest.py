@@ -589,7 +589,7 @@ class Ingest:
             # are kept, but belong to no twin; say so rather than let them vanish from view.
             rows = ", ".join(f"{t} {n:,}" for t, n in sorted(self.no_patient.items()))
             self.run.notes.append(f"{self.source}: rows name no patient ({rows}) and belong to no twin; "
-                                  "pass --patient-id, or map the id in the format's [patient] section")
+                                  "give --patient-id (patient_id in a job source), or map the id in the format's [patient] section")
             self.no_patient = {}
         missed = self.resolver.unresolved
         if missed:
