@@ -171,10 +171,11 @@ class ViewSet:
             self.by_type.setdefault(tv.resource_type, []).append(tv)
         if problems:
             raise ConfigError(f"the views in {self.directory} are not usable", problems)
-
-    @property
-    def tables(self) -> list[str]:
-        return sorted({tv.table.name for tvs in self.by_type.values() for tv in tvs})
+        self.tables: list[str] = sorted({tv.table.name for tvs in self.by_type.values() for tv in tvs})
+        self.tables_of_type: dict[str, tuple[str, ...]] = {
+            rtype: tuple(tv.table.name for tv in tvs) for rtype, tvs in self.by_type.items()}
+        self.types_of_table: dict[str, set[str]] = {
+            t: {rtype for rtype, names in self.tables_of_type.items() if t in names} for t in self.tables}
 
     def _load(self, path: Path) -> TableView:
         definition = orjson.loads(path.read_bytes())
@@ -477,9 +478,16 @@ class Ingest:
         self._pending_rows = 0
         now = utc_now()
         touched: dict[str, bool] = {k: False for k in pending}
+        # each pending unit goes to the tables its type's views fill (one pass, in order),
+        # not every table past every unit
+        tables_of = self.views.tables_of_type
+        per_table: dict[str, list[tuple[str, Any]]] = {t: [] for t in self.views.tables}
+        for key, p in pending.items():
+            for table_name in tables_of.get(key.split("/", 1)[0], ()):
+                per_table[table_name].append((key, p))
         for table_name in self.views.tables:
             table = self.store.schema.table(table_name)
-            covered = {tv.resource_type for tvs in self.views.by_type.values() for tv in tvs if tv.table.name == table_name}
+            covered = self.views.types_of_table[table_name]
             units: dict[str, tuple[str | None, str, int]] = {}
             rows: list[list[Any]] = []
             refs: list[str] = []
@@ -487,19 +495,18 @@ class Ingest:
             vers: list[str | None] = []
             hashes: list[str] = []
             idx: list[int] = []
-            for key, p in pending.items():
-                if key.split("/", 1)[0] not in covered:
-                    continue
+            for key, p in per_table[table_name]:
                 trows = p.tables.get(table_name, [])
                 digest = _digest(trows)
                 units[key] = (p.version, digest, len(trows))
-                for i, r in enumerate(trows):
-                    rows.append(r)
-                    refs.append(p.source_ref)
-                    ukeys.append(key)
-                    vers.append(p.version)
-                    hashes.append(digest)
-                    idx.append(i)
+                n = len(trows)
+                if n:
+                    rows.extend(trows)
+                    refs.extend([p.source_ref] * n)
+                    ukeys.extend([key] * n)
+                    vers.extend([p.version] * n)
+                    hashes.extend([digest] * n)
+                    idx.extend(range(n))
             dels = [k for k in deletions if k.split("/", 1)[0] in covered]
             if dels:
                 n = self.store.delete_units(table_name, self.source, dels)
