@@ -49,3 +49,12 @@ def test_verbose_before_the_command_logs_at_debug(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert twin(["-vv", "--store", str(tmp_path / "s"), "status"]) in (0, 2)
     assert logging.getLogger().level == logging.DEBUG
+
+
+@pytest.mark.parametrize("args", [["fetch", "dicomweb", "http://127.0.0.1:9/dicom-web", "--since", "last week"],
+                                  ["fetch", "fhir", "http://127.0.0.1:9/fhir", "--since", "2024-13-45"],
+                                  ["build", "--as-of", "yesterday"]])
+def test_a_bad_date_option_is_a_usage_error_not_an_internal_error(tmp_path, capsys, args):
+    assert twin([*args, "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert "not a date or date-time" in err and "internal error" not in err
