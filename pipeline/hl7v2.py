@@ -568,8 +568,11 @@ def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reas
 
     `raw_msh` is `read_msh()` of the message acknowledged (None when it had no usable
     MSH: the ACK then carries standard delimiters and an empty MSA-2). The ACK keeps the
-    message's delimiters, so its MSH-3 to MSH-6 are copied byte for byte. `text` must not
-    hold patient data: it names the reason and positions only.
+    message's delimiters, so its MSH-3 to MSH-6 are copied byte for byte, and its character
+    set: the fields are written back in the bytes they came in (not re-encoded, which turned
+    a Latin-1 or UTF-8 facility name into mojibake the sender cannot match), and MSH-18 is
+    echoed so that those bytes are declared. `text` must not hold patient data: it names
+    the reason and positions only.
     """
     if code not in ("AA", "AE", "AR"):
         raise ValueError(f"ack code must be AA, AE or AR, not {code!r}")
@@ -584,6 +587,7 @@ def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reas
         return f[n].decode("latin-1") if n < len(f) else ""
 
     version = fld(12) or "2.5"
+    number = version.split(d.component)[0].strip() if d.component else version.strip()  # VID: 2.4^CAN
     trigger = ""
     if len(f) > 9 and d.component:
         parts = fld(9).split(d.component)
@@ -594,13 +598,15 @@ def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reas
     typ = d.component.join(["ACK", trigger, "ACK"]) if d.component else "ACK"
     msh = fs.join(["MSH", d.encoding_characters, fld(5), fld(6), fld(3), fld(4), when, "", typ,
                    control_id or _new_control_id(), processing, version])
+    if fld(18):
+        msh += fs * 6 + fld(18)
     msa = fs.join(["MSA", code, fld(10)])
     segs = [msh, msa]
     if code != "AA":
         err_code, err_text = ERROR_CODES.get(reason or "", ("207", "Application internal error"))
         user = _ack_escape(f"{reason or 'error'}: {text}" if text else (reason or "error"), d)
         loc = location or ""
-        major = version.split(".")[:2]
+        major = number.split(".")[:2]
         old = major < ["2", "5"] if all(p.isdigit() for p in major) else False
         c, s = d.component, d.subcomponent or d.component
         if old:  # ERR-1 (ELD): segment^sequence^field^code&text&table
@@ -610,7 +616,7 @@ def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reas
         else:   # ERR-2 location, ERR-3 code, ERR-4 severity, ERR-8 user message
             erl = c.join(_location_parts(loc)) if loc else ""
             segs.append(fs.join(["ERR", "", erl, c.join([err_code, err_text, "HL70357"]), "E", "", "", "", user]))
-    return ("\r".join(segs) + "\r").encode("utf-8")
+    return ("\r".join(segs) + "\r").encode("latin-1", "replace")  # fields were read as latin-1: same bytes
 
 
 def _location_parts(loc: str) -> list[str]:

@@ -294,9 +294,11 @@ def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = 
 
     Without `since`, the date of the last committed run of this source and server is
     used (studies of that day are read again: upserts make that harmless), and the
-    date this run started becomes the new watermark.
+    day before the UTC date this run started becomes the new watermark: Study Date is
+    the modality's local date, up to 14 hours behind UTC, so the UTC date itself skipped
+    a study done late in the evening west of Greenwich and sent after the run, for ever.
     """
-    from datetime import date
+    from datetime import date, timedelta
 
     from .connectors.dicomweb import read_dicomweb
 
@@ -313,7 +315,7 @@ def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = 
                     twin_ids=TwinIds(stored_links(store)), privacy=hooks)
     ingest.feed_all(units)
     ingest.finish()
-    run.watermarks[key] = run.started_at.date().isoformat()
+    run.watermarks[key] = (run.started_at - timedelta(days=1)).date().isoformat()
 
 
 def run_fetch_dicomweb(store: Store, base_url: str, **kw: Any) -> Run:

@@ -45,8 +45,19 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%S}Z-{secrets.token_hex(3)}"
 
 
-def quarantine_id(source: str, source_ref: str, stage: str, reason: str) -> str:
-    return hashlib.sha256("\x1f".join((source, source_ref, stage, reason)).encode()).hexdigest()[:32]
+def quarantine_id(source: str, source_ref: str, stage: str, reason: str, content: bytes | str | None = None) -> str:
+    """The entry's key: the same bad unit quarantined again keeps one entry.
+
+    `content` (the payload, else its pointer) is part of the key because a locator alone
+    does not name a unit for ever: an HL7 drop file rewritten under the same name, or an
+    MLLP connection number after a listener restart, points at a different message the
+    next time, and keying on the locator alone kept the first entry and silently dropped
+    the new message.
+    """
+    h = hashlib.sha256("\x1f".join((source, source_ref, stage, reason)).encode())
+    if content is not None:
+        h.update(b"\x1f" + (content if isinstance(content, bytes) else content.encode("utf-8", "replace")))
+    return h.hexdigest()[:32]
 
 
 @dataclass
@@ -70,7 +81,8 @@ class Run:
     def quarantine(self, source: str, source_kind: str, r: Rejected) -> None:
         self.counts[source].quarantined += 1
         self._quarantine.append({
-            "quarantine_id": quarantine_id(source, r.source_ref, r.stage, r.reason),
+            "quarantine_id": quarantine_id(source, r.source_ref, r.stage, r.reason,
+                                            r.payload if r.payload is not None else r.payload_ref),
             "run_id": self.run_id,
             "quarantined_at": utc_now(),
             "source": source,

@@ -61,3 +61,12 @@ def test_an_option_of_another_kind_is_refused_not_ignored(tmp_path, capsys, kind
     err = capsys.readouterr().err
     assert f"do not apply to {kind} imports" in err and flag in err
     assert not (tmp_path / "s").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("args", [["fetch", "dicomweb", "http://127.0.0.1:9/dicom-web", "--since", "last week"],
+                                  ["fetch", "fhir", "http://127.0.0.1:9/fhir", "--since", "2024-13-45"],
+                                  ["build", "--as-of", "yesterday"]])
+def test_a_bad_date_option_is_a_usage_error_not_an_internal_error(tmp_path, capsys, args):
+    assert twin([*args, "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert "not a date or date-time" in err and "internal error" not in err

@@ -127,6 +127,15 @@ def test_bad_rule_fails_before_reading():
         read_dicom([str(FIX)], patient_rule="patient_id_from=Nonsense")
 
 
+def test_bad_rule_or_zone_is_a_usage_error_even_when_the_files_are_unchanged(tmp_path):
+    from pipeline.cli import main as twin
+
+    store, f = str(tmp_path / "store"), str(PD / "ExplVR_LitEndNoMeta.dcm")
+    assert twin(["import", "dicom", f, "--store", store]) == 3  # no Patient ID: quarantined
+    for option in (["--patient-rule", "patient_id_form=OtherPatientIDs"], ["--timezone", "Mars/Olympus"]):
+        assert twin(["import", "dicom", f, "--store", store, *option]) == 2, option  # not "nothing new"
+
+
 def test_hostile_folder(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     (tmp_path / "text.dcm").write_text("no\n")

@@ -429,3 +429,23 @@ def test_base_url_is_checked():
     for bad in ("ftp://host/x", "not a url", "http://host/dicom-web?x=1"):
         with pytest.raises(ConfigError):
             read_dicomweb(bad)
+
+
+@pytest.mark.server
+def test_incremental_fetch_reads_back_far_enough_for_any_local_study_date(server, tmp_path):
+    """Study Date is the modality's local date. A run at 01:00 UTC is 20:00 the day before in
+    New York; a study done at 21:00 there and sent after the run has that earlier date, so
+    the next run must ask from the day before the run's UTC date, or it never sees it."""
+    from datetime import UTC, timedelta
+
+    from pipeline.imports import run_fetch_dicomweb
+    from pipeline.store import Store
+
+    server.serve_files(LINKED)
+    store = Store(tmp_path / "store")
+    first = run_fetch_dicomweb(store, server.url + "/dicom-web", options={"retries": 1})
+    assert "StudyDate" not in server.seen[0][1]
+    run_fetch_dicomweb(store, server.url + "/dicom-web", options={"retries": 1})
+    studies = [q for p, q, _ in server.seen if p == "/dicom-web/studies"]
+    utc_day = first.started_at.astimezone(UTC).date()
+    assert studies[-1]["StudyDate"] == [f"{utc_day - timedelta(days=1):%Y%m%d}-"]

@@ -504,6 +504,23 @@ def test_ack_before_v25_uses_err1_and_ack_without_msh():
     assert str(bare.segment("MSA")[1]) == "AR" and str(bare.segment("MSA")[2]) == ""
 
 
+def test_ack_gives_back_non_ascii_sender_names_byte_for_byte_and_declares_their_charset():
+    """A sender matches the ACK's MSH-5/6 against its own MSH-3/4: re-encoding them
+    (read as Latin-1, written as UTF-8) turned 'CLÍNICA' into mojibake."""
+    base = read("twin-adt-a01.hl7")
+    for name, charset in (("CLÍNICA".encode("latin-1"), b"8859/1"), ("CLÍNICA".encode(), b"UNICODE UTF-8")):
+        raw = base.replace(b"TWINADT", name).replace(b"UNICODE UTF-8", charset)
+        msh = build_ack(read_msh(raw), "AA").split(b"\r")[0].split(b"|")
+        assert msh[4] == name and msh[17] == charset  # split index n is MSH-(n+1)
+    assert b"||||||" not in build_ack(read_msh(read("python-hl7/sample_msh.hl7")), "AA")  # no MSH-18: none echoed
+
+
+def test_ack_reads_the_version_number_out_of_a_vid_with_components():
+    raw = read("twin-adt-a01.hl7").replace(b"|2.5.1|", b"|2.4^CAN|")
+    ack = build_ack(read_msh(raw), "AE", reason="missing-field", text="PID-3", location="PID-3")
+    assert b"\rERR|PID^1^3^101&Required field missing&HL70357\r" in ack  # v2.4: ERR-1, not ERR-2..8
+
+
 # -- all public samples (../shared) ---------------------------------------------------------------------
 
 

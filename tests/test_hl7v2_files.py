@@ -92,3 +92,25 @@ def test_hidden_files_and_other_suffixes_are_skipped(tmp_path):
     shutil.copy(FIX / "twin-adt-a01.hl7", tmp_path / "ADT_A01")      # no suffix: read
     units, stats = read_all([tmp_path])
     assert stats.files == 1 and stats.skipped_files == 1 and len(units) == 2
+
+
+def test_a_drop_file_rewritten_with_another_bad_message_is_quarantined_again(tmp_path):
+    """HL7 drop folders reuse file names: the second bad message under the same name (and
+    the same `msg 1 (line 1)` locator) is a new quarantine entry, not lost behind the first."""
+    import os
+
+    from pipeline.imports import run_import
+    from pipeline.store import Store
+
+    store = Store(tmp_path / "store")
+    drop = tmp_path / "out.hl7"
+    base = (FIX / "twin-adt-a01.hl7").read_bytes().replace(b"ADT^A01^ADT_A01", b"ADT^A24^ADT_A24")
+    drop.write_bytes(base)
+    run_import(store, "hl7v2", [drop])
+    drop.write_bytes(base.replace(b"TWIN-ADT-0001", b"TWIN-ADT-0777"))
+    os.utime(drop, ns=(1, 1))  # a new mtime, whatever the clock's resolution
+    run_import(store, "hl7v2", [drop])
+    entries = store.read("quarantine").to_pylist()
+    assert sorted(e["payload"].split(b"|")[9] for e in entries) == [b"TWIN-ADT-0001", b"TWIN-ADT-0777"]
+    run_import(store, "hl7v2", [drop], reprocess=True)  # the same bad message again: still one entry for it
+    assert store.count("quarantine") == 2

@@ -122,3 +122,20 @@ def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
     assert listener.returncode == 0, err.decode()[-500:]
     assert Store(store_dir).count("patient") >= 1
     assert b"stored" in out
+
+
+def test_a_port_in_use_or_an_unreadable_certificate_is_a_usage_error(tmp_path, capsys):
+    """Both are the operator's to fix: exit 2 and what is wrong, not 'internal error, please report it'."""
+    from pipeline.cli import main as twin
+
+    store = str(tmp_path / "store")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert twin(["listen", "mllp", "--port", str(port), "--store", store]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.pem")
+    assert twin(["listen", "mllp", "--port", str(free_port()), "--store", store,
+                 "--tls-cert", missing, "--tls-key", missing]) == 2
+    assert "TLS: the certificate, key or CA file cannot be used" in capsys.readouterr().err

@@ -116,6 +116,14 @@ def _dicom_all(files: list[Path], options: dict[str, Any]) -> Iterable[Unit]:
                       deid_profile=options.get("deid_profile"))
 
 
+def _dicom_check(files: list[Path], options: dict[str, Any]) -> object:
+    """--patient-rule and --timezone are checked even when the ledger skips every file:
+    a typo in them otherwise passed as "nothing new" (exit 0) until the files changed."""
+    from ..dicom_fhir import DicomMapping
+
+    return DicomMapping.load(patient_rule=options.get("patient_rule"), timezone=options.get("timezone"))
+
+
 FILE_CONNECTORS: dict[str, FileConnector] = {
     "fhir": FileConnector("fhir", "FHIR R4 NDJSON (.ndjson, .ndjson.gz), Bundles and single resources (.json)",
                           fhir_files.is_fhir_file, read_file=_fhir_file, replay=fhir_files.replay),
@@ -128,5 +136,6 @@ FILE_CONNECTORS: dict[str, FileConnector] = {
                          options=("format", "patient_id", "device_id", "downsample")),
     # DICOM groups the instances of a study from many files: the whole input is read each time
     "dicom": FileConnector("dicom", "DICOM files and folders (metadata only, DICOMDIR included)",
-                           lambda p: True, read_all=_dicom_all, options=("patient_rule", "timezone")),
+                           lambda p: True, read_all=_dicom_all, check=_dicom_check,
+                           options=("patient_rule", "timezone")),
 }

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..hl7v2 import DEFAULT_LIMITS, HL7ParseError, Limits, build_ack, read_msh
 from ..hl7v2_framing import MLLPDecoder
 from ..units import Rejected, Resource
@@ -128,9 +129,13 @@ class _Connection:
 def tls_context(certfile: str, keyfile: str, cafile: str | None = None, require_client_cert: bool = False
                 ) -> ssl.SSLContext:
     """A server-side TLS context (TLS 1.2+) from PEM files; with `cafile`, client certificates are checked."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cafile)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile, keyfile)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cafile)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certfile, keyfile)
+    except OSError as e:  # a wrong path or PEM (ssl.SSLError is an OSError) is the user's to fix, not a bug
+        why = getattr(e, "reason", None) or e.strerror or type(e).__name__
+        raise ConfigError(f"TLS: the certificate, key or CA file cannot be used ({why})") from None
     if require_client_cert:
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
@@ -167,8 +172,11 @@ class MLLPServer:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._queue = asyncio.Queue(maxsize=max(4 * self.batch_max, 64))
-        server = await asyncio.start_server(self._on_connect, self.host, self.port, ssl=self.ssl_context,
-                                            limit=1 << 16)
+        try:
+            server = await asyncio.start_server(self._on_connect, self.host, self.port, ssl=self.ssl_context,
+                                                limit=1 << 16)
+        except OSError as e:  # port in use, address not on this machine: fix the command, not a bug
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ({e.strerror or type(e).__name__})") from None
         self.stats.address = server.sockets[0].getsockname() if server.sockets else None
         self.stats.started_at = time.time()
         handlers = self._install_signals()
