@@ -14,6 +14,7 @@ acknowledged (its fsync did not return) and is ignored.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import orjson
 
-from .errors import LockHeld
+from .errors import ConfigError, LockHeld
 from .hl7v2_fhir import map_message
 from .identity import TwinIds, stored_links
 from .imports import finish_run
@@ -45,12 +46,27 @@ class Spool:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        # One listener per spool: a second one would take the first's open segment for a
+        # dead listener's and drain it while acknowledged messages are still appended to
+        # it. The lock dies with the process, so a crashed listener never blocks the next.
+        self._owner = open(folder / ".listener.lock", "a+b")  # noqa: SIM115 - closed in close()
+        try:
+            fcntl.flock(self._owner.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner.close()
+            raise ConfigError(f"another listener already receives for source {folder.name!r} on this store: "
+                              "stop it, or give this one another --source") from None
         self._lock = threading.Lock()
         self._file = None
         self._path: Path | None = None
         self._records = 0
         for stale in folder.glob("*.open"):  # a segment of a listener that died: drain it
             stale.rename(stale.with_suffix(".ready"))
+
+    def close(self) -> None:
+        """Seal the open segment and let another listener take this spool."""
+        self.seal()
+        self._owner.close()
 
     def append(self, records: list[tuple[bytes, str, bytes]]) -> None:
         """Write (kind, source_ref, data) records and fsync: when this returns, they survive a crash."""
@@ -219,6 +235,7 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
             time.sleep(0.5)
         if spool.ready():
             log.warning("the store stayed locked: %d spool segment(s) wait for the next listener", len(spool.ready()))
+        spool.close()
     return drainer.stats
 
 

@@ -139,3 +139,29 @@ def test_a_port_in_use_or_an_unreadable_certificate_is_a_usage_error(tmp_path, c
     assert twin(["listen", "mllp", "--port", str(free_port()), "--store", store,
                  "--tls-cert", missing, "--tls-key", missing]) == 2
     assert "TLS: the certificate, key or CA file cannot be used" in capsys.readouterr().err
+
+
+def test_a_second_listener_for_the_same_source_is_refused_and_the_first_keeps_its_spool(tmp_path, capsys):
+    """Two listeners on one spool would drain each other's open segment while it still
+    receives acknowledged messages. The second is refused; another --source is fine."""
+    from pipeline.cli import main as twin
+
+    store = Store(tmp_path / "s")
+    stop, ready = threading.Event(), threading.Event()
+    port = free_port()
+    t = threading.Thread(target=listen_mllp, args=(store, "127.0.0.1", port),
+                         kwargs={"ready": ready, "stop": stop, "drain_every": 0.2}, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    try:
+        send(port, messages()[:1])  # the first listener's open segment now exists
+        args = ["listen", "mllp", "--port", str(free_port()), "--store", str(tmp_path / "s")]
+        assert twin(args) == 2
+        assert "another listener already receives for source 'hl7v2'" in capsys.readouterr().err
+        assert list((store.meta / "spool" / "hl7v2").glob("*.open")), "the first listener's segment was taken"
+    finally:
+        stop.set()
+        t.join(30)
+    from pipeline.listen import Spool
+
+    Spool(store.meta / "spool" / "hl7v2").close()  # released when the first stopped
