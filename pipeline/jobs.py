@@ -26,6 +26,7 @@ from .errors import ConfigError, Exit, SourceUnavailable
 from .imports import fetch_fhir_into, finish_run, import_files
 from .runs import Run
 from .store import Store, default_store_path
+from .temporal import parse_instant_arg
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,12 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
                 v = c.typed(at, s, key, types)
                 if v is not None:
                     opts[key] = v
+            if "since" in opts:  # checked here, with its path, rather than when the job is half run
+                try:
+                    parse_instant_arg(opts["since"])
+                except ConfigError as e:
+                    c.bad(f"{at}.since", str(e))
+                    del opts["since"]
             auth = c.typed(at, s, "auth", (dict,), default={})
             c.keys(f"{at}.auth", auth, dict.fromkeys(_AUTH_KEYS))
             if auth.get("kind", "none") not in ("none", "bearer", "basic", "smart"):
@@ -242,7 +249,6 @@ def _hooks(spec: SourceSpec):
 def _fetch_options(opts: dict[str, Any]):
     from .auth import AuthConfig
     from .connectors.fhir_server import FetchOptions
-    from .temporal import parse_instant_arg
 
     kw: dict[str, Any] = {"base_url": opts["base_url"], "state_dir": Path("."), "auth": AuthConfig(**opts.get("auth", {}))}
     for key in ("types", "bulk", "group", "patient", "count", "rate_limit", "allowed_origin"):

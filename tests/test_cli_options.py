@@ -49,3 +49,13 @@ def test_verbose_before_the_command_logs_at_debug(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert twin(["-vv", "--store", str(tmp_path / "s"), "status"]) in (0, 2)
     assert logging.getLogger().level == logging.DEBUG
+
+
+@pytest.mark.parametrize("args", [["build", "--as-of", "yesterday"],
+                                  ["fetch", "fhir", "http://127.0.0.1:9/fhir", "--since", "last week"],
+                                  ["fetch", "dicomweb", "http://127.0.0.1:9/dicom-web", "--since", "2024-13-45"]])
+def test_a_bad_time_option_is_a_usage_error_not_an_internal_one(tmp_path, capsys, args):
+    # a typo in --as-of / --since is the user's to fix: exit 2 with the reason, not "internal error, report it"
+    assert twin([*args, "--store", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "not a date or date-time" in err and "internal error" not in err

@@ -77,6 +77,14 @@ def test_config_problems_are_all_reported_with_their_paths(tmp_path):
     assert "has 12 problem(s)" in text
 
 
+def test_a_bad_since_is_a_config_error_with_its_path(tmp_path):
+    # found when the job file is read, like every other problem, not halfway through the run
+    raw = {"source": [{"name": "api", "kind": "fhir-server", "base_url": "http://127.0.0.1:9/fhir", "since": "today"}]}
+    with pytest.raises(ConfigError) as e:
+        parse_job(raw, tmp_path / "job.toml")
+    assert "source[0].since: not a date or date-time" in str(e.value)
+
+
 def test_a_config_error_exits_2_and_names_the_key(tmp_path, capsys):
     bad = tmp_path / "job.toml"
     bad.write_text('[[source]]\nname = "x"\nkind = "fhir"\npaths = ["nowhere"]\n')
