@@ -40,24 +40,52 @@ NEWS2_WINDOW = timedelta(hours=24)
 
 
 class Snapshot:
-    """The tables as the build sees them: committed now, or as they stood at `as_of`."""
+    """The tables as the build sees them: committed now, or as they stood at `as_of`.
+
+    "As they stood at T" is the store's commit point at T: every table at its version
+    when the last run that ended at or before T committed. Not the newest Delta version
+    at T: a run writes several versions of a table (so T inside a run would see half of
+    it), a killed run leaves versions that the next run rolls back, and deltalake's own
+    time travel answers version 0 for a T before the table existed. Before the first
+    run, nothing was known: every table is empty.
+    """
 
     def __init__(self, store: Store, as_of: datetime | None):
         self.store = store
         self.as_of = as_of
+        self._cutoff_ms: int | None = None
+        if as_of is not None and store.exists("runs"):
+            ended = store.read("runs", ["ended_at"]).column("ended_at")
+            known = pc.max(pc.filter(ended, pc.less_equal(ended, pa.scalar(as_of, TIMESTAMP)))).as_py()
+            if known is not None:
+                self._cutoff_ms = int(known.timestamp() * 1000)
+
+    def _version(self, dt: DeltaTable) -> int | None:
+        """The table's version at the commit point of T (None: the table did not exist then)."""
+        if self._cutoff_ms is None:
+            return None
+        versions = [h["version"] for h in dt.history() if "version" in h and h.get("timestamp", 0) <= self._cutoff_ms]
+        return max(versions, default=None)
 
     def read(self, table: str, columns: Sequence[str], twins: pa.Array | None = None) -> pa.Table:
         flt = pc.field("twin_id").isin(twins) if twins is not None else pc.is_valid(pc.field("twin_id"))
         if self.as_of is None:
             return self.store.read(table, columns, filter=flt)
+        target = self.store.schema.table(table).arrow_schema
+        empty = target.empty_table().select(list(columns))
         if not self.store.exists(table):
-            return self.store.schema.table(table).arrow_schema.empty_table().select(list(columns))
+            return empty
         dt = DeltaTable(str(self.store.table_path(table)))
-        try:
-            dt.load_as_version(self.as_of)
-        except Exception:  # noqa: BLE001 - deltalake raises a generic error when T predates the table
-            return self.store.schema.table(table).arrow_schema.empty_table().select(list(columns))
-        return dt.to_pyarrow_dataset().to_table(columns=list(columns), filter=flt)
+        version = self._version(dt)
+        if version is None:
+            return empty
+        dt.load_as_version(version)
+        # filtered after the scan, as Store.read does: pushed into it, the filter fails on
+        # the string_view columns of the files delta-rs rewrote (MERGE)
+        cols = list(dict.fromkeys([*columns, "twin_id"]))
+        t = dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=cols)
+        t = t.cast(pa.schema([target.field(n).with_nullable(True) for n in t.column_names]))
+        return t.filter(flt).select(list(columns))
 
 
 # --------------------------------------------------------------------------- arrow helpers
