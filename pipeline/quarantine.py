@@ -80,7 +80,7 @@ def retry(store: Store, *, ids: list[str] | None = None, reason: str | None = No
         entries = [e for e in t.to_pylist()
                    if (not ids or any(e["quarantine_id"].startswith(i) for i in ids))
                    and (reason is None or e["reason"] == reason) and (source is None or e["source"] == source)]
-        run = Run(store, "retry", inputs=[f"{len(entries)} quarantine entries"])
+        run = Run(store, "retry", inputs=[f"{len(entries)} quarantine entries"], record_quarantine=False)
         views = ViewSet(store.schema)
         resolved: list[dict] = []
         skipped: dict[str, int] = {}
