@@ -357,6 +357,17 @@ def test_a_retry_that_fails_again_leaves_the_quarantine_as_it_was(tmp_path):
     assert after == before
 
 
+def test_retry_of_an_id_that_is_not_open_is_a_usage_error(tmp_path, capsys):
+    # `twin quarantine retry ID` with a typo, or an entry already resolved, did nothing and exited 0
+    store = Store(tmp_path / "store")
+    run_import(store, "hl7v2", [FIXTURES / "hl7v2" / "python-hl7" / "sample_bad_file1.hl7"])
+    entry = store.read("quarantine").to_pylist()[0]["quarantine_id"]
+    assert twin(["quarantine", "retry", "0000nothing", "--store", str(store.root)]) == 2
+    assert twin(["quarantine", "retry", entry[:12], "--reason", "elsewhere", "--store", str(store.root)]) == 2
+    assert "is not open" in capsys.readouterr().err
+    assert twin(["quarantine", "retry", entry[:12], "--store", str(store.root)]) == 3  # fails again, but was tried
+
+
 def test_a_resource_nested_deeper_than_json_writers_go_is_quarantined_not_fatal(tmp_path):
     """Found by bench/fuzz_fhir_views.py: a refused resource nested 300 levels deep could
     not be serialised for the quarantine (orjson stops at 254) and stopped the import."""
