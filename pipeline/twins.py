@@ -59,6 +59,40 @@ class Snapshot:
             known = pc.max(pc.filter(ended, pc.less_equal(ended, pa.scalar(as_of, TIMESTAMP)))).as_py()
             if known is not None:
                 self._cutoff_ms = int(known.timestamp() * 1000)
+        self._held = self._held_back()
+
+    def _held_back(self) -> dict[str, pa.Array]:
+        """table -> `source\x1funit_key` of the units the gate quarantined (open entries).
+
+        Quarantined means not used: a heart rate of 900/min that the gate flagged must not
+        become the twin's latest heart rate, nor a NEWS2 input. The rows stay in their
+        tables (nothing is deleted) and come back when a later `twin check` resolves the
+        entry. Patient records are never held back: without them the twin itself would
+        dissolve; their problems show in the report and the twin's quality flags.
+        """
+        q = self._read_at("quarantine", ["source", "stage", "status", "payload_ref"])
+        if q is None or q.num_rows == 0:
+            return {}
+        q = q.filter(pc.and_(pc.equal(q.column("stage"), "gate"), pc.equal(q.column("status"), "open")))
+        held: dict[str, list[str]] = {}
+        for source, ref in zip(q.column("source").to_pylist(), q.column("payload_ref").to_pylist(), strict=True):
+            table, sep, unit = (ref or "").partition(":")
+            if sep and table in CLINICAL and table != "patient":
+                held.setdefault(table, []).append(f"{source}\x1f{unit}")
+        return {t: pa.array(v, pa.string()) for t, v in held.items()}
+
+    def _read_at(self, table: str, columns: Sequence[str]) -> pa.Table | None:
+        """A whole table as the snapshot sees it (None: not there)."""
+        if self.as_of is None:
+            return self.store.read(table, columns) if self.store.exists(table) else None
+        if not self.store.exists(table):
+            return None
+        dt = DeltaTable(str(self.store.table_path(table)))
+        version = self._version(dt)
+        if version is None:
+            return None
+        dt.load_as_version(version)
+        return dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=list(columns))
 
     def _version(self, dt: DeltaTable) -> int | None:
         """The table's version at the commit point of T (None: the table did not exist then)."""
@@ -68,6 +102,14 @@ class Snapshot:
         return max(versions, default=None)
 
     def read(self, table: str, columns: Sequence[str], twins: pa.Array | None = None) -> pa.Table:
+        t = self._read(table, [*columns, "source", "unit_key"] if table in self._held else columns, twins)
+        if table in self._held:
+            key = pc.binary_join_element_wise(t.column("source"), t.column("unit_key"), "\x1f")
+            t = t.filter(pc.invert(pc.is_in(key, value_set=self._held[table]))).select(list(columns))
+        return t
+
+    def _read(self, table: str, columns: Sequence[str], twins: pa.Array | None) -> pa.Table:
+        columns = list(dict.fromkeys(columns))
         flt = pc.field("twin_id").isin(twins) if twins is not None else pc.is_valid(pc.field("twin_id"))
         if self.as_of is None:
             return self.store.read(table, columns, filter=flt)

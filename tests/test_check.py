@@ -59,3 +59,38 @@ def test_an_empty_store_is_not_checked_and_says_so(tmp_path, capsys):
     assert twin(["check", "--store", str(tmp_path / "s")]) == 2
     assert "nothing to check" in capsys.readouterr().err
     assert twin(["build", "--store", str(tmp_path / "s")]) == 2
+
+
+def _hr(value: float) -> bytes:
+    return orjson.dumps({
+        "resourceType": "Observation", "id": "hr-typo", "status": "final", "category": [{"coding": [{"code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/2354df0f-349f-4042-a827-2ef12013e69d"}, "effectiveDateTime": "2025-01-01T00:00:00Z",
+        "valueQuantity": {"value": value, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}) + b"\n"
+
+
+def test_a_row_the_gate_quarantined_does_not_feed_the_twin_until_it_passes(tmp_path, capsys):
+    # within its threshold one implausible heart rate does not fail the gate, and goes to quarantine:
+    # it must not become the twin's latest heart rate; fixed and checked again, it comes back
+    store = str(tmp_path / "s")
+    (tmp_path / "gate.toml").write_text("[checks.value-range]\nthreshold = 0.5\n")
+    assert twin(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", store]) == 0
+    (tmp_path / "hr.ndjson").write_bytes(_hr(900))
+    assert twin(["import", "fhir", str(tmp_path / "hr.ndjson"), "--store", store]) == 0
+    assert twin(["check", "--store", store, "--config", str(tmp_path / "gate.toml")]) == 0
+    assert twin(["build", "--store", store]) == 0
+    s = Store(tmp_path / "s")
+
+    def heart_rates():
+        return [v["value"] for t in s.read("twin").to_pylist() for v in t["latest_vitals"] or [] if v["code"] == "8867-4"]
+
+    assert 900 not in heart_rates()
+    assert s.read("observation", filter=pc.field("value_number") == 900.0).num_rows == 1  # held back, not deleted
+    (tmp_path / "hr.ndjson").write_bytes(_hr(90))
+    assert twin(["import", "fhir", str(tmp_path / "hr.ndjson"), "--store", store]) == 0
+    capsys.readouterr()
+    assert twin(["check", "--store", store, "--config", str(tmp_path / "gate.toml")]) == 0
+    assert "1 gate quarantine entry resolved" in capsys.readouterr().out
+    assert twin(["build", "--store", store]) == 0
+    assert 90 in heart_rates()
+    assert not s.read("quarantine", filter=(pc.field("stage") == "gate") & (pc.field("status") == "open")).num_rows
