@@ -540,6 +540,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(Exit.INTERNAL)
 
 
+class _QuietWhenClosed:
+    """stdout that stops writing, instead of raising, once its reader has gone (`twin quarantine list | head`).
+
+    Python turns the closed pipe into a BrokenPipeError, which main() reported as an
+    internal error that left "the store as it was before this run", usually after the
+    run had committed. Restoring SIGPIPE's default instead would also kill `twin listen`
+    when an MLLP peer hangs up. The run finishes and exits with its own code.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        # what is still buffered can go nowhere: point the descriptor at /dev/null so later flushes succeed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def console_main() -> None:
     """The `twin` executable: run, flush, and leave without interpreter finalisation.
 
@@ -549,6 +584,7 @@ def console_main() -> None:
     without an active exception", seen after kill -9 recovery), which a scheduler would
     otherwise read as a crash.
     """
+    sys.stdout = _QuietWhenClosed(sys.stdout)
     code = main()
     try:
         sys.stdout.flush()

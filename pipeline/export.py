@@ -67,7 +67,7 @@ from .errors import ConfigError, Exit
 from .fhir import valid_id
 from .store import Store
 from .temporal import utc_now
-from .twins import NEWS2_INPUTS  # the codes behind each NEWS2 input name
+from .twins import HOLD_COLUMNS, NEWS2_INPUTS, gate_holds, held_mask
 from .units import Rejected
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,9 @@ class CommittedTables:
         self.store = store
         self.versions = {k: int(v) for k, v in store.manifest()["tables"].items()}
         self._tables: dict[str, DeltaTable] = {}
+        # rows the gate quarantined are left out, as the build leaves them out (twins.gate_holds)
+        self.held = gate_holds(self._all("quarantine", ["source", "stage", "status", "payload_ref"])
+                               if "quarantine" in self.versions else None)
 
     def exists(self, table: str) -> bool:
         return table in self.versions
@@ -215,15 +218,19 @@ class CommittedTables:
 
     def scan(self, table: str, twins: pa.Array | None, columns: Sequence[str] | None = None) -> pa.Table:
         """Rows of these twins (None: rows that belong to no twin), with the given columns."""
-        cols = list(columns or self.columns(table))
-        schema = self._schema(table, cols)
+        wanted = list(columns or self.columns(table))
+        held = self.held.get(table)
+        cols = list(dict.fromkeys([*wanted, *HOLD_COLUMNS])) if held else wanted
         parts = []
         for batch in self._batches(table, cols):
             tw = batch.column(cols.index("twin_id"))
-            hit = batch.filter(pc.is_null(tw) if twins is None else pc.fill_null(pc.is_in(tw, value_set=twins), False))
+            mask = pc.is_null(tw) if twins is None else pc.fill_null(pc.is_in(tw, value_set=twins), False)
+            if held:
+                mask = pc.and_(mask, pc.invert(held_mask(batch, *held)))
+            hit = batch.filter(mask)
             if hit.num_rows:
-                parts.append(hit)
-        return pa.Table.from_batches(parts, schema=schema)
+                parts.append(hit.select(wanted))
+        return pa.Table.from_batches(parts, schema=self._schema(table, wanted))
 
     def _schema(self, table: str, cols: list[str]) -> pa.Schema:
         target = self.store.schema.table(table).arrow_schema

@@ -38,6 +38,7 @@ class CheckOutcome:
                  f"{s.get('rows_to_quarantine', 0):,} row(s) quarantined",
                  f"  report: {self.report_html}"]
         lines += [f"  {line}" for line in self.failed]
+        lines += [f"  note: {n}" for n in self.run.notes]
         return "\n".join(lines)
 
 
@@ -65,8 +66,11 @@ def run_check(store: Store, *, config: str | Path | None = None, report_dir: str
                 result = run_gate(tables, cfg, now=now or utc_now(), schema=store.schema.raw)
             for f in result.row_failures:
                 run.quarantine(f.source or "unknown", "gate", Rejected(
-                    "gate", f.check, f.message, f.source_ref or f"{f.table}:{f.unit_key}",
-                    payload_ref=f"{f.table}:{f.unit_key}", target_table=f.table))
+                    "gate", f.check, f.message, f.source_ref or f.row_ref, payload_ref=f.row_ref, target_table=f.table))
+            resolved = _resolve_passing_entries(store, run, result.row_failures)
+            if resolved:
+                run.notes.append(f"{resolved:,} gate quarantine entr{'y' if resolved == 1 else 'ies'} resolved: "
+                                 "their rows pass now")
             out = Path(report_dir) if report_dir else store.meta / "reports" / run.run_id
             html, js = write_report(result, out)
             summary = result.summary()
@@ -83,6 +87,30 @@ def run_check(store: Store, *, config: str | Path | None = None, report_dir: str
             store.rollback()
             raise
     return CheckOutcome(run, result.passed, html, js, failed_lines(result), summary)
+
+
+def _resolve_passing_entries(store: Store, run: Run, failures: list) -> int:
+    """Open gate entries whose rows no longer fail (fixed at the source and re-imported,
+    or a threshold changed) leave quarantine, resolved by this run. The build holds back
+    the rows of open gate entries, so an entry left open would hide a fixed row forever."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .runs import quarantine_id
+
+    if not store.exists("quarantine"):
+        return 0
+    # the ids Run.quarantine gave the entries of this check (payload_ref is part of the key)
+    still = {quarantine_id(f.source or "unknown", f.source_ref or f.row_ref, "gate", f.check, f.row_ref)
+             for f in failures}
+    t = store.read("quarantine", latest=True, filter=(pc.field("stage") == "gate") & (pc.field("status") == "open"))
+    done = [e for e in t.to_pylist() if e["quarantine_id"] not in still]
+    for e in done:
+        e["status"] = "resolved"
+        e["resolved_run_id"] = run.run_id
+    if done:
+        store.merge_by_key("quarantine", pa.Table.from_pylist(done, schema=store.schema.table("quarantine").arrow_schema))
+    return len(done)
 
 
 def last_gate_failed(store: Store) -> bool:

@@ -26,6 +26,7 @@ from .errors import ConfigError, Exit, SourceUnavailable
 from .imports import fetch_fhir_into, finish_run, import_files
 from .runs import Run
 from .store import Store, default_store_path
+from .temporal import parse_instant_arg
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,20 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
                 v = c.typed(at, s, key, types)
                 if v is not None:
                     opts[key] = v
+            if "since" in opts:  # checked here, with its path, rather than when the job is half run
+                try:
+                    parse_instant_arg(opts["since"])
+                except ConfigError as e:
+                    c.bad(f"{at}.since", str(e))
+                    del opts["since"]
+            timeout = opts.get("timeout")
+            if timeout is not None and not (1 <= len(timeout) <= 2 and all(
+                    isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in timeout)):
+                c.bad(f"{at}.timeout", "expected [connect, read] seconds, e.g. [10, 120]")
+                del opts["timeout"]
+            for key in ("retries", "count"):
+                if isinstance(opts.get(key), int) and opts[key] < (0 if key == "retries" else 1):
+                    c.bad(f"{at}.{key}", f"expected {'0 or more' if key == 'retries' else 'a positive number'}")
             auth = c.typed(at, s, "auth", (dict,), default={})
             c.keys(f"{at}.auth", auth, dict.fromkeys(_AUTH_KEYS))
             if auth.get("kind", "none") not in ("none", "bearer", "basic", "smart"):
@@ -213,11 +228,9 @@ def _check_format(c: _Check, at: str, kind: str, fmt: str | None) -> None:
     """Device-log formats are mapping files: an unknown one is a config error, caught here."""
     if fmt is None or kind != "csv":
         return
-    try:
-        from .devices import available_formats  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    names = available_formats()
+    from .devices import load_formats
+
+    names = load_formats()
     if fmt not in names:
         c.bad(f"{at}.format", f"unknown format {fmt!r} (one of {', '.join(sorted(names))})")
 
@@ -245,7 +258,6 @@ def _hooks(spec: SourceSpec):
 def _fetch_options(opts: dict[str, Any]):
     from .auth import AuthConfig
     from .connectors.fhir_server import FetchOptions
-    from .temporal import parse_instant_arg
 
     kw: dict[str, Any] = {"base_url": opts["base_url"], "state_dir": Path("."), "auth": AuthConfig(**opts.get("auth", {}))}
     for key in ("types", "bulk", "group", "patient", "count", "rate_limit", "allowed_origin"):

@@ -80,7 +80,12 @@ def retry(store: Store, *, ids: list[str] | None = None, reason: str | None = No
         entries = [e for e in t.to_pylist()
                    if (not ids or any(e["quarantine_id"].startswith(i) for i in ids))
                    and (reason is None or e["reason"] == reason) and (source is None or e["source"] == source)]
-        run = Run(store, "retry", inputs=[f"{len(entries)} quarantine entries"])
+        for i in ids or ():  # a mistyped or already resolved id would otherwise "succeed" having done nothing
+            if not any(e["quarantine_id"].startswith(i) for e in entries):
+                find_entry(store, i)  # says when there is no such entry at all
+                raise ConfigError(f"quarantine entry {i!r} is not open (already resolved, or filtered out by "
+                                  "--reason/--source): nothing to retry")
+        run = Run(store, "retry", inputs=[f"{len(entries)} quarantine entries"], record_quarantine=False)
         views = ViewSet(store.schema)
         resolved: list[dict] = []
         skipped: dict[str, int] = {}

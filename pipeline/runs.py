@@ -74,12 +74,18 @@ class Run:
     checks_failed: int | None = None
     forced: bool = False
     notes: list[str] = field(default_factory=list)
+    # False for `twin quarantine retry`: what fails again is the entry being replayed, which
+    # stays open as it was; recorded again it would be a second entry for the same unit,
+    # under whatever locator and reason the replay of a payload gives (`no-msh` for a batch trailer)
+    record_quarantine: bool = True
     _quarantine: list[dict[str, Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ quarantine
 
     def quarantine(self, source: str, source_kind: str, r: Rejected) -> None:
         self.counts[source].quarantined += 1
+        if not self.record_quarantine:
+            return
         self._quarantine.append({
             "quarantine_id": quarantine_id(source, r.source_ref, r.stage, r.reason,
                                             r.payload if r.payload is not None else r.payload_ref),

@@ -39,25 +39,119 @@ NEWS2_WINDOW = timedelta(hours=24)
 # --------------------------------------------------------------------------- reading
 
 
+HOLD_COLUMNS = ("source", "unit_key", "row_index")
+
+
+def gate_holds(quarantine: pa.Table | None) -> dict[str, tuple[pa.Array, pa.Array]]:
+    """table -> (whole units, single rows) the gate quarantined (open entries), as
+    `source\x1funit_key` and `source\x1funit_key\x1frow_index`; `quarantine` needs the
+    columns source, stage, status and payload_ref.
+
+    Quarantined means not used, by the build and the export alike: a heart rate of
+    900/min that the gate flagged must not become the twin's latest heart rate, nor a
+    NEWS2 input. The gate names the row (`table:unit_key#row_index`), so one bad sample
+    holds back that sample, not the 750,000-row device chunk it came in. The rows stay in
+    their tables (nothing is deleted) and come back when a later `twin check` resolves
+    the entry. Patient records are never held back: without them the twin itself would
+    dissolve; their problems show in the report and the twin's quality flags.
+    """
+    if quarantine is None or quarantine.num_rows == 0:
+        return {}
+    q = quarantine.filter(pc.and_(pc.equal(quarantine.column("stage"), "gate"),
+                                  pc.equal(quarantine.column("status"), "open")))
+    units: dict[str, list[str]] = {}
+    rows: dict[str, list[str]] = {}
+    for source, ref in zip(q.column("source").to_pylist(), q.column("payload_ref").to_pylist(), strict=True):
+        table, sep, unit = (ref or "").partition(":")
+        if not sep or table not in CLINICAL or table == "patient":
+            continue
+        key, hash_, row = unit.rpartition("#")
+        if hash_ and row.isdigit():
+            rows.setdefault(table, []).append(f"{source}\x1f{key}\x1f{row}")
+        else:  # an entry written before the gate named rows: the whole unit
+            units.setdefault(table, []).append(f"{source}\x1f{unit}")
+    return {t: (pa.array(units.get(t, []), pa.string()), pa.array(rows.get(t, []), pa.string()))
+            for t in units.keys() | rows.keys()}
+
+
+def held_mask(t: pa.Table | pa.RecordBatch, units: pa.Array, rows: pa.Array) -> pa.Array:
+    """True for the rows of `t` (with HOLD_COLUMNS) that `gate_holds` holds back."""
+    unit = pc.binary_join_element_wise(t.column("source"), t.column("unit_key"), "\x1f")
+    row = pc.binary_join_element_wise(unit, pc.cast(t.column("row_index"), pa.string()), "\x1f")
+    return pc.fill_null(pc.or_(pc.is_in(unit, value_set=units), pc.is_in(row, value_set=rows)), False)
+
+
 class Snapshot:
-    """The tables as the build sees them: committed now, or as they stood at `as_of`."""
+    """The tables as the build sees them: committed now, or as they stood at `as_of`.
+
+    "As they stood at T" is the store's commit point at T: every table at its version
+    when the last run that ended at or before T committed. Not the newest Delta version
+    at T: a run writes several versions of a table (so T inside a run would see half of
+    it), a killed run leaves versions that the next run rolls back, and deltalake's own
+    time travel answers version 0 for a T before the table existed. Before the first
+    run, nothing was known: every table is empty.
+    """
 
     def __init__(self, store: Store, as_of: datetime | None):
         self.store = store
         self.as_of = as_of
+        self._cutoff_ms: int | None = None
+        if as_of is not None and store.exists("runs"):
+            ended = store.read("runs", ["ended_at"]).column("ended_at")
+            known = pc.max(pc.filter(ended, pc.less_equal(ended, pa.scalar(as_of, TIMESTAMP)))).as_py()
+            if known is not None:
+                self._cutoff_ms = int(known.timestamp() * 1000)
+        self._held = self._held_back()
+
+    def _held_back(self) -> dict[str, tuple[pa.Array, pa.Array]]:
+        return gate_holds(self._read_at("quarantine", ["source", "stage", "status", "payload_ref"]))
+
+    def _read_at(self, table: str, columns: Sequence[str]) -> pa.Table | None:
+        """A whole table as the snapshot sees it (None: not there)."""
+        if self.as_of is None:
+            return self.store.read(table, columns) if self.store.exists(table) else None
+        if not self.store.exists(table):
+            return None
+        dt = DeltaTable(str(self.store.table_path(table)))
+        version = self._version(dt)
+        if version is None:
+            return None
+        dt.load_as_version(version)
+        return dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=list(columns))
+
+    def _version(self, dt: DeltaTable) -> int | None:
+        """The table's version at the commit point of T (None: the table did not exist then)."""
+        if self._cutoff_ms is None:
+            return None
+        versions = [h["version"] for h in dt.history() if "version" in h and h.get("timestamp", 0) <= self._cutoff_ms]
+        return max(versions, default=None)
 
     def read(self, table: str, columns: Sequence[str], twins: pa.Array | None = None) -> pa.Table:
+        if table not in self._held:
+            return self._read(table, columns, twins)
+        t = self._read(table, [*columns, *HOLD_COLUMNS], twins)
+        return t.filter(pc.invert(held_mask(t, *self._held[table]))).select(list(dict.fromkeys(columns)))
+
+    def _read(self, table: str, columns: Sequence[str], twins: pa.Array | None) -> pa.Table:
+        columns = list(dict.fromkeys(columns))
         flt = pc.field("twin_id").isin(twins) if twins is not None else pc.is_valid(pc.field("twin_id"))
         if self.as_of is None:
             return self.store.read(table, columns, filter=flt)
+        target = self.store.schema.table(table).arrow_schema
+        empty = target.empty_table().select(list(columns))
         if not self.store.exists(table):
-            return self.store.schema.table(table).arrow_schema.empty_table().select(list(columns))
+            return empty
         dt = DeltaTable(str(self.store.table_path(table)))
-        try:
-            dt.load_as_version(self.as_of)
-        except Exception:  # noqa: BLE001 - deltalake raises a generic error when T predates the table
-            return self.store.schema.table(table).arrow_schema.empty_table().select(list(columns))
-        return dt.to_pyarrow_dataset().to_table(columns=list(columns), filter=flt)
+        version = self._version(dt)
+        if version is None:
+            return empty
+        dt.load_as_version(version)
+        # filtered after the scan, as Store.read does: pushed into it, the filter fails on
+        # the string_view columns of the files delta-rs rewrote (MERGE)
+        cols = list(dict.fromkeys([*columns, "twin_id"]))
+        t = dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=cols)
+        t = t.cast(pa.schema([target.field(n).with_nullable(True) for n in t.column_names]))
+        return t.filter(flt).select(list(columns))
 
 
 # --------------------------------------------------------------------------- arrow helpers

@@ -70,3 +70,16 @@ def test_a_bad_date_option_is_a_usage_error_not_an_internal_error(tmp_path, caps
     assert twin([*args, "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err
     assert "not a date or date-time" in err and "internal error" not in err
+
+
+def test_a_reader_that_goes_away_is_not_an_internal_error(tmp_path):
+    # `twin quarantine list | head`: the pipe closes early; the command still ends with its own code
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "status", "--store", str(tmp_path / "s")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert "internal error" not in err and "Traceback" not in err

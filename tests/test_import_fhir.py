@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.cli import main as twin
 from pipeline.imports import run_import
+from pipeline.quarantine import retry
 from pipeline.store import Store
 from tests.conftest import FIXTURES, REPO
 
@@ -339,8 +340,32 @@ def test_quarantine_retry_resolves_only_what_is_stored(tmp_path, capsys, monkeyp
     q = {e["source_ref"].rsplit(":", 1)[1]: e for e in store.read("quarantine").to_pylist()}
     assert q["2"]["status"] == "resolved" and q["2"]["resolved_run_id"]
     assert q["3"]["status"] == "open"
+    assert store.count("quarantine") == 2  # the entry that failed again is still the one entry, not two
     statuses = store.read("observation", ["observation_id", "status"]).to_pylist()
     assert {"observation_id": "no-status", "status": "unknown"} in statuses
+
+
+def test_a_retry_that_fails_again_leaves_the_quarantine_as_it_was(tmp_path):
+    # replaying a batch trailer's payload fails as `no-msh`, not as the batch-count-mismatch it
+    # was: recorded again, every retry of an unfixed feed grew the quarantine with duplicates
+    store = Store(tmp_path / "store")
+    run_import(store, "hl7v2", sorted((FIXTURES / "hl7v2" / "python-hl7").glob("sample_bad*")))
+    before = sorted((e["quarantine_id"], e["reason"], e["status"]) for e in store.read("quarantine").to_pylist())
+    run = retry(store)
+    assert run.counts and sum(c.quarantined for c in run.counts.values()) > 0  # they did fail again
+    after = sorted((e["quarantine_id"], e["reason"], e["status"]) for e in store.read("quarantine").to_pylist())
+    assert after == before
+
+
+def test_retry_of_an_id_that_is_not_open_is_a_usage_error(tmp_path, capsys):
+    # `twin quarantine retry ID` with a typo, or an entry already resolved, did nothing and exited 0
+    store = Store(tmp_path / "store")
+    run_import(store, "hl7v2", [FIXTURES / "hl7v2" / "python-hl7" / "sample_bad_file1.hl7"])
+    entry = store.read("quarantine").to_pylist()[0]["quarantine_id"]
+    assert twin(["quarantine", "retry", "0000nothing", "--store", str(store.root)]) == 2
+    assert twin(["quarantine", "retry", entry[:12], "--reason", "elsewhere", "--store", str(store.root)]) == 2
+    assert "is not open" in capsys.readouterr().err
+    assert twin(["quarantine", "retry", entry[:12], "--store", str(store.root)]) == 3  # fails again, but was tried
 
 
 def test_a_resource_nested_deeper_than_json_writers_go_is_quarantined_not_fatal(tmp_path):

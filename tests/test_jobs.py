@@ -77,6 +77,28 @@ def test_config_problems_are_all_reported_with_their_paths(tmp_path):
     assert "has 12 problem(s)" in text
 
 
+def test_a_bad_since_is_a_config_error_with_its_path(tmp_path):
+    # found when the job file is read, like every other problem, not halfway through the run
+    raw = {"source": [{"name": "api", "kind": "fhir-server", "base_url": "http://127.0.0.1:9/fhir", "since": "today"}]}
+    with pytest.raises(ConfigError) as e:
+        parse_job(raw, tmp_path / "job.toml")
+    assert "source[0].since: not a date or date-time" in str(e.value)
+
+
+def test_a_bad_device_format_and_server_timeout_are_config_errors_with_their_paths(tmp_path):
+    # the format check never ran (it imported a function devices.py does not have), and a
+    # timeout of ["a", 2] stopped the job inside the run with an internal error
+    raw = {"source": [{"name": "icu", "kind": "csv", "paths": [str(FIXTURES / "devices")], "format": "nope"},
+                      {"name": "api", "kind": "fhir-server", "base_url": "http://127.0.0.1:9/fhir",
+                       "timeout": ["a", 2], "retries": -1}]}
+    with pytest.raises(ConfigError) as e:
+        parse_job(raw, tmp_path / "job.toml")
+    text = str(e.value)
+    for expected in ("source[0].format: unknown format 'nope'", "source[1].timeout: expected [connect, read]",
+                     "source[1].retries: expected 0 or more"):
+        assert expected in text, expected
+
+
 def test_a_config_error_exits_2_and_names_the_key(tmp_path, capsys):
     bad = tmp_path / "job.toml"
     bad.write_text('[[source]]\nname = "x"\nkind = "fhir"\npaths = ["nowhere"]\n')

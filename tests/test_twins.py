@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 import orjson
 import pyarrow.compute as pc
 import pytest
+from deltalake import DeltaTable
 
-from pipeline.imports import run_import
+from pipeline.imports import import_files, run_import
+from pipeline.runs import Run
 from pipeline.store import Store
 from pipeline.twins import build_twins, news2_points
 from tests.conftest import FIXTURES
@@ -89,6 +91,31 @@ def test_as_of_rebuilds_the_state_known_then(tmp_path):
     assert store.read("twin").num_rows == 1
     assert store.read("twin").column("as_of").to_pylist() == [then.replace(microsecond=then.microsecond)]
     assert build_twins(store).twins_total == 2
+
+
+def test_as_of_sees_committed_runs_only_and_reads_merged_tables(tmp_path):
+    # the state known at T is the store's commit point at T: not what a run killed before T had
+    # written (rolled back later), nothing before the first run, and tables rewritten by MERGE readable
+    store = Store(tmp_path / "s")
+    before_any = datetime.now(UTC)
+    time.sleep(1.1)
+    run_import(store, "fhir", [FIXTURES / "fhir" / "bundles" / "patient-1.json"])
+    changed = orjson.loads((FIXTURES / "fhir" / "bundles" / "patient-1.json").read_bytes())
+    patient = next(e["resource"] for e in changed["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient["gender"] = "unknown"
+    (tmp_path / "p.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
+    run_import(store, "fhir", [tmp_path / "p.ndjson"])  # a changed unit: a MERGE rewrites the patient table
+    assert any(h.get("operation") == "MERGE" for h in DeltaTable(str(store.table_path("patient"))).history())
+    with store.locked("killed"):  # a run that wrote and never committed, as kill -9 leaves it
+        killed = Run(store, "import")
+        import_files(store, killed, "fhir", [FIXTURES / "fhir" / "bundles" / "patient-2.json"])
+    time.sleep(1.1)
+    during_the_killed_run = datetime.now(UTC)
+    time.sleep(1.1)
+    assert build_twins(store).twins_total == 1  # rolls the killed run back first
+    assert build_twins(store, as_of=during_the_killed_run).twins_total == 1
+    assert store.read("twin").column("sex").to_pylist() == ["unknown"]
+    assert build_twins(store, as_of=before_any).twins_total == 0
 
 
 def _vital(pid, code, value, at, unit="/min", coded=None):

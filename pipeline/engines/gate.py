@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from ..store import Store
 from ..twins import twin_bucket
-from ..validation.checks import Finding, GateResult, RowFailure, judge, row_message
+from ..validation.checks import LOCATOR_COLUMNS, Finding, GateResult, RowFailure, judge, row_message
 from ..validation.config import GateConfig
 from ..validation.gate import (
     PER_PATIENT,
@@ -38,7 +38,7 @@ from ..validation.gate import (
 from ..validation.layout import TableLayout, layouts, references
 from .parts import Part
 
-_PROVENANCE = ("twin_id", "source", "source_ref", "unit_key", "ingested_at")
+_PROVENANCE = ("twin_id", "source", "source_ref", "unit_key", "row_index", "ingested_at")
 
 
 def bucket_rows(store: Store, table: str, bucket: int, buckets: int) -> pa.Table:
@@ -69,7 +69,7 @@ def gate_bucket(root: str, bucket: int, buckets: int, tables: list[str], config:
             t = data[f.table]
             idx = pa.array(quarantine, pa.int64())
             cols = [t.column(c).take(idx).to_pylist() if c in t.column_names else [None] * len(idx)
-                    for c in ("source", "unit_key", "source_ref")]
+                    for c in LOCATOR_COLUMNS]
             locators = [list(x) for x in zip(*cols, strict=True)]
         out.append({"kind": f.kind, "table": f.table, "column": f.column, "failing": f.failing,
                     "denominator": f.denominator, "observed": f.observed, "details": f.details,
@@ -156,7 +156,8 @@ def spark_gate(store: Store, spark, tables: list[str], config: GateConfig, *, no
             f.details.setdefault("examples", refs)
         result, _ = judge(f, config)
         results.append(result)
-        failures += [RowFailure(result.name, result.table, *loc, row_message(result)) for loc in locators]
+        failures += [RowFailure(result.name, result.table, *loc[:3], row_message(result), *loc[3:])
+                     for loc in locators]
     return GateResult(checks=results, now=now, tables={t: d.num_rows for t, d in known.items()},
                       config_source=config.source, _quarantined=quarantined, _data=known, _row_failures=failures)
 

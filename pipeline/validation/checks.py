@@ -159,6 +159,10 @@ class CheckResult:
         }
 
 
+# where a failing row came from, in RowFailure's order
+LOCATOR_COLUMNS = ("source", "unit_key", "source_ref", "row_index")
+
+
 @dataclass(frozen=True, slots=True)
 class RowFailure:
     """A row that failed a row-level check whose config says quarantine = true."""
@@ -169,6 +173,13 @@ class RowFailure:
     unit_key: str | None
     source_ref: str | None
     message: str
+    row_index: int | None = None  # the row within its unit: a device chunk is one unit of 750,000 rows
+
+    @property
+    def row_ref(self) -> str:
+        """`table:unit_key#row_index`: the quarantine entry's pointer to the row, and what the build holds back."""
+        ref = f"{self.table}:{self.unit_key}"
+        return ref if self.row_index is None else f"{ref}#{self.row_index}"
 
 
 @dataclass
@@ -230,10 +241,10 @@ class GateResult:
             data = self._data[q.result.table]
             idx = pa.array(q.rows, pa.int64())
             cols = {c: data.column(c).take(idx).to_pylist() if c in data.column_names else [None] * len(idx)
-                    for c in ("source", "unit_key", "source_ref")}
+                    for c in LOCATOR_COLUMNS}
             message = row_message(q.result)
-            for source, unit_key, source_ref in zip(cols["source"], cols["unit_key"], cols["source_ref"], strict=True):
-                yield RowFailure(q.result.name, q.result.table, source, unit_key, source_ref, message)
+            for source, unit_key, source_ref, row_index in zip(*(cols[c] for c in LOCATOR_COLUMNS), strict=True):
+                yield RowFailure(q.result.name, q.result.table, source, unit_key, source_ref, message, row_index)
 
     def summary(self) -> dict[str, Any]:
         by_cat: dict[str, dict[str, int]] = {c: {"passed": 0, "failed": 0, "not-applicable": 0} for c in CATEGORIES}
