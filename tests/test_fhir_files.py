@@ -163,3 +163,20 @@ def test_ndjson_of_bundles_yields_their_entries(tmp_path):
     us, f = units(a)
     assert [u.source_ref.rsplit("/", 1)[1] for u in us] == ["arr.json#[0]#entry[0]", "arr.json#[0]#entry[1]"]
 
+
+def test_a_saved_searchset_outcome_is_not_a_resource_without_id(tmp_path):
+    """A searchset saved from a server: its `outcome` entry is handled as `twin fetch fhir`
+    handles it (a warning skipped, an error quarantined as search-outcome), not as a
+    resource without an id."""
+    def outcome(severity):
+        return {"resource": {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": "processing"}]},
+                "search": {"mode": "outcome"}}
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"fullUrl": "http://srv/fhir/Patient/p1", "resource": {"resourceType": "Patient", "id": "p1"},
+         "search": {"mode": "match"}}, outcome("warning"), outcome("error")]}
+    p = tmp_path / "search.json"
+    p.write_bytes(orjson.dumps(bundle))
+    us, f = units(p)
+    assert isinstance(us[0], Resource) and [u.reason for u in us[1:]] == ["search-outcome"]
+    assert us[1].source_ref.endswith("search.json#entry[2]")
+    assert f.units == 2

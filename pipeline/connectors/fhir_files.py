@@ -245,7 +245,16 @@ class FhirFile:
                         full_urls[full] = f"{rtype}/{rid}"
         for i, entry in enumerate(entries):
             ref = f"{where}#entry[{i}]"
+            outcome = _search_outcome(entry)
+            if outcome == "note":  # a saved searchset's warning, as `twin fetch fhir` treats it: not data
+                log.info("%s: a search outcome that only warns, skipped", ref)
+                continue
             self.units += 1
+            if outcome == "error":
+                yield Rejected("read", "search-outcome", "the server reported an error inside the search results: "
+                               "the results may be incomplete; the OperationOutcome is the payload", ref,
+                               **self._payload(orjson.dumps(entry)))
+                continue
             if not isinstance(entry, dict):
                 yield Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, **self._payload(orjson.dumps(entry)))
                 continue
@@ -383,6 +392,20 @@ def _is_bulk_log(line: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(obj, dict) and "resourceType" not in obj and "exportId" in obj and "eventId" in obj
+
+
+def _search_outcome(entry: Any) -> str | None:
+    """"error" or "note" for the OperationOutcome a server puts in a searchset (search.mode
+    `outcome`), None for any other entry. It has no id and maps to no table: an error means
+    the saved results may be incomplete, a warning is no data at all."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("search"), dict) or entry["search"].get("mode") != "outcome":
+        return None
+    res = entry.get("resource")
+    if not isinstance(res, dict) or res.get("resourceType") != "OperationOutcome":
+        return None
+    issues = res.get("issue") if isinstance(res.get("issue"), list) else []
+    severities = {i.get("severity") for i in issues if isinstance(i, dict)}
+    return "error" if severities & {"error", "fatal"} else "note"
 
 
 def _json_error(e: orjson.JSONDecodeError) -> str:
