@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from .errors import ConfigError
+
 PRECISIONS = ("year", "month", "day", "minute", "second", "millisecond")
 
 
@@ -76,12 +78,13 @@ def utc_now() -> datetime:
 def parse_instant_arg(text: str) -> datetime:
     """A time given on the command line or in a config (`--as-of`, `--since`).
 
-    Accepts a date or a dateTime; without an offset it is UTC.
+    Accepts a date or a dateTime; without an offset it is UTC. A bad one is the caller's
+    to fix (`ConfigError`, exit 2), not an internal error.
     """
     try:
         return parse_fhir_datetime(text)[0]
     except BadTemporal:
-        raise ValueError(f"not a date or date-time: {text!r} (use e.g. 2024-05-01 or 2024-05-01T12:00:00Z)") from None
+        raise ConfigError(f"not a date or date-time: {text!r} (use e.g. 2024-05-01 or 2024-05-01T12:00:00Z)") from None
 
 
 __all__ = ["BadTemporal", "PRECISIONS", "parse_fhir_datetime", "parse_instant_arg", "utc_now"]

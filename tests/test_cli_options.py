@@ -49,3 +49,16 @@ def test_verbose_before_the_command_logs_at_debug(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert twin(["-vv", "--store", str(tmp_path / "s"), "status"]) in (0, 2)
     assert logging.getLogger().level == logging.DEBUG
+
+
+@pytest.mark.parametrize("args", [
+    ["fetch", "fhir", "http://127.0.0.1:9/fhir", "--since", "yesterday"],
+    ["fetch", "dicomweb", "http://127.0.0.1:9/dicom-web", "--since", "yesterday"],
+    ["build", "--as-of", "yesterday"],
+])
+def test_a_bad_time_option_is_a_usage_error_not_an_internal_one(tmp_path, capsys, args):
+    """--since / --as-of that is not a date: exit 2 with a message that says what to write,
+    not exit 1 "internal error, please report it"."""
+    assert twin([*args, "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err
+    assert "not a date or date-time" in err and "internal error" not in err
