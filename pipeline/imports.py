@@ -236,6 +236,29 @@ def last_watermark(store: Store, key: str) -> str | None:
     return None
 
 
+def fetch_watermark_key(source: str, options: Any) -> str:
+    """The key a FHIR server's watermark is kept under: source @ server, plus what the fetch
+    covers when that is not the default search (bulk; a Group or some patients; a list of
+    types).
+
+    A watermark says "all this fetch asks for is here up to T". Handed to a wider fetch it
+    would skip every older resource the first one never asked for: after `--types Patient`
+    a full fetch would find nothing new, and after `--group A` a `--group B` export would
+    miss B's history. Patient ids are hashed: the key is shown by `twin status`.
+    """
+    scope = []
+    if options.bulk:
+        scope.append("bulk")
+        if options.group:
+            scope.append(f"Group/{options.group}")
+        elif options.patient:
+            ids = ",".join(sorted({p.strip() for p in options.patient.split(",") if p.strip()}))
+            scope.append("Patient/*" if ids == "*" else "Patient/" + hashlib.sha256(ids.encode()).hexdigest()[:16])
+    if options.types:
+        scope.append("_type=" + ",".join(sorted(set(options.types))))
+    return " ".join([f"{source}@{options.base_url}", *scope])
+
+
 def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
                     hooks: PrivacyHooks | None = None):
     """Feed a FHIR server's resources into `run`; returns the fetch, whose `finished()`
@@ -251,7 +274,7 @@ def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir
 
     from .connectors.fhir_server import fetch_fhir
 
-    key = f"{source}@{options.base_url}"
+    key = fetch_watermark_key(source, options)
     since = options.since
     if since is None:
         mark = last_watermark(store, key)

@@ -397,7 +397,8 @@ class Ingest:
         if isinstance(mapped, Rejected):
             self._quarantine(mapped)
             return
-        self._deletions.pop(key, None)
+        if self._deletions.pop(key, None) is not None:
+            self.counts.unchanged += 1  # a deletion read earlier in this batch, superseded by this copy
         old = self._pending.get(key)
         if old is not None:
             self.counts.unchanged += 1  # one of the two copies of a unit in this batch is not written

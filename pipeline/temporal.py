@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from .errors import ConfigError
+
 PRECISIONS = ("year", "month", "day", "minute", "second", "millisecond")
 
 
@@ -80,8 +82,6 @@ def parse_instant_arg(text: str) -> datetime:
     to fix (ConfigError, exit 2): a ValueError surfaced as an "internal error, please
     report it" with exit 1, which a scheduler reads as a bug rather than a bad option.
     """
-    from .errors import ConfigError
-
     try:
         return parse_fhir_datetime(text)[0]
     except BadTemporal:

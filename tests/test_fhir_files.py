@@ -140,3 +140,43 @@ def test_walk_is_sorted_and_skips_hidden(tmp_path):
     (tmp_path / ".hidden" / "c.ndjson").write_text("")
     (tmp_path / "notes.txt").write_text("")
     assert [p.name for p in walk([tmp_path])] == ["a.json", "b.ndjson"]
+
+
+def test_ndjson_of_bundles_yields_their_entries(tmp_path):
+    """One Bundle per line (how bulk loaders take transactions) is read like a Bundle file,
+    not ignored as a resource no view maps; a JSON array of Bundles likewise."""
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:1b5c2c1e-0000-4000-8000-000000000002",
+         "resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "id": "o1", "status": "final",
+                      "subject": {"reference": "urn:uuid:1b5c2c1e-0000-4000-8000-000000000002"}},
+         "request": {"method": "PUT", "url": "Observation/o1"}}]}
+    p = tmp_path / "tx.ndjson"
+    p.write_bytes(b'{"resourceType":"Patient","id":"solo"}\n' + orjson.dumps(bundle) + b"\n")
+    us, f = units(p)
+    assert [u.resource["id"] for u in us] == ["solo", "1b5c2c1e-0000-4000-8000-000000000002", "o1"]
+    assert us[2].source_ref.endswith("tx.ndjson:2#entry[1]")
+    assert us[2].full_urls["urn:uuid:1b5c2c1e-0000-4000-8000-000000000002"] == "Patient/1b5c2c1e-0000-4000-8000-000000000002"
+    assert f.units == 3
+    a = tmp_path / "arr.json"
+    a.write_bytes(orjson.dumps([bundle]))
+    us, f = units(a)
+    assert [u.source_ref.rsplit("/", 1)[1] for u in us] == ["arr.json#[0]#entry[0]", "arr.json#[0]#entry[1]"]
+
+
+def test_a_saved_searchset_outcome_is_not_a_resource_without_id(tmp_path):
+    """A searchset saved from a server: its `outcome` entry is handled as `twin fetch fhir`
+    handles it (a warning skipped, an error quarantined as search-outcome), not as a
+    resource without an id."""
+    def outcome(severity):
+        return {"resource": {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": "processing"}]},
+                "search": {"mode": "outcome"}}
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"fullUrl": "http://srv/fhir/Patient/p1", "resource": {"resourceType": "Patient", "id": "p1"},
+         "search": {"mode": "match"}}, outcome("warning"), outcome("error")]}
+    p = tmp_path / "search.json"
+    p.write_bytes(orjson.dumps(bundle))
+    us, f = units(p)
+    assert isinstance(us[0], Resource) and [u.reason for u in us[1:]] == ["search-outcome"]
+    assert us[1].source_ref.endswith("search.json#entry[2]")
+    assert f.units == 2

@@ -246,6 +246,22 @@ def test_deletions_in_a_transaction_are_applied(tmp_path):
     assert store.count("observation") == 0
 
 
+def test_a_deletion_followed_by_the_resource_in_one_run_still_reconciles(tmp_path):
+    """A history Bundle read before the file that recreates the resource: the later copy
+    wins, and the deletion it supersedes is still counted (as unchanged), not lost."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tx = {"resourceType": "Bundle", "type": "history",
+          "entry": [{"request": {"method": "DELETE", "url": "Observation/o1"}, "response": {"status": "204"}}]}
+    (folder / "a-history.json").write_bytes(orjson.dumps(tx))
+    _write(folder / "b.ndjson", _obs(80))
+    store = Store(tmp_path / "store")
+    run = run_import(store, "fhir", [folder])
+    c = run.counts["fhir"]
+    assert c.read == 2 and c.written == 1 and c.unchanged == 1 and c.reconciles()
+    assert store.count("observation") == 1
+
+
 def test_cli_summary_and_exit_codes(tmp_path, capsys):
     store = str(tmp_path / "store")
     assert twin(["import", "fhir", str(FIXTURES / "fhir/bundles/patient-1.json"), "--store", store]) == 0

@@ -75,10 +75,13 @@ def test_main_on_the_fixtures_returns_zero():
     assert out.getvalue().splitlines()[-1] == "134 passed, 0 failed"
 
 
-def test_main_reports_a_missing_folder(tmp_path: Path):
-    out = io.StringIO()
-    assert main(str(tmp_path / "nope"), out) == 1
-    assert out.getvalue().splitlines()[-1] == "0 passed, 1 failed"
+def test_main_reports_a_missing_or_empty_folder_as_a_usage_error(tmp_path: Path):
+    """Exit 2 (fix the command), not 1 (a bug), and not "0 passed, 0 failed" with exit 0
+    for a folder without test files (a CI job pointed at the wrong folder)."""
+    for folder in (tmp_path / "nope", tmp_path):
+        out = io.StringIO()
+        assert main(str(folder), out) == 2
+        assert out.getvalue().splitlines()[-1] == "0 passed, 1 failed"
 
 
 def test_a_broken_test_file_is_a_failure_not_a_crash(tmp_path: Path):

@@ -1,6 +1,7 @@
 """FHIR R4 from files: NDJSON (Bulk Data output, also gzip), Bundles of every type, single resources.
 
-A unit is one resource: an NDJSON line, a Bundle entry, or a file holding one resource.
+A unit is one resource: an NDJSON line, a Bundle entry (a Bundle on an NDJSON line or in a
+JSON array is read like a Bundle file), or a file holding one resource.
 Everything that cannot become a `Resource` becomes a `Rejected` with the file, the
 line or entry, and a reason; the file goes on. The connector knows nothing of tables.
 
@@ -166,8 +167,7 @@ class FhirFile:
                 continue
             if line_no == 1 and _is_bulk_log(line):
                 return  # a Bulk Data export log (log.ndjson): events, not resources
-            self.units += 1
-            yield self._resource_from_bytes(line.rstrip(b"\r\n"), f"{self.ref}:{line_no}")
+            yield from self._line(line.rstrip(b"\r\n"), f"{self.ref}:{line_no}")
         if self.units == 0:
             self.units += 1
             yield Rejected("read", "empty-file", "the file holds no resources", self.ref)
@@ -206,6 +206,9 @@ class FhirFile:
     def _from_document(self, doc: Any, data: bytes) -> Iterator[Unit]:
         if isinstance(doc, list):  # a JSON array of resources, as some tools write
             for i, item in enumerate(doc):
+                if isinstance(item, dict) and item.get("resourceType") == "Bundle":
+                    yield from self._bundle(item, f"{self.ref}#[{i}]")
+                    continue
                 self.units += 1
                 yield self._resource(item, f"{self.ref}#[{i}]", None, lambda item=item: orjson.dumps(item))
             return
@@ -215,15 +218,17 @@ class FhirFile:
         self.units += 1
         yield self._resource(doc, self.ref, None, lambda: data)
 
-    def _bundle(self, bundle: dict[str, Any]) -> Iterator[Unit]:
+    def _bundle(self, bundle: dict[str, Any], where: str | None = None) -> Iterator[Unit]:
+        """The entries of a Bundle; `where` locates the Bundle when it is not the whole file."""
+        where = where or self.ref
         entries = bundle.get("entry") or []
         if not isinstance(entries, list):
             self.units += 1
-            yield Rejected("parse", "bad-bundle", "Bundle.entry is not a list", self.ref, **self._payload(orjson.dumps(bundle)))
+            yield Rejected("parse", "bad-bundle", "Bundle.entry is not a list", where, **self._payload(orjson.dumps(bundle)))
             return
         if not entries:
             self.units += 1
-            yield Rejected("read", "empty-file", "the Bundle has no entries", self.ref)
+            yield Rejected("read", "empty-file", "the Bundle has no entries", where)
             return
         # first pass: ids and the fullUrl -> Type/id map, so references resolve whatever the entry order
         full_urls: dict[str, str] = {}
@@ -239,8 +244,17 @@ class FhirFile:
                     if isinstance(full, str):
                         full_urls[full] = f"{rtype}/{rid}"
         for i, entry in enumerate(entries):
-            ref = f"{self.ref}#entry[{i}]"
+            ref = f"{where}#entry[{i}]"
+            outcome = _search_outcome(entry)
+            if outcome == "note":  # a saved searchset's warning, as `twin fetch fhir` treats it: not data
+                log.info("%s: a search outcome that only warns, skipped", ref)
+                continue
             self.units += 1
+            if outcome == "error":
+                yield Rejected("read", "search-outcome", "the server reported an error inside the search results: "
+                               "the results may be incomplete; the OperationOutcome is the payload", ref,
+                               **self._payload(orjson.dumps(entry)))
+                continue
             if not isinstance(entry, dict):
                 yield Rejected("parse", "bad-entry", "a Bundle entry is not a JSON object", ref, **self._payload(orjson.dumps(entry)))
                 continue
@@ -272,12 +286,23 @@ class FhirFile:
 
     # ---------------------------------------------------------------- one resource
 
-    def _resource_from_bytes(self, line: bytes, ref: str) -> Unit:
+    def _line(self, line: bytes, ref: str) -> Iterator[Unit]:
+        """The units of one NDJSON line: one resource, or the entries of a Bundle.
+
+        NDJSON of Bundles, one per line, is how bulk loaders take transactions; no view maps
+        a Bundle (nor does it need an id), so its entries are the units, as in a Bundle file.
+        """
         try:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError as e:
-            return Rejected("parse", "invalid-json", f"not valid JSON ({_json_error(e)})", ref, **self._payload(line))
-        return self._resource(obj, ref, None, lambda: line, raw=line)
+            self.units += 1
+            yield Rejected("parse", "invalid-json", f"not valid JSON ({_json_error(e)})", ref, **self._payload(line))
+            return
+        if isinstance(obj, dict) and obj.get("resourceType") == "Bundle":
+            yield from self._bundle(obj, ref)
+            return
+        self.units += 1
+        yield self._resource(obj, ref, None, lambda: line, raw=line)
 
     def _resource(self, obj: Any, ref: str, full_urls, payload, raw: bytes | None = None) -> Unit:
         if not isinstance(obj, dict):
@@ -367,6 +392,20 @@ def _is_bulk_log(line: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(obj, dict) and "resourceType" not in obj and "exportId" in obj and "eventId" in obj
+
+
+def _search_outcome(entry: Any) -> str | None:
+    """"error" or "note" for the OperationOutcome a server puts in a searchset (search.mode
+    `outcome`), None for any other entry. It has no id and maps to no table: an error means
+    the saved results may be incomplete, a warning is no data at all."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("search"), dict) or entry["search"].get("mode") != "outcome":
+        return None
+    res = entry.get("resource")
+    if not isinstance(res, dict) or res.get("resourceType") != "OperationOutcome":
+        return None
+    issues = res.get("issue") if isinstance(res.get("issue"), list) else []
+    severities = {i.get("severity") for i in issues if isinstance(i, dict)}
+    return "error" if severities & {"error", "fatal"} else "note"
 
 
 def _json_error(e: orjson.JSONDecodeError) -> str:

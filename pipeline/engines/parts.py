@@ -189,7 +189,7 @@ def read_range(piece: Piece, limits: Limits = DEFAULT_LIMITS) -> Iterator[Unit]:
                 continue
             if line_no == 1 and _is_bulk_log(line):
                 return
-            yield reader._resource_from_bytes(line.rstrip(b"\r\n"), f"{ref}:{line_no}")
+            yield from reader._line(line.rstrip(b"\r\n"), f"{ref}:{line_no}")
     finally:
         f.close()
     if piece.empty_file:
@@ -249,7 +249,7 @@ def scan_range(piece: Piece, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str,
             continue
         if begin == 0 and piece.start == 0:
             line = line.removeprefix(b"\xef\xbb\xbf")
-        unit = reader._resource_from_bytes(line.rstrip(b"\r"), "")
-        found.append((line_no + 1, unit))
+        for unit in reader._line(line.rstrip(b"\r"), ""):
+            found.append((line_no + 1, unit))
     return stats, found
 

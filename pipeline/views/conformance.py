@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TextIO
 
 import orjson
 
+from ..errors import Exit
 from .errors import ViewError
 from .view import compile_view
 
@@ -50,11 +51,15 @@ def run_test_folder(folder: str | Path) -> list[TestResult]:
 
 
 def main(folder: str, out: TextIO = sys.stdout) -> int:
-    """Print one line per failing test, then `N passed, M failed`; 0 iff none failed."""
-    if not Path(folder).is_dir():
-        print(f"not a folder: {folder}", file=out)
+    """Print one line per failing test, then `N passed, M failed`; 0 iff none failed, 1 if
+    some did (the runner has a bug). A folder that is missing or holds no test file is a
+    usage error (2, README's exit codes): "0 passed, 0 failed" there would let a CI job
+    pointed at the wrong folder pass.
+    """
+    if not Path(folder).is_dir() or not any(Path(folder).glob("*.json")):
+        print(f"not a folder of test files (*.json): {folder}", file=out)
         print("0 passed, 1 failed", file=out)
-        return 1
+        return int(Exit.USAGE)
     results = run_test_folder(folder)
     failed = [r for r in results if not r.passed]
     for r in failed:
