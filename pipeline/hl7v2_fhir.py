@@ -366,7 +366,8 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
             if f and (f >= nfields or not seg[f]):
                 continue  # the only field it reads is empty: nothing to do (the common case)
             apply(run, res)
-        out.append(Resource(resource=res, source_ref=f"{prefix} {msg.locator(pos)}", raw=raw))
+        out.append(Resource(resource=res, source_ref=f"{prefix} {msg.locator(pos)}", raw=raw,
+                            create_only=rmap.name in mmap.create_only))
     if run.errors:
         reason = run.errors[0][0]
         text = "; ".join(f"{loc}: {why}" for _, loc, why in run.errors[:20])

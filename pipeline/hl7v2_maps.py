@@ -185,6 +185,7 @@ class MessageMap:
     types: tuple[str, ...]
     requires: tuple[str, ...]
     resources: list[ResourceMap]
+    create_only: frozenset[str] = frozenset()  # resource maps whose resource never replaces a stored one
 
 
 # Target steps
@@ -212,7 +213,7 @@ def _compile_target(text: str) -> tuple[tuple[int, str], ...]:
 _RULE_KEYS = {"to", "from", "value", "as", "table", "system", "repeat", "required", "default", "when", "unless",
               "ref", "ref_type", "refs", "wrap", "with", "type_from", "unit_from", "types"}
 _MAP_KEYS = {"resource", "anchor", "children", "group_ends", "id", "map", "when", "shared"}
-_MSG_KEYS = {"types", "requires", "resources"}
+_MSG_KEYS = {"types", "requires", "resources", "create_only"}
 
 
 @dataclass(slots=True)
@@ -273,7 +274,12 @@ class Mappings:
                         continue
                     resource_maps[rname] = rm
                 rmaps.append(resource_maps[rname])
-            mm = MessageMap(tuple(entry.get("types", [])), tuple(entry.get("requires", [])), rmaps)
+            create_only = entry.get("create_only", [])
+            for rname in create_only:
+                if rname not in entry.get("resources", []):
+                    problems.append(f"{where}: create_only names {rname!r}, which is not one of its resources")
+            mm = MessageMap(tuple(entry.get("types", [])), tuple(entry.get("requires", [])), rmaps,
+                            frozenset(create_only))
             if not mm.types:
                 problems.append(f"{where}: `types` lists no message type (e.g. \"ADT^A01\")")
             for t in mm.types:

@@ -253,6 +253,7 @@ class Mapped:
     version: str | None
     source_ref: str
     tables: dict[str, list[list[Any]]]
+    create_only: bool = False  # Resource.create_only
 
 
 # Column transforms (pseudonymisation of configured columns) replace one typed value by another.
@@ -310,7 +311,7 @@ class ResourceMapper:
             # the runner is built to yield empty on odd shapes; anything left is still this unit's problem only
             return Rejected("view", "view-failed", f"{rtype}: view {tv.path.name} failed on this resource "
                             f"({type(e).__name__})", unit.source_ref, **_payload(unit), target_table=tv.table.name)
-        return Mapped(f"{rtype}/{res['id']}", unit_version(res), unit.source_ref, tables)
+        return Mapped(f"{rtype}/{res['id']}", unit_version(res), unit.source_ref, tables, unit.create_only)
 
 
 class Ingest:
@@ -402,7 +403,7 @@ class Ingest:
         old = self._pending.get(key)
         if old is not None:
             self.counts.unchanged += 1  # one of the two copies of a unit in this batch is not written
-            if version_newer(mapped.version, old.version) is False:
+            if version_newer(mapped.version, old.version) is False or (mapped.create_only and not old.create_only):
                 return
             self._pending_rows -= sum(len(r) for r in old.tables.values())
         self._pending[key] = mapped
@@ -421,7 +422,8 @@ class Ingest:
         if self._spill is None:
             self._spill_path = self.store.tmp_dir() / f"deferred-{self.run.run_id}-{id(self)}.ndjson"
             self._spill = open(self._spill_path, "wb")  # noqa: SIM115 - closed in finish()
-        rec = {"r": unit.resource, "ref": unit.source_ref, "fu": dict(unit.full_urls) if unit.full_urls else None}
+        rec = {"r": unit.resource, "ref": unit.source_ref, "fu": dict(unit.full_urls) if unit.full_urls else None,
+               "co": unit.create_only}
         self._spill.write(orjson.dumps(rec) + b"\n")
         self.deferred += 1
         self.counts.read -= 1  # counted again when it is read back
@@ -515,7 +517,8 @@ class Ingest:
             if not units:
                 continue
             data = self._to_arrow(table, rows, refs, ukeys, vers, hashes, idx, now)
-            stats = self.store.upsert_units(table_name, self.source, data, units)
+            stats = self.store.upsert_units(table_name, self.source, data, units,
+                                            keep_stored={k for k, p in per_table[table_name] if p.create_only})
             for k, outcome in stats.outcome.items():
                 if outcome in ("new", "changed"):
                     touched[k] = True
@@ -588,7 +591,7 @@ class Ingest:
             with open(self._spill_path, "rb") as f:
                 for line in f:
                     rec = orjson.loads(line)
-                    self.feed(Resource(rec["r"], rec["ref"], rec["fu"]), private=True)
+                    self.feed(Resource(rec["r"], rec["ref"], rec["fu"], create_only=rec["co"]), private=True)
             self._spill_path.unlink(missing_ok=True)
             self.flush()
             self.resolver.final = False

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,12 +395,13 @@ class Store:
         return pads.dataset([str(base / unquote(p)) for p in paths], schema=schema, format="parquet")
 
     def upsert_units(self, table_name: str, source: str, rows: pa.Table,
-                     units: dict[str, tuple[str | None, str, int]]) -> UpsertStats:
+                     units: dict[str, tuple[str | None, str, int]], keep_stored: Collection[str] = ()) -> UpsertStats:
         """Store the rows of `units` (unit_key -> (version, content hash, row count)) of one source.
 
         `rows` holds every row of those units, with all columns of the table. Units
         with zero rows are allowed: if stored before, their rows are deleted (the
-        source still has the unit, but it no longer maps to this table).
+        source still has the unit, but it no longer maps to this table). Units in
+        `keep_stored` are written only when none is stored yet (Resource.create_only).
         """
         table = self.schema.table(table_name)
         stats = UpsertStats()
@@ -413,7 +414,7 @@ class Store:
             old = stored.get(key)
             if old is None:
                 outcome = "new" if n else "unchanged"
-            elif old[1] == digest:
+            elif old[1] == digest or key in keep_stored:
                 outcome = "unchanged"
             elif version_newer(version, old[0]) is False:
                 outcome = "older"

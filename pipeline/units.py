@@ -38,6 +38,9 @@ class Resource:
     source_ref: str
     full_urls: Mapping[str, str] | None = None
     raw: bytes | None = None
+    # made only when the store has no such resource yet, never replacing one: the Patient an
+    # HL7 result message carries (a lab's thin PID must not wipe what ADT said; hl7v2 README)
+    create_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,3 +235,20 @@ def test_shared_synthea_data_gives_the_same_gate(shared_data, tmp_path, spark):
     run_import(store, "fhir", [shared_data / "fhir" / "generated-sample-data"])
     one, two = _gate_both(store, spark, buckets=2)
     assert one == two
+
+
+def test_a_thin_result_pid_keeps_adt_demographics_on_spark_too(tmp_path, spark):
+    # create_only (mappings/hl7v2/messages.toml) travels through the executors' unit list
+    from pipeline.engines.spark import spark_import
+    from tests.test_hl7v2_patient_updates import A01, THIN_ORU
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a01.hl7").write_bytes(A01)
+    (tmp_path / "in" / "z-oru.hl7").write_bytes(THIN_ORU)
+    one, two = Store(tmp_path / "single"), Store(tmp_path / "spark")
+    r1 = run_import(one, "hl7v2", [tmp_path / "in"])
+    r2 = spark_import(two, "hl7v2", [tmp_path / "in"], spark=spark)
+    assert_same_tables(one, two)
+    assert tallies(r1) == tallies(r2)
+    [p] = two.read("patient").to_pylist()
+    assert p["birth_date"] is not None and p["sex"] == "male"

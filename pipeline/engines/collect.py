@@ -50,7 +50,8 @@ class Collector:
         views = ingest.views
         self.covered = {t: {tv.resource_type for tvs in views.by_type.values() for tv in tvs if tv.table.name == t}
                         for t in views.tables}
-        self.pending: dict[str, tuple[int, str | None, str, int]] = {}  # key -> (uid, version, rtype, rows)
+        # key -> (uid, version, rtype, rows, create_only)
+        self.pending: dict[str, tuple[int, str | None, str, int, bool]] = {}
         self.pending_rows = 0
         self.buffers: dict[str, list[pa.Table]] = defaultdict(list)
         self.unresolved: dict[str, int] = {}
@@ -104,12 +105,13 @@ class Collector:
         key = u["key"]
         self.ingest._deletions.pop(key, None)
         old = self.pending.get(key)
+        create_only = bool(u["create_only"])
         if old is not None:
             self.counts.unchanged += 1  # one of two copies of a unit in one batch is not written
-            if version_newer(u["version"], old[1]) is False:
+            if version_newer(u["version"], old[1]) is False or (create_only and not old[4]):
                 return
             self.pending_rows -= old[3]
-        self.pending[key] = (_uid(part, u["seq"]), u["version"], u["rtype"], u["rows"])
+        self.pending[key] = (_uid(part, u["seq"]), u["version"], u["rtype"], u["rows"], create_only)
         self.pending_rows += u["rows"]
 
     def flush(self) -> None:
@@ -137,7 +139,8 @@ class Collector:
                                  zip(g.column("content_hash_first").to_pylist(), g.column("unit_key_count").to_pylist(),
                                      strict=True), strict=True))
             units = {k: (v[1], *found.get(k, (_EMPTY, 0))) for k, v in mine.items()}
-            stats = self.store.upsert_units(table_name, source, data, units)
+            stats = self.store.upsert_units(table_name, source, data, units,
+                                            keep_stored={k for k, v in mine.items() if v[4]})
             for k, outcome in stats.outcome.items():
                 if outcome in ("new", "changed"):
                     touched[k] = True

@@ -49,7 +49,7 @@ UNIT_SCHEMA = pa.schema([
     ("seq", pa.int64()), ("kind", pa.string()), ("key", pa.string()), ("rtype", pa.string()),
     ("version", pa.string()), ("source_ref", pa.string()), ("rows", pa.int64()), ("piece", pa.int32()),
     ("stage", pa.string()), ("reason", pa.string()), ("message", pa.string()), ("payload", pa.binary()),
-    ("payload_ref", pa.string()), ("target_table", pa.string()),
+    ("payload_ref", pa.string()), ("target_table", pa.string()), ("create_only", pa.bool_()),
 ])
 
 
@@ -203,9 +203,10 @@ def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
     rows_units: list[tuple[int, Rows]] = []
     seq = 0
 
-    def unit_row(kind: str, key=None, rtype=None, version=None, ref=None, rows=0, piece=0, r: Rejected | None = None):
+    def unit_row(kind: str, key=None, rtype=None, version=None, ref=None, rows=0, piece=0, r: Rejected | None = None,
+                 create_only: bool = False):
         vals = {"seq": seq, "kind": kind, "key": key, "rtype": rtype, "version": version, "source_ref": ref,
-                "rows": rows, "piece": piece}
+                "rows": rows, "piece": piece, "create_only": create_only}
         if r is not None:
             vals.update(stage=r.stage, reason=r.reason, message=r.message, source_ref=r.source_ref,
                         payload=r.payload, payload_ref=r.payload_ref, target_table=r.target_table)
@@ -226,7 +227,8 @@ def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
                     for tname, trows in mapped.tables.items():
                         tables.setdefault(tname, _TableRows()).add(mapped, trows, seq)
                         n += len(trows)
-                    unit_row("resource", mapped.key, rtype, mapped.version, mapped.source_ref, n, j)
+                    unit_row("resource", mapped.key, rtype, mapped.version, mapped.source_ref, n, j,
+                             create_only=mapped.create_only)
             elif isinstance(unit, Rejected):
                 unit_row("rejected", piece=j, r=unit)
             elif isinstance(unit, Deletion):
