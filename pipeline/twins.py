@@ -110,21 +110,19 @@ class Snapshot:
         """A whole table as the snapshot sees it (None: not there)."""
         if self.as_of is None:
             return self.store.read(table, columns) if self.store.exists(table) else None
-        if not self.store.exists(table):
+        dt = self._delta_at(table)
+        return None if dt is None else dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=list(columns))
+
+    def _delta_at(self, table: str) -> DeltaTable | None:
+        """The Delta table at its version at the commit point of T (None: it did not exist then)."""
+        if self._cutoff_ms is None or not self.store.exists(table):
             return None
         dt = DeltaTable(str(self.store.table_path(table)))
-        version = self._version(dt)
-        if version is None:
-            return None
-        dt.load_as_version(version)
-        return dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=list(columns))
-
-    def _version(self, dt: DeltaTable) -> int | None:
-        """The table's version at the commit point of T (None: the table did not exist then)."""
-        if self._cutoff_ms is None:
-            return None
         versions = [h["version"] for h in dt.history() if "version" in h and h.get("timestamp", 0) <= self._cutoff_ms]
-        return max(versions, default=None)
+        if not versions:
+            return None
+        dt.load_as_version(max(versions))
+        return dt
 
     def read(self, table: str, columns: Sequence[str], twins: pa.Array | None = None) -> pa.Table:
         if table not in self._held:
@@ -138,14 +136,9 @@ class Snapshot:
         if self.as_of is None:
             return self.store.read(table, columns, filter=flt)
         target = self.store.schema.table(table).arrow_schema
-        empty = target.empty_table().select(list(columns))
-        if not self.store.exists(table):
-            return empty
-        dt = DeltaTable(str(self.store.table_path(table)))
-        version = self._version(dt)
-        if version is None:
-            return empty
-        dt.load_as_version(version)
+        dt = self._delta_at(table)
+        if dt is None:
+            return target.empty_table().select(list(columns))
         # filtered after the scan, as Store.read does: pushed into it, the filter fails on
         # the string_view columns of the files delta-rs rewrote (MERGE)
         cols = list(dict.fromkeys([*columns, "twin_id"]))
