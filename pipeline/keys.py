@@ -49,3 +49,18 @@ def keyed_hash(*parts: str, length: int = 32) -> str:
     """HMAC-SHA256 of the parts (unit-separated), as hex, cut to `length` characters."""
     msg = "\x1f".join(parts).encode("utf-8")
     return hmac.new(secret_key(), msg, hashlib.sha256).hexdigest()[:length]
+
+
+def key_fingerprint() -> str:
+    """A name for the key that reveals nothing of it: an HMAC of a fixed label.
+
+    Recorded in the store's manifest (a store's twin ids and pseudonyms are only
+    consistent under one key) and compared between Spark's driver and workers.
+    """
+    return keyed_hash("twinline-engine-key-check")
+
+
+def key_in_use() -> bool:
+    """Has this process hashed anything yet? (Only then does the store check the key:
+    `twin check` or `twin build` need no key and should not ask for one.)"""
+    return secret_key.cache_info().currsize > 0

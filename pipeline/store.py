@@ -124,11 +124,14 @@ class Store:
                              f"this Twinline writes v{self.schema.version}: migrate it or use another --store")
         return data
 
-    def _write_manifest(self, tables: dict[str, int], last_run: str | None) -> None:
+    def _write_manifest(self, tables: dict[str, int], last_run: str | None, key: str | None = None) -> None:
         self.meta.mkdir(parents=True, exist_ok=True)
         doc = {"format": MANIFEST_FORMAT, "schema_version": self.schema.version,
                "tables": dict(sorted(tables.items())), "last_run_id": last_run,
                "updated_at": utc_now().isoformat()}
+        key = key or (self.manifest().get("key_fingerprint") if self.manifest_path.exists() else None)
+        if key:
+            doc["key_fingerprint"] = key
         tmp = self.meta / f"manifest.json.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
@@ -269,12 +272,34 @@ class Store:
         """Make every table's latest version the committed one: the run's commit point."""
         if os.path.realpath(self.meta) not in _HELD:
             raise StoreError("commit outside a locked run")
+        key = self._check_key()
         tables = {}
         for name in self.schema.tables:
             path = self.root / name
             if DeltaTable.is_deltatable(str(path)):
                 tables[name] = DeltaTable(str(path)).version()
-        self._write_manifest(tables, run_id)
+        self._write_manifest(tables, run_id, key)
+
+    def _check_key(self) -> str | None:
+        """The fingerprint of the key this run hashed with, if it hashed; refused if the store was built with another.
+
+        Twin ids and pseudonyms are keyed hashes: under another key (a TWIN_KEY set after a
+        demo run without one, a rotated key file) every person would silently become a new
+        twin, split from their history. The run's writes are rolled back by the caller.
+        """
+        from .keys import key_fingerprint, key_in_use
+
+        if not key_in_use():
+            return None
+        mine = key_fingerprint()
+        stored = self.manifest().get("key_fingerprint") if self.manifest_path.exists() else None
+        if stored and stored != mine:
+            from .errors import ConfigError
+
+            raise ConfigError(f"this store's twin ids were made with another key (fingerprint {stored}; "
+                              f"TWIN_KEY / TWIN_KEY_FILE now give {mine}): under it every person would become a new "
+                              "twin. Set the store's key, or use a new --store; nothing of this run was kept")
+        return mine
 
     def rollback(self) -> list[str]:
         return self.recover()

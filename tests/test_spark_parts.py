@@ -163,8 +163,9 @@ def test_columnar_rows_are_written_as_the_single_process_writes_them(tmp_path, m
 
     from pipeline.connectors import FileConnector
     from pipeline.engines.collect import Collector
-    from pipeline.engines.tasks import _CACHE, ImportContext, key_fingerprint, map_part
+    from pipeline.engines.tasks import _CACHE, ImportContext, map_part
     from pipeline.ingest import Ingest, ViewSet
+    from pipeline.keys import key_fingerprint
     from pipeline.runs import Run
     from pipeline.store import Store
     from pipeline.units import Rejected, Rows

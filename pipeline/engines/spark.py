@@ -32,12 +32,13 @@ from ..errors import ConfigError
 from ..identity import TwinIds, stored_links
 from ..imports import _ledger, check_paths, connector_for, finish_run, import_files
 from ..ingest import Ingest, ViewSet
+from ..keys import key_fingerprint
 from ..runs import Run
 from ..store import Store
 from ..temporal import utc_now
 from .collect import Collector
 from .parts import Part, auto_part_bytes, plan_parts, with_line_numbers
-from .tasks import ImportContext, guarded, iter_parts, key_fingerprint, map_part, scan_part, wait_staged
+from .tasks import ImportContext, guarded, iter_parts, map_part, scan_part, wait_staged
 
 if TYPE_CHECKING:
     from ..privacy import PrivacyHooks

@@ -37,7 +37,7 @@ from ..connectors.fhir_files import DEFAULT_LIMITS, Limits
 from ..fhir import DIRECTORY_TYPES
 from ..identity import TwinIds
 from ..ingest import Ingest, Mapped, ResourceMapper, ViewSet, _digest
-from ..keys import keyed_hash
+from ..keys import key_fingerprint
 from ..references import IdentifierIndex, Resolver, identifiers_of
 from ..schema import load_schema
 from ..units import Deletion, Rejected, Resource, Rows, Unit
@@ -55,11 +55,6 @@ UNIT_SCHEMA = pa.schema([
 
 class TaskFailed(RuntimeError):
     """A task failed outside the per-unit error handling: a bug, or the machine (disk full)."""
-
-
-def key_fingerprint() -> str:
-    """Proves that driver and workers hash twin ids with the same secret, without sending it."""
-    return keyed_hash("twinline-engine-key-check")
 
 
 def guarded(what: str, fn, *args):
