@@ -1437,15 +1437,18 @@ class FileMapper:
         meta = np.concatenate(g.tmeta)
         device = self.devices[di] if di < len(self.devices) else None
         device_id = self.device_id(device) if device is not None else None
+        patient_id = self.patients[pi] if pi < len(self.patients) else None
         win = g.window
-        prefix = short_hash(device_id or "", self.fmt.name, self.kind.kind, s.name, s.system, s.code,
-                            str(win or ""))[:15] + "-"
+        # the patient is part of the id: without a device (PhysioNet records name none), two
+        # patients' samples of one signal at the same time would share it
+        prefix = short_hash(patient_id or "", device_id or "", self.fmt.name, self.kind.kind, s.name, s.system,
+                            s.code, str(win or ""))[:15] + "-"
         parts: list[np.ndarray | bytes] = [prefix.encode(), t]
         if g.seqs:
             parts += [b"-", np.concatenate(g.seqs)]
         unit_display = s.unit_display or self.ctx.units.get(s.column or "") or s.unit
         const = {
-            "patient_id": self.patients[pi] if pi < len(self.patients) else None,
+            "patient_id": patient_id,
             "device_id": device_id,
             "is_component": False,
             "panel_code": s.code,
