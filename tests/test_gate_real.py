@@ -1,7 +1,8 @@
-"""The gate on real public Synthea data (../shared/data/fhir), flattened by a small loader here.
+"""The gate's checks on real public Synthea data (../shared/data/fhir), flattened by a small loader here.
 
-The loader is deliberately minimal (a stand-in until the import stage provides the
-tables): a few columns per resource type, enough for the gate's checks. What the gate
+The loader is deliberately minimal: a few columns per resource type, enough for the
+checks, so that a finding here is the gate's and not the import's (the gate over the
+real import of all of ../shared/data is tests/test_gate_shared_import.py). What the gate
 finds in this data is asserted exactly, because each finding is a real property of the
 sample, explained beside it.
 """
