@@ -135,6 +135,7 @@ def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source
     seen = {} if reprocess else _ledger(store, source)
     ledger_rows: list[dict[str, Any]] = []
     skipped = 0
+    tallies: list[Any] = []
     for path in files:
         apath = _ledger_path(hooks, path)
         try:
@@ -153,6 +154,8 @@ def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source
             if progress and (run.counts[source].read & 0x3FFF) == 0:
                 state.units = run.counts[source].read
                 progress(state)
+        if getattr(reader, "stats", None) is not None:
+            tallies.append(reader.stats)
         digest = getattr(reader, "sha256", None)
         if st is not None and digest:
             # units the connector counted (deferred resources are not in the run's count yet)
@@ -165,6 +168,9 @@ def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source
         if progress:
             progress(state)
     ingest.finish()
+    note = connector.tally(tallies) if connector.tally and tallies else None
+    if note:
+        run.notes.append(f"{source}: {note}")
     if skipped:
         run.notes.append(f"{source}: {skipped} file(s) unchanged since they were last imported, skipped "
                          "(--reprocess reads them again)")

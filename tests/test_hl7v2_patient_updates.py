@@ -71,3 +71,17 @@ def test_an_adt_update_still_replaces_the_patient(tmp_path):
     (tmp_path / "a08.hl7").write_bytes(a08)
     run_import(store, "hl7v2", [tmp_path / "a08.hl7"])
     assert str(patient(store)["birth_date"]).startswith("1995-01-09")
+
+
+def test_the_summary_counts_messages_beside_the_resources_they_became(tmp_path):
+    import re
+
+    run = run_import(Store(tmp_path / "s"), "hl7v2", [FIXTURES / "hl7v2"])
+    c = run.counts["hl7v2"]
+    [note] = [n for n in run.notes if "message(s)" in n]
+    m = re.fullmatch(r"hl7v2: ([\d,]+) message\(s\): ([\d,]+) mapped to ([\d,]+) resources, ([\d,]+) refused"
+                     r"(?:; ([\d,]+) stretch\(es\) of bytes that were no message)?", note)
+    assert m, note
+    messages, mapped, resources, refused, junk = (int((g or "0").replace(",", "")) for g in m.groups())
+    assert messages == mapped + refused and messages > 10
+    assert resources == c.written + c.unchanged + c.ignored and refused + junk == c.quarantined

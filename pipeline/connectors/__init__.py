@@ -35,6 +35,8 @@ class FileConnector:
     replay: Callable[[bytes, str], Iterable[Unit]] | None = None
     # checks every file before anything is read, raising ConfigError (unknown device formats)
     check: Callable[[list[Path], dict[str, Any]], object] | None = None
+    # a line for the run summary from the per-file `stats` of its readers (HashedRead.stats)
+    tally: Callable[[list[Any]], str | None] | None = None
     # the options (`twin import` flags, job source keys) this kind takes; others are refused,
     # not ignored: `--patient-id` on a FHIR import must not look as if it had done something
     options: tuple[str, ...] = ()
@@ -59,10 +61,11 @@ class HashedRead:
     read is recorded with the hash of what was read first and read again next time.
     """
 
-    def __init__(self, path: Path, units: Callable[[Path], Iterable[Unit]]):
+    def __init__(self, path: Path, units: Callable[[Path], Iterable[Unit]], stats: Any = None):
         self.path = path
         self._units = units
         self.sha256: str | None = None
+        self.stats = stats  # what the connector counted in this file (FileConnector.tally sums them)
 
     def __iter__(self) -> Iterator[Unit]:
         h = hashlib.sha256()
@@ -78,7 +81,19 @@ class HashedRead:
 
 def _hl7v2_file(path: Path, options: dict[str, Any]) -> HashedRead:
     strict = bool(options.get("strict", False))
-    return HashedRead(path, lambda p: hl7v2_files.read_hl7v2([p], strict=strict))
+    stats = hl7v2_files.ReadStats()
+    return HashedRead(path, lambda p: hl7v2_files.read_hl7v2([p], strict=strict, stats=stats), stats)
+
+
+def _hl7v2_tally(stats: list[hl7v2_files.ReadStats]) -> str | None:
+    """Messages, not units: the summary counts resources (a message makes several, and the
+    same patient in many messages is read many times, the later copies as unchanged)."""
+    messages = sum(s.messages for s in stats)
+    mapped = sum(s.mapped for s in stats)
+    resources = sum(s.resources for s in stats)
+    junk = sum(s.units - s.messages for s in stats)
+    text = f"{messages:,} message(s): {mapped:,} mapped to {resources:,} resources, {messages - mapped:,} refused"
+    return text + (f"; {junk:,} stretch(es) of bytes that were no message" if junk else "")
 
 
 def _hl7v2_replay(payload: bytes, source_ref: str) -> Iterable[Unit]:
@@ -128,7 +143,8 @@ FILE_CONNECTORS: dict[str, FileConnector] = {
     "fhir": FileConnector("fhir", "FHIR R4 NDJSON (.ndjson, .ndjson.gz), Bundles and single resources (.json)",
                           fhir_files.is_fhir_file, read_file=_fhir_file, replay=fhir_files.replay),
     "hl7v2": FileConnector("hl7v2", "HL7 v2 messages: files, batch files (FHS/BHS), MLLP-framed dumps",
-                           hl7v2_files._accept, read_file=_hl7v2_file, replay=_hl7v2_replay, options=("strict",)),
+                           hl7v2_files._accept, read_file=_hl7v2_file, replay=_hl7v2_replay, options=("strict",),
+                           tally=_hl7v2_tally),
     # a CSV line cannot be replayed alone: it needs its file's preamble and header
     "csv": FileConnector("csv", "device logs (monitors, wearables), one mapping file per vendor format",
                          _csv_accept, read_file=_csv_file,
