@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--source", help="source name recorded on every row (default: the kind)")
     imp.add_argument("--format", metavar="NAME",
                      help="csv: the mapping (mappings/devices/NAME.toml); default: recognised from each file")
-    imp.add_argument("--patient-id", metavar="ID", help="csv: the patient, when the files do not say")
-    imp.add_argument("--device-id", metavar="ID", help="csv: the device, when the files do not say")
+    # these win over what a file says (mappings/devices/README.md): say so, a user relies on it
+    imp.add_argument("--patient-id", metavar="ID", help="csv: the patient of every row (wins over ids in the files)")
+    imp.add_argument("--device-id", metavar="ID", help="csv: the device of every row (wins over ids in the files)")
     imp.add_argument("--downsample", metavar="WINDOW",
                      help="csv: 1-minute mean/min/max per signal (e.g. 1min, 30s; 'raw' keeps every sample)")
     imp.add_argument("--patient-rule", metavar="RULE",

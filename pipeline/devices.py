@@ -1076,11 +1076,14 @@ class FileMapper:
             return self._index([_clean_id(raw[0].as_py()) or fallback()], table, idx)[0]  # one id per file: usual
         # Ids repeat: encode the raw bytes, then clean the few distinct values in Python.
         enc = pc.dictionary_encode(raw)
-        names = [_clean_id(v) or fallback() for v in enc.dictionary.to_pylist()] + [fallback()]
-        dict_idx = np.array(self._index(names, table, idx), np.int64)
+        names = [_clean_id(v) or fallback() for v in enc.dictionary.to_pylist()]
         codes = enc.indices.to_numpy(zero_copy_only=False)
         if enc.indices.null_count:
+            # Only null fields use the fallback: indexing it otherwise would report a
+            # device (or patient) that no row refers to.
+            names.append(fallback())
             codes = np.where(np.asarray(pc.is_null(enc.indices)), len(names) - 1, codes)
+        dict_idx = np.array(self._index(names, table, idx), np.int64)
         return dict_idx[codes.astype(np.int64)]
 
     # ------------------------------------------------------------------ time

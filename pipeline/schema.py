@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .resources import schemas_dir
 
 CURRENT_VERSION = "1"
@@ -140,7 +141,14 @@ def _columns(items: list[dict[str, Any]]) -> list[Column]:
 @functools.cache
 def load_schema(version: str = CURRENT_VERSION, directory: Path | None = None) -> Schema:
     path = (directory or schemas_dir()) / f"twin-v{version}.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        # Most likely a TWIN_HOME that holds only the mappings a user added: a setup
+        # mistake to fix (exit 2), not a bug to report.
+        raise ConfigError(f"the twin schema {path} is not there: TWIN_HOME ({os.environ.get('TWIN_HOME') or 'not set'}) "
+                          "must hold a copy of the project's schemas/, config/ and mappings/ folders") from None
+    raw = json.loads(text)
     prov = _columns(raw["provenance"]["columns"])
     tables = {}
     for name, t in raw["tables"].items():

@@ -83,3 +83,11 @@ def test_a_reader_that_goes_away_is_not_an_internal_error(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert "internal error" not in err and "Traceback" not in err
+
+
+def test_import_help_says_the_command_line_ids_win_over_the_files():
+    # they override ids found in the files (test_devices: command-line ids win); "when the
+    # files do not say" had a user expect the file's ids to be kept
+    text = " ".join(next(a for a in build_parser()._subparsers._group_actions[0].choices["import"]._actions
+                         if "--patient-id" in a.option_strings).help.split())
+    assert "wins over" in text

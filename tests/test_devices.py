@@ -272,6 +272,19 @@ def test_command_line_ids_win_over_the_files():
     assert len(out.identifiers) == 7
 
 
+def test_a_device_column_with_several_values_makes_no_device_nothing_refers_to(tmp_path):
+    # a blank id falls back to the file's own device; without blanks no row uses that device
+    f = tmp_path / "two-beds.csv"
+    f.write_text("time,patient_id,device_id,hr\n2024-03-05T08:00:00Z,p1,bed-1,80\n2024-03-05T08:01:00Z,p1,bed-2,81\n")
+    out = run([f])
+    devices = pa.concat_tables([d.data for d in out.devices])
+    assert sorted(devices.column("serial_number").to_pylist()) == ["bed-1", "bed-2"]
+    assert set(devices.column("device_id").to_pylist()) == set(out.obs.column("device_id").to_pylist())
+    f.write_text("time,patient_id,device_id,hr\n2024-03-05T08:00:00Z,p1,bed-1,80\n2024-03-05T08:01:00Z,p1,,81\n")
+    devices = pa.concat_tables([d.data for d in run([f]).devices])
+    assert set(devices.column("serial_number").to_pylist()) == {"bed-1", None}
+
+
 # --------------------------------------------------------------------------- vendors
 
 

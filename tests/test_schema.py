@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,17 @@ def test_the_generator_refuses_to_overwrite_a_released_schema(tmp_path):
     proc = subprocess.run([sys.executable, "schemas/tools/make_v1.py"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "released" in proc.stderr
     assert (REPO / "schemas" / "twin-v1.json").read_bytes() == before
+
+
+def test_a_twin_home_without_the_schema_is_a_usage_error(tmp_path):
+    # a user who puts only a new vendor's mapping into $TWIN_HOME/mappings/devices/
+    home = tmp_path / "home"
+    (home / "mappings" / "devices").mkdir(parents=True)
+    log = tmp_path / "vitals.csv"
+    log.write_text("time,patient_id,hr\n2024-03-05T08:00:00Z,p1,80\n")
+    env = {k: v for k, v in os.environ.items() if k != "TWIN_HOME"}
+    env.update(TWIN_HOME=str(home), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "import", "csv", str(log), "--store",
+                           str(tmp_path / "s")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "TWIN_HOME" in proc.stderr and "schemas/" in proc.stderr

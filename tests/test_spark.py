@@ -175,6 +175,21 @@ def test_spark_without_java_is_a_usage_error(monkeypatch, tmp_path, capsys):
     assert code == 2 and "needs Java" in capsys.readouterr().err
 
 
+
+def test_a_malformed_master_is_a_usage_error_before_a_jvm_starts(monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main as twin
+
+    SparkSession = pytest.importorskip("pyspark.sql").SparkSession
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java")
+
+    def no_jvm(*a, **kw):
+        raise AssertionError("a JVM was started for a master Spark cannot take")
+
+    monkeypatch.setattr(SparkSession.Builder, "getOrCreate", no_jvm)
+    for master in ("local[x]", "bogus", "spark:head"):
+        code = twin(["build", "--store", str(tmp_path), "--engine", "spark", "--master", master])
+        assert code == 2 and "is not a Spark master" in capsys.readouterr().err, master
+
 def test_a_job_on_spark_gives_the_same_tables(tmp_path, spark):
     from pipeline.engines.spark import SparkEngine
     from pipeline.jobs import parse_job, run_job

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MASTER = "local[2]"
+# The master URLs Spark 4 accepts (SparkContext.createTaskScheduler; Mesos is gone), and
+# any other URL with a scheme, for cluster managers that plug in.
+_MASTER = re.compile(r"local(\[(\d+|\*)(\s*,\s*\d+)?\])?|local-cluster\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]"
+                     r"|yarn|[a-z][a-z0-9+.-]*://\S+")
 DEFAULT_FLUSH_ROWS = 200_000
 
 
@@ -65,6 +70,10 @@ def spark_session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = No
         raise ConfigError("--engine spark needs PySpark: pip install 'twinline[spark]' (and Java 17 or 21)") from None
     if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
         raise ConfigError("--engine spark needs Java (17 or 21) on PATH or JAVA_HOME: apt-get install openjdk-17-jre-headless")
+    if not _MASTER.fullmatch(master):
+        # Spark would start a JVM only to refuse it, with a page of Java stack trace on stderr
+        raise ConfigError(f"--master {master!r} is not a Spark master: local, local[N], local[*] or a cluster URL "
+                          "(spark://HOST:PORT, yarn, k8s://URL)")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     home = str(Path(__file__).resolve().parent.parent.parent)
