@@ -277,6 +277,19 @@ def test_date_shift_is_one_offset_per_patient():
     assert other is not None and other != 0 and abs(other) <= 365
 
 
+def test_device_rows_without_a_patient_get_the_year_under_date_shift(tmp_path):
+    """An Empatica log names no patient: there is no offset to shift by. It used to crash the
+    import (TypeError hashing None); a shift of 0 would have kept the real times."""
+    store = Store(tmp_path / "s")
+    run_import(store, "csv", [FIXTURES / "devices" / "devicely" / "empatica"],
+               hooks=privacy_hooks("deid", source="csv", dates="shift"))
+    obs = _table(store, "observation")
+    assert obs.num_rows > 0 and obs.column("patient_id").null_count == obs.num_rows
+    starts = obs.column("effective_start").drop_null().to_pylist()
+    assert starts and all((t.month, t.day, t.hour, t.minute, t.second) == (1, 1, 0, 0, 0) for t in starts)
+    assert set(obs.column("effective_start_precision").drop_null().to_pylist()) == {"year"}
+
+
 def test_every_profile_entry_names_a_rule():
     with pytest.raises(ConfigError) as e:
         parse_profile({"rules": {"A": "names"}, "Patient": {"gender": {"as": "keep"}, "birthDate": {"rule": "Z"},
