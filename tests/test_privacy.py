@@ -169,6 +169,29 @@ def test_a_pseudonymised_twin_is_found_by_its_original_id_with_the_key(tmp_path,
     assert "born 1995-01-08" in capsys.readouterr().out
 
 
+def test_a_source_keeps_the_profile_it_was_written_under(tmp_path, capsys):
+    """The same source imported without a profile and then with --deid used to be stored
+    twice, silently: the identified copy beside the de-identified one, and every person
+    split into two twins (identifiers do not link to their pseudonyms)."""
+    store = str(tmp_path / "s")
+    bundles = str(FIXTURES / "fhir" / "bundles")
+    assert main(["import", "fhir", bundles, "--store", store]) == 0
+    patients = _table(Store(store), "patient").num_rows
+    capsys.readouterr()
+    for flags in (["--deid"], ["--pseudonymise"]):
+        assert main(["import", "fhir", bundles, "--store", store, *flags]) == 2
+        assert "written under the privacy profile none" in capsys.readouterr().err
+    assert _table(Store(store), "patient").num_rows == patients  # nothing of the refused runs kept
+    # a deid source stays deid, with its date mode
+    assert main(["import", "fhir", bundles, "--store", store, "--source", "ehr", "--deid"]) == 0
+    assert main(["import", "fhir", bundles, "--store", store, "--source", "ehr", "--deid", "--deid-dates", "shift"]) == 2
+    assert main(["import", "fhir", bundles, "--store", store, "--source", "ehr"]) == 2
+    assert Store(store).manifest()["privacy"] == {"ehr": "deid:year", "fhir": "none"}
+    capsys.readouterr()
+    assert main(["status", "--store", store]) == 0
+    assert "privacy by source: ehr deid:year, fhir none" in capsys.readouterr().out
+
+
 def test_a_profile_refuses_the_public_development_key(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TWIN_KEY")
     monkeypatch.delenv("TWIN_KEY_FILE", raising=False)

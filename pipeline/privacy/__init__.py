@@ -82,6 +82,13 @@ class PrivacyHooks:
         if unknown:
             raise ConfigError("privacy config names columns the schema does not have", unknown)
 
+    @property
+    def name(self) -> str:
+        """The profile as the store records it per source: "pseudonymise", "deid:year" or
+        "deid:shift" (a source's dates cut to the year in one run and shifted in the next
+        would tell the offset)."""
+        return self.profile if self.deidentifier is None else f"deid:{self.deidentifier.profile.dates}"
+
     # ------------------------------------------------------------------ units
 
     @property
