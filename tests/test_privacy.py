@@ -201,6 +201,18 @@ def test_a_profile_refuses_the_public_development_key(tmp_path, monkeypatch, cap
     assert not (tmp_path / "patient").exists()
 
 
+def test_a_short_twin_key_is_refused_like_a_short_key_file(tmp_path, monkeypatch, capsys):
+    """TWIN_KEY=abc used to be taken as a secret key: its fingerprint in the manifest gives it
+    away by brute force in seconds, and with it every pseudonym. TWIN_KEY_FILE already
+    required 16 bytes."""
+    monkeypatch.setenv("TWIN_KEY", "abc")
+    keys.secret_key.cache_clear()
+    assert main(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", str(tmp_path), "--pseudonymise"]) == 2
+    err = capsys.readouterr().err
+    assert "TWIN_KEY is shorter than 16 bytes" in err and "abc" not in err
+    assert not (tmp_path / "patient").exists()
+
+
 def test_a_job_source_can_ask_for_a_profile(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(f'[job]\nname = "p"\n[[source]]\nname = "ehr"\nkind = "fhir"\nprivacy = "pseudonymise"\n'
