@@ -331,6 +331,7 @@ class Ingest:
         self.index = IdentifierIndex(self._stored_identifiers)
         self.resolver = Resolver(self.index)
         self.privacy = privacy
+        store.claim_privacy(source, privacy.name if privacy else "none")
         self.mapper = ResourceMapper(views, self.resolver,
                                      column_transforms=privacy.column_transforms() if privacy else None)
         self.on_flush = on_flush

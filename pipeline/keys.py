@@ -19,20 +19,26 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 _DEV_KEY = b"twinline-development-key-not-secret"
+MIN_KEY_BYTES = 16
 
 
 @functools.cache
 def secret_key() -> bytes:
     if os.environ.get("TWIN_KEY"):
-        return os.environ["TWIN_KEY"].encode()
+        key = os.environ["TWIN_KEY"].encode()
+        # The manifest holds an HMAC of a fixed label under the key (key_fingerprint): a short
+        # key is found from it by brute force, and with it every pseudonym is reversed.
+        if len(key) < MIN_KEY_BYTES:
+            raise ConfigError(f"TWIN_KEY is shorter than {MIN_KEY_BYTES} bytes: use a long random key")
+        return key
     path = os.environ.get("TWIN_KEY_FILE")
     if path:
         try:
             key = Path(path).read_bytes().strip()
         except OSError as e:
             raise ConfigError(f"TWIN_KEY_FILE cannot be read ({e.strerror})") from None
-        if len(key) < 16:
-            raise ConfigError("the key in TWIN_KEY_FILE is shorter than 16 bytes: use a long random key")
+        if len(key) < MIN_KEY_BYTES:
+            raise ConfigError(f"the key in TWIN_KEY_FILE is shorter than {MIN_KEY_BYTES} bytes: use a long random key")
         return key
     log.warning("no TWIN_KEY or TWIN_KEY_FILE set: twin ids use the public development key "
                 "(stable, but not secret); set a key for real data")

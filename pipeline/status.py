@@ -28,6 +28,8 @@ def store_status(store: Store, limit: int = 10) -> str:
         if store.exists(name) and name not in ("runs", "ledger", "resource_identifier"):
             counts.append(f"{name} {store.count(name):,}")
     lines.append("  rows: " + ", ".join(counts))
+    if manifest.get("privacy"):  # a store is only as de-identified as its least protected source
+        lines.append("  privacy by source: " + ", ".join(f"{k} {v}" for k, v in manifest["privacy"].items()))
     runs = store.read("runs", ["run_id", "command", "status", "exit_code", "units_read", "units_written",
                                "units_quarantined", "started_at", "ended_at", "watermarks", "forced"])
     runs = runs.sort_by([("run_id", "descending")])

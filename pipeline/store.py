@@ -104,6 +104,7 @@ class Store:
         self.root = Path(root)
         self.schema = schema or load_schema()
         self.meta = self.root / "_twin"
+        self._privacy_claims: dict[str, str] = {}  # source -> privacy profile of this run's writes
 
     # ------------------------------------------------------------------ manifest
 
@@ -129,9 +130,13 @@ class Store:
         doc = {"format": MANIFEST_FORMAT, "schema_version": self.schema.version,
                "tables": dict(sorted(tables.items())), "last_run_id": last_run,
                "updated_at": utc_now().isoformat()}
-        key = key or (self.manifest().get("key_fingerprint") if self.manifest_path.exists() else None)
+        old = self.manifest() if self.manifest_path.exists() else {}
+        key = key or old.get("key_fingerprint")
         if key:
             doc["key_fingerprint"] = key
+        privacy = {**old.get("privacy", {}), **self._privacy_claims}
+        if privacy:
+            doc["privacy"] = dict(sorted(privacy.items()))
         tmp = self.meta / f"manifest.json.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
@@ -300,6 +305,25 @@ class Store:
                               f"TWIN_KEY / TWIN_KEY_FILE now give {mine}): under it every person would become a new "
                               "twin. Set the store's key, or use a new --store; nothing of this run was kept")
         return mine
+
+    def claim_privacy(self, source: str, profile: str) -> None:
+        """Refuse to write a source under another privacy profile than the one it was written under.
+
+        `profile`: "none", "pseudonymise" or "deid:<dates>". A source imported once with
+        --deid and once without (a job or cron line that lost its flag) would otherwise put
+        the identified copy of every record beside the de-identified one, silently: the
+        identifiers do not link to their pseudonyms, so each person also becomes two twins.
+        Recorded in the manifest at the commit point; stores and sources from before the
+        record adopt the profile of their next run. Checked before the run writes anything.
+        """
+        stored = (self.manifest().get("privacy", {}) if self.manifest_path.exists() else {}).get(source)
+        if stored is not None and stored != profile:
+            from .errors import ConfigError
+
+            raise ConfigError(f"source {source!r} of this store was written under the privacy profile {stored}; "
+                              f"this run would write it under {profile}, beside it, and every person would become "
+                              "a second twin. Use the same profile, another --source name, or a new --store")
+        self._privacy_claims[source] = profile
 
     def rollback(self) -> list[str]:
         return self.recover()

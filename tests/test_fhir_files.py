@@ -108,6 +108,15 @@ def test_gzip_bomb_is_refused(tmp_path):
     assert us[-1].reason == "gzip-bomb"
 
 
+def test_gzip_bomb_of_one_endless_line_is_refused_while_it_is_skipped(tmp_path):
+    """The ratio used to be checked per line only: a bomb without newlines was skipped as
+    one long line, inflated to its end (a 200 MB file: hundreds of GiB of CPU work)."""
+    p = tmp_path / "bomb.ndjson.gz"
+    p.write_bytes(gzip.compress(b" " * (32 << 20)))
+    us, _ = units(p, Limits(max_line_bytes=100_000, max_gzip_ratio=20, gzip_ratio_floor=1 << 20))
+    assert [u.reason for u in us] == ["gzip-bomb"]
+
+
 def test_transaction_deletes_and_derived_ids(tmp_path):
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:1b5c2c1e-0000-4000-8000-000000000001",

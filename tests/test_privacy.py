@@ -169,12 +169,47 @@ def test_a_pseudonymised_twin_is_found_by_its_original_id_with_the_key(tmp_path,
     assert "born 1995-01-08" in capsys.readouterr().out
 
 
+def test_a_source_keeps_the_profile_it_was_written_under(tmp_path, capsys):
+    """The same source imported without a profile and then with --deid used to be stored
+    twice, silently: the identified copy beside the de-identified one, and every person
+    split into two twins (identifiers do not link to their pseudonyms)."""
+    store = str(tmp_path / "s")
+    bundles = str(FIXTURES / "fhir" / "bundles")
+    assert main(["import", "fhir", bundles, "--store", store]) == 0
+    patients = _table(Store(store), "patient").num_rows
+    capsys.readouterr()
+    for flags in (["--deid"], ["--pseudonymise"]):
+        assert main(["import", "fhir", bundles, "--store", store, *flags]) == 2
+        assert "written under the privacy profile none" in capsys.readouterr().err
+    assert _table(Store(store), "patient").num_rows == patients  # nothing of the refused runs kept
+    # a deid source stays deid, with its date mode
+    assert main(["import", "fhir", bundles, "--store", store, "--source", "ehr", "--deid"]) == 0
+    assert main(["import", "fhir", bundles, "--store", store, "--source", "ehr", "--deid", "--deid-dates", "shift"]) == 2
+    assert main(["import", "fhir", bundles, "--store", store, "--source", "ehr"]) == 2
+    assert Store(store).manifest()["privacy"] == {"ehr": "deid:year", "fhir": "none"}
+    capsys.readouterr()
+    assert main(["status", "--store", store]) == 0
+    assert "privacy by source: ehr deid:year, fhir none" in capsys.readouterr().out
+
+
 def test_a_profile_refuses_the_public_development_key(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TWIN_KEY")
     monkeypatch.delenv("TWIN_KEY_FILE", raising=False)
     keys.secret_key.cache_clear()
     assert main(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", str(tmp_path), "--pseudonymise"]) == 2
     assert "needs a secret key" in capsys.readouterr().err
+    assert not (tmp_path / "patient").exists()
+
+
+def test_a_short_twin_key_is_refused_like_a_short_key_file(tmp_path, monkeypatch, capsys):
+    """TWIN_KEY=abc used to be taken as a secret key: its fingerprint in the manifest gives it
+    away by brute force in seconds, and with it every pseudonym. TWIN_KEY_FILE already
+    required 16 bytes."""
+    monkeypatch.setenv("TWIN_KEY", "abc")
+    keys.secret_key.cache_clear()
+    assert main(["import", "fhir", str(FIXTURES / "fhir" / "bundles"), "--store", str(tmp_path), "--pseudonymise"]) == 2
+    err = capsys.readouterr().err
+    assert "TWIN_KEY is shorter than 16 bytes" in err and "abc" not in err
     assert not (tmp_path / "patient").exists()
 
 
@@ -275,6 +310,19 @@ def test_date_shift_is_one_offset_per_patient():
     assert date.fromisoformat(c["birthDate"]) == date(2000, 1, 1).fromordinal(date(2000, 1, 1).toordinal() + shift)
     other = deid.shift_for("another-patient")
     assert other is not None and other != 0 and abs(other) <= 365
+
+
+def test_device_rows_without_a_patient_get_the_year_under_date_shift(tmp_path):
+    """An Empatica log names no patient: there is no offset to shift by. It used to crash the
+    import (TypeError hashing None); a shift of 0 would have kept the real times."""
+    store = Store(tmp_path / "s")
+    run_import(store, "csv", [FIXTURES / "devices" / "devicely" / "empatica"],
+               hooks=privacy_hooks("deid", source="csv", dates="shift"))
+    obs = _table(store, "observation")
+    assert obs.num_rows > 0 and obs.column("patient_id").null_count == obs.num_rows
+    starts = obs.column("effective_start").drop_null().to_pylist()
+    assert starts and all((t.month, t.day, t.hour, t.minute, t.second) == (1, 1, 0, 0, 0) for t in starts)
+    assert set(obs.column("effective_start_precision").drop_null().to_pylist()) == {"year"}
 
 
 def test_every_profile_entry_names_a_rule():

@@ -19,7 +19,7 @@ import hashlib
 import io
 import logging
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,10 @@ class FhirFile:
         line_no = 0
         first = True
         decompressed = 0
+
+        def bomb(n: int) -> bool:  # n bytes inflated so far
+            return gz and n > lim.gzip_ratio_floor and n > lim.max_gzip_ratio * max(hashing.count, 1)
+
         while True:
             try:
                 line = stream.readline(lim.max_line_bytes + 1)
@@ -147,13 +151,17 @@ class FhirFile:
                 break
             line_no += 1
             decompressed += len(line)
-            if gz and decompressed > lim.gzip_ratio_floor and decompressed > lim.max_gzip_ratio * max(hashing.count, 1):
+            skipped: int | None = 0
+            if len(line) > lim.max_line_bytes:
+                # a bomb is often one endless line: the ratio is checked while it is skipped too
+                skipped = _skip_line(stream, lim.max_line_bytes, lambda n, base=decompressed: bomb(base + n))
+            if skipped is None or bomb(decompressed + skipped):
                 self.units += 1
                 yield Rejected("read", "gzip-bomb", f"the file expands more than {lim.max_gzip_ratio}x: "
                                "refused as a decompression bomb", f"{self.ref}:{line_no}", payload_ref=f"{self.ref}:{line_no}-")
                 return
             if len(line) > lim.max_line_bytes:
-                skipped = _skip_line(stream, lim.max_line_bytes)
+                decompressed += skipped
                 self.units += 1
                 yield Rejected("read", "line-too-long", f"line longer than {lim.max_line_bytes} bytes "
                                f"({len(line) + skipped}+ bytes): raise max_line_bytes if it is genuine",
@@ -377,13 +385,17 @@ def read_fhir(paths: Iterable[str | Path], limits: Limits = DEFAULT_LIMITS) -> I
 # ---------------------------------------------------------------------- helpers
 
 
-def _skip_line(stream, chunk: int) -> int:
+def _skip_line(stream, chunk: int, stop: Callable[[int], bool] | None = None) -> int | None:
+    """Read past the rest of a line; its length, or None as soon as `stop(bytes skipped)` says
+    to give up (a gzip bomb: without it, one endless line is inflated to its end)."""
     skipped = 0
     while True:
         part = stream.readline(chunk)
         skipped += len(part)
         if not part or part.endswith(b"\n"):
             return skipped
+        if stop is not None and stop(skipped):
+            return None
 
 
 def _is_bulk_log(line: bytes) -> bool:

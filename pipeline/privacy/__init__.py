@@ -82,6 +82,13 @@ class PrivacyHooks:
         if unknown:
             raise ConfigError("privacy config names columns the schema does not have", unknown)
 
+    @property
+    def name(self) -> str:
+        """The profile as the store records it per source: "pseudonymise", "deid:year" or
+        "deid:shift" (a source's dates cut to the year in one run and shifted in the next
+        would tell the offset)."""
+        return self.profile if self.deidentifier is None else f"deid:{self.deidentifier.profile.dates}"
+
     # ------------------------------------------------------------------ units
 
     @property
@@ -148,26 +155,31 @@ class PrivacyHooks:
         return dataclasses.replace(unit, data=data, source_ref=self.locator(unit.source_ref))
 
     def _times(self, data: pa.Table, table: Any, pcol: str | None) -> pa.Table:
+        """Times to the year, or shifted by each row's patient offset. A row without a patient
+        (a device log that names none and no --patient-id) has no offset: it gets the year,
+        as a FHIR resource without a patient does; a shift of 0 would keep the real time."""
         assert self.deidentifier is not None
+        shift = self.deidentifier.profile.dates == "shift"
+        pids = data.column(pcol) if shift and pcol and pcol in data.column_names else None
+        # rows cut to the year: all of them, or under shift those without a patient
+        to_year = pa.repeat(pa.scalar(True), data.num_rows) if pids is None else pc.is_null(pids)
         for col in table.temporal:
             if col not in data.column_names:
                 continue
             ts = data.column(col)
-            if self.deidentifier.profile.dates == "year":
-                new = pc.cast(pc.floor_temporal(ts, unit="year"), TIMESTAMP)
-                data = data.set_column(data.column_names.index(col), col, new)
-                prec = f"{col}_precision"
-                if prec in data.column_names:
-                    data = data.set_column(data.column_names.index(prec), prec,
-                                           pa.repeat(pa.scalar("year", pa.string()), data.num_rows))
-            elif pcol and pcol in data.column_names:
-                pids = data.column(pcol)
-                uniq = pc.unique(pids)
-                days = [self.deidentifier.shift_for(p) or 0 for p in uniq.to_pylist()]
+            new = pc.cast(pc.floor_temporal(ts, unit="year"), TIMESTAMP)
+            if pids is not None:
+                uniq = pc.unique(pids).drop_null()
+                days = [self.deidentifier.shift_for(p) for p in uniq.to_pylist()]
                 per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()),
                                   pc.index_in(pids, value_set=uniq))
-                shifted = pc.add(pc.cast(ts, pa.int64()), per_row)
-                data = data.set_column(data.column_names.index(col), col, pc.cast(shifted, TIMESTAMP))
+                shifted = pc.cast(pc.add(pc.cast(ts, pa.int64()), per_row), TIMESTAMP)
+                new = pc.if_else(to_year, new, shifted)
+            data = data.set_column(data.column_names.index(col), col, new)
+            prec = f"{col}_precision"
+            if prec in data.column_names:
+                data = data.set_column(data.column_names.index(prec), prec,
+                                       pc.if_else(to_year, pa.scalar("year", pa.string()), data.column(prec)))
         return data
 
 
