@@ -361,3 +361,16 @@ def test_messages_received_over_mllp_are_pseudonymised_as_they_are_drained(tmp_p
     assert ids.num_rows and all(re.fullmatch(r"[0-9a-f]{32}", v) for v in ids.column("value").to_pylist())
     assert _table(store, "patient").column("name_family").null_count == _table(store, "patient").num_rows
     assert not any(contains(_strings(store), v) for v in sensitive_values()["identifiers"] | sensitive_values()["names"])
+
+
+@pytest.mark.parametrize("dates", ["year", "shift"])
+def test_no_date_older_than_the_over_89_group_survives(dates):
+    # the group's birth year is 1936 (today 2026): a 1928 record would tell the age, and precede the birth
+    deid = Deidentifier(load_profile(dates=dates), today=date(2026, 11, 28))
+    old = {"resourceType": "Patient", "id": "p", "birthDate": "1920-03-04"}
+    allergy = {"resourceType": "AllergyIntolerance", "id": "a", "patient": {"reference": "Patient/p"},
+               "recordedDate": "1928-06-01", "onsetDateTime": "2020-02-03"}
+    assert deid.resource(old)["birthDate"] == "1936"
+    out = deid.resource(allergy)
+    assert out["recordedDate"] == "1936"
+    assert out["onsetDateTime"][:4] in ("2019", "2020", "2021")  # recent dates are not touched by the floor

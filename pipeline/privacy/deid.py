@@ -214,9 +214,16 @@ class _Context:
             return uid_pseudonym(v)
         if action == "zip3":
             return zip3(v, self.deid.profile.restricted_zip3)
+        floor = self.deid.today.year - 90
         if action == "birth-date" and over_89(v, self.res, self.deid.today):
-            return str(self.deid.today.year - 90)  # Safe Harbor (C): every age over 89 is one group, "90+"
-        return generalise_date(v, self.shift)
+            return str(floor)  # Safe Harbor (C): every age over 89 is one group, "90+"
+        out = generalise_date(v, self.shift)
+        # Safe Harbor (C) covers every date "indicative of" an age over 89, not only the birth
+        # date: a 1928 allergy of a patient grouped as born 1936 tells the age (and sat before
+        # the birth). No year older than the group's survives, whoever the patient is.
+        if out is not None and out[:4].isdigit() and int(out[:4]) < floor:
+            return str(floor)
+        return out
 
 
 def zip3(value: str, restricted: frozenset[str]) -> str | None:
