@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .connectors import FILE_CONNECTORS, FileConnector
+from .connectors import FILE_CONNECTORS, FileConnector, kinds_taking
 from .errors import ConfigError
 from .identity import TwinIds, relink, stored_links
 from .ingest import Ingest, ViewSet
@@ -71,11 +71,8 @@ def connector_for(kind: str, options: dict[str, Any] | None = None) -> FileConne
         raise ConfigError(f"unknown source kind {kind!r}: one of {', '.join(sorted(FILE_CONNECTORS))}") from None
     wrong = connector.misplaced(options)
     if wrong:
-        def takers(key: str) -> str:
-            return " and ".join(k for k, c in sorted(FILE_CONNECTORS.items()) if key in c.options)
-
         raise ConfigError(f"options that do not apply to {kind} imports",
-                          [f"{k} (--{k.replace('_', '-')}) is for {takers(k)} imports" for k in wrong])
+                          [f"{k} (--{k.replace('_', '-')}) is for {kinds_taking(k)} imports" for k in wrong])
     return connector
 
 

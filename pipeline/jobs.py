@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .connectors import FILE_CONNECTORS
+from .connectors import FILE_CONNECTORS, kinds_taking
 from .errors import ConfigError, Exit, SourceUnavailable
 from .imports import fetch_fhir_into, finish_run, import_files
 from .runs import Run
@@ -158,8 +158,7 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
                 if v is not None:
                     opts[key] = v
             for key in FILE_CONNECTORS[kind].misplaced({k: v for k, v in opts.items() if k not in ("paths", "reprocess")}):
-                users = " and ".join(k for k, conn in sorted(FILE_CONNECTORS.items()) if key in conn.options)
-                c.bad(f"{at}.{key}", f"applies to {users} sources, not {kind}")
+                c.bad(f"{at}.{key}", f"applies to {kinds_taking(key)} sources, not {kind}")
             _check_format(c, at, kind, opts.get("format"))
         elif kind == "fhir-server":
             c.keys(at, s, dict.fromkeys(_SERVER_KEYS))

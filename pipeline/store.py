@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable, WriterProperties, write_deltalake
 
-from .errors import LockHeld, StoreError
+from .errors import ConfigError, LockHeld, StoreError
 from .schema import Schema, Table, load_schema
 from .temporal import utc_now
 
@@ -130,7 +130,7 @@ class Store:
         doc = {"format": MANIFEST_FORMAT, "schema_version": self.schema.version,
                "tables": dict(sorted(tables.items())), "last_run_id": last_run,
                "updated_at": utc_now().isoformat()}
-        old = self.manifest() if self.manifest_path.exists() else {}
+        old = self.manifest()  # the defaults when there is none yet
         key = key or old.get("key_fingerprint")
         if key:
             doc["key_fingerprint"] = key
@@ -297,10 +297,8 @@ class Store:
         if not key_in_use():
             return None
         mine = key_fingerprint()
-        stored = self.manifest().get("key_fingerprint") if self.manifest_path.exists() else None
+        stored = self.manifest().get("key_fingerprint")
         if stored and stored != mine:
-            from .errors import ConfigError
-
             raise ConfigError(f"this store's twin ids were made with another key (fingerprint {stored}; "
                               f"TWIN_KEY / TWIN_KEY_FILE now give {mine}): under it every person would become a new "
                               "twin. Set the store's key, or use a new --store; nothing of this run was kept")
@@ -316,10 +314,8 @@ class Store:
         Recorded in the manifest at the commit point; stores and sources from before the
         record adopt the profile of their next run. Checked before the run writes anything.
         """
-        stored = (self.manifest().get("privacy", {}) if self.manifest_path.exists() else {}).get(source)
+        stored = self.manifest().get("privacy", {}).get(source)
         if stored is not None and stored != profile:
-            from .errors import ConfigError
-
             raise ConfigError(f"source {source!r} of this store was written under the privacy profile {stored}; "
                               f"this run would write it under {profile}, beside it, and every person would become "
                               "a second twin. Use the same profile, another --source name, or a new --store")

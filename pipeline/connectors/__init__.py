@@ -155,3 +155,8 @@ FILE_CONNECTORS: dict[str, FileConnector] = {
                            lambda p: True, read_all=_dicom_all, check=_dicom_check,
                            options=("patient_rule", "timezone")),
 }
+
+
+def kinds_taking(option: str) -> str:
+    """The kinds whose imports take `option` ("csv", "csv and dicom"), for refusal messages."""
+    return " and ".join(k for k, c in sorted(FILE_CONNECTORS.items()) if option in c.options)
