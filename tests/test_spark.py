@@ -267,3 +267,21 @@ def test_a_thin_result_pid_keeps_adt_demographics_on_spark_too(tmp_path, spark):
     assert tallies(r1) == tallies(r2)
     [p] = two.read("patient").to_pylist()
     assert p["birth_date"] is not None and p["sex"] == "male"
+
+
+def test_a_deletion_superseded_in_one_run_is_counted_on_spark_too(tmp_path, spark):
+    # the Collector pops a pending deletion as Ingest does, and counts it as Ingest does
+    from pipeline.engines.spark import spark_import
+    from tests.test_import_fhir import _obs, _write
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tx = {"resourceType": "Bundle", "type": "history",
+          "entry": [{"request": {"method": "DELETE", "url": "Observation/o1"}, "response": {"status": "204"}}]}
+    (folder / "a-history.json").write_bytes(json.dumps(tx).encode())
+    _write(folder / "b.ndjson", _obs(80))
+    one, two = Store(tmp_path / "single"), Store(tmp_path / "spark")
+    r1 = run_import(one, "fhir", [folder])
+    r2 = spark_import(two, "fhir", [folder], spark=spark)
+    assert tallies(r1) == tallies(r2) and r2.totals().reconciles()
+    assert_same_tables(one, two)

@@ -47,9 +47,7 @@ class Collector:
         self.store = ingest.store
         self.counts = ingest.counts
         self.flush_rows = ingest.flush_rows
-        views = ingest.views
-        self.covered = {t: {tv.resource_type for tvs in views.by_type.values() for tv in tvs if tv.table.name == t}
-                        for t in views.tables}
+        self.covered = ingest.views.types_of_table  # table -> the resource types its views read
         # key -> (uid, version, rtype, rows, create_only)
         self.pending: dict[str, tuple[int, str | None, str, int, bool]] = {}
         self.pending_rows = 0
@@ -103,7 +101,8 @@ class Collector:
     def _resource(self, u: dict[str, Any], part: int) -> None:
         self.counts.read += 1
         key = u["key"]
-        self.ingest._deletions.pop(key, None)
+        if self.ingest._deletions.pop(key, None) is not None:
+            self.counts.unchanged += 1  # a deletion read earlier in this batch, superseded by this copy (as Ingest)
         old = self.pending.get(key)
         create_only = bool(u["create_only"])
         if old is not None:
