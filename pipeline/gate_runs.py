@@ -64,10 +64,10 @@ def run_check(store: Store, *, config: str | Path | None = None, report_dir: str
             else:
                 tables = {t: store.read(t).combine_chunks() for t in present}
                 result = run_gate(tables, cfg, now=now or utc_now(), schema=store.schema.raw)
-            for f in result.row_failures:
-                run.quarantine(f.source or "unknown", "gate", Rejected(
-                    "gate", f.check, f.message, f.source_ref or f.row_ref, payload_ref=f.row_ref, target_table=f.table))
-            resolved = _resolve_passing_entries(store, run, result.row_failures)
+            still = {run.quarantine(f.source or "unknown", "gate", Rejected(
+                "gate", f.check, f.message, f.source_ref or f.row_ref, payload_ref=f.row_ref, target_table=f.table))
+                for f in result.row_failures}
+            resolved = _resolve_passing_entries(store, run, still)
             if resolved:
                 run.notes.append(f"{resolved:,} gate quarantine entr{'y' if resolved == 1 else 'ies'} resolved: "
                                  "their rows pass now")
@@ -89,20 +89,16 @@ def run_check(store: Store, *, config: str | Path | None = None, report_dir: str
     return CheckOutcome(run, result.passed, html, js, failed_lines(result), summary)
 
 
-def _resolve_passing_entries(store: Store, run: Run, failures: list) -> int:
-    """Open gate entries whose rows no longer fail (fixed at the source and re-imported,
-    or a threshold changed) leave quarantine, resolved by this run. The build holds back
-    the rows of open gate entries, so an entry left open would hide a fixed row forever."""
+def _resolve_passing_entries(store: Store, run: Run, still: set[str]) -> int:
+    """Open gate entries not among `still` (this check's entries: their rows no longer
+    fail, fixed at the source and re-imported, or a threshold changed) leave quarantine,
+    resolved by this run. The build holds back the rows of open gate entries, so an entry
+    left open would hide a fixed row forever."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .runs import quarantine_id
-
     if not store.exists("quarantine"):
         return 0
-    # the ids Run.quarantine gave the entries of this check (payload_ref is part of the key)
-    still = {quarantine_id(f.source or "unknown", f.source_ref or f.row_ref, "gate", f.check, f.row_ref)
-             for f in failures}
     t = store.read("quarantine", latest=True, filter=(pc.field("stage") == "gate") & (pc.field("status") == "open"))
     done = [e for e in t.to_pylist() if e["quarantine_id"] not in still]
     for e in done:

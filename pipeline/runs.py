@@ -82,13 +82,14 @@ class Run:
 
     # ------------------------------------------------------------------ quarantine
 
-    def quarantine(self, source: str, source_kind: str, r: Rejected) -> None:
+    def quarantine(self, source: str, source_kind: str, r: Rejected) -> str:
+        """Count and record a refused unit; returns its entry's id."""
         self.counts[source].quarantined += 1
+        qid = quarantine_id(source, r.source_ref, r.stage, r.reason, r.payload if r.payload is not None else r.payload_ref)
         if not self.record_quarantine:
-            return
+            return qid
         self._quarantine.append({
-            "quarantine_id": quarantine_id(source, r.source_ref, r.stage, r.reason,
-                                            r.payload if r.payload is not None else r.payload_ref),
+            "quarantine_id": qid,
             "run_id": self.run_id,
             "quarantined_at": utc_now(),
             "source": source,
@@ -105,6 +106,7 @@ class Run:
         })
         if len(self._quarantine) >= QUARANTINE_FLUSH:
             self.flush_quarantine()
+        return qid
 
     def flush_quarantine(self) -> None:
         if not self._quarantine:
