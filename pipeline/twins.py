@@ -101,10 +101,7 @@ class Snapshot:
             known = pc.max(pc.filter(ended, pc.less_equal(ended, pa.scalar(as_of, TIMESTAMP)))).as_py()
             if known is not None:
                 self._cutoff_ms = int(known.timestamp() * 1000)
-        self._held = self._held_back()
-
-    def _held_back(self) -> dict[str, tuple[pa.Array, pa.Array]]:
-        return gate_holds(self._read_at("quarantine", ["source", "stage", "status", "payload_ref"]))
+        self._held = gate_holds(self._read_at("quarantine", ["source", "stage", "status", "payload_ref"]))
 
     def _read_at(self, table: str, columns: Sequence[str]) -> pa.Table | None:
         """A whole table as the snapshot sees it (None: not there)."""
@@ -138,13 +135,13 @@ class Snapshot:
         target = self.store.schema.table(table).arrow_schema
         dt = self._delta_at(table)
         if dt is None:
-            return target.empty_table().select(list(columns))
+            return target.empty_table().select(columns)
         # filtered after the scan, as Store.read does: pushed into it, the filter fails on
         # the string_view columns of the files delta-rs rewrote (MERGE)
         cols = list(dict.fromkeys([*columns, "twin_id"]))
         t = dt.to_pyarrow_dataset(as_large_types=True).to_table(columns=cols)
         t = t.cast(pa.schema([target.field(n).with_nullable(True) for n in t.column_names]))
-        return t.filter(flt).select(list(columns))
+        return t.filter(flt).select(columns)
 
 
 # --------------------------------------------------------------------------- arrow helpers

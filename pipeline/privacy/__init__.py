@@ -163,16 +163,17 @@ class PrivacyHooks:
         pids = data.column(pcol) if shift and pcol and pcol in data.column_names else None
         # rows cut to the year: all of them, or under shift those without a patient
         to_year = pa.repeat(pa.scalar(True), data.num_rows) if pids is None else pc.is_null(pids)
+        per_row = None  # each row's offset in microseconds, the same for every column
+        if pids is not None:
+            uniq = pc.unique(pids).drop_null()
+            days = [self.deidentifier.shift_for(p) for p in uniq.to_pylist()]
+            per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()), pc.index_in(pids, value_set=uniq))
         for col in table.temporal:
             if col not in data.column_names:
                 continue
             ts = data.column(col)
             new = pc.cast(pc.floor_temporal(ts, unit="year"), TIMESTAMP)
-            if pids is not None:
-                uniq = pc.unique(pids).drop_null()
-                days = [self.deidentifier.shift_for(p) for p in uniq.to_pylist()]
-                per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()),
-                                  pc.index_in(pids, value_set=uniq))
+            if per_row is not None:
                 shifted = pc.cast(pc.add(pc.cast(ts, pa.int64()), per_row), TIMESTAMP)
                 new = pc.if_else(to_year, new, shifted)
             data = data.set_column(data.column_names.index(col), col, new)
