@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from .errors import ConfigError
 from .keys import keyed_hash
+from .privacy.reshift import Move, reshift
 from .resources import config_dir
 
 # --------------------------------------------------------------------------- twin ids
@@ -398,13 +399,14 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
         source, _, pid = k.partition("|Patient/")
         before = old.get(k) or twin_id_for_record(source, pid)
         if before != tid:
-            changed.append((source, pid, tid))
+            changed.append(Move(source, pid, before, tid))
     if changed:
-        data = pa.table({"source": [c[0] for c in changed], "patient_id": [c[1] for c in changed],
-                         "twin_id": [c[2] for c in changed]})
+        data = pa.table({"source": [c.source for c in changed], "patient_id": [c.patient_id for c in changed],
+                         "twin_id": [c.new_twin for c in changed]})
         for name, table in store.schema.tables.items():
             if table.patient_column == "patient_id" and table.provenance:
-                store.update_column(name, ["source", "patient_id"], data, "twin_id")
+                store.update_columns(name, ["source", "patient_id"], data, ["twin_id"])
+        reshift(store, changed)  # dates shifted per person follow the record to its new twin
     sizes = {root: len(m) for root, m in linkage.groups.items()}
     rows = []
     for root, members in linkage.groups.items():

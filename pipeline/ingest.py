@@ -344,6 +344,13 @@ class Ingest:
         self.deferred = 0
         self.no_patient: dict[str, int] = {}  # device-stream rows naming no patient, per table
 
+    def _twin_of(self, patient_id: str) -> str:
+        """The twin a patient of this source belongs to now: the key of its date offset
+        under --deid-dates shift (privacy/reshift.py keeps it when linking moves it)."""
+        tid = self.twin_ids(self.source, patient_id)
+        assert tid is not None
+        return tid
+
     # ------------------------------------------------------------------ units
 
     def feed_all(self, units: Iterable[Unit]) -> None:
@@ -356,7 +363,7 @@ class Ingest:
         if isinstance(unit, Resource):
             self.counts.read += 1
             if self.privacy is not None and not private:
-                kept = self.privacy.resource(unit)
+                kept = self.privacy.resource(unit, self._twin_of)
                 if kept is None:  # the profile does not keep this resource type
                     self._ignored(unit.resource["resourceType"])
                     return
@@ -374,7 +381,7 @@ class Ingest:
                 self._pending_rows -= sum(len(r) for r in dropped.tables.values())
             self._deletions[key] = unit.source_ref
         elif isinstance(unit, Rows):
-            self._rows(unit if self.privacy is None else self.privacy.rows(unit))
+            self._rows(unit if self.privacy is None else self.privacy.rows(unit, self._twin_of))
         else:  # pragma: no cover - a connector bug
             raise TypeError(f"not a unit: {type(unit).__name__}")
         if self._pending_rows >= self.flush_rows:

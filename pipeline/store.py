@@ -137,6 +137,10 @@ class Store:
         privacy = {**old.get("privacy", {}), **self._privacy_claims}
         if privacy:
             doc["privacy"] = dict(sorted(privacy.items()))
+        # dates shifted per person (twin), not per source record as before: the two do not mix
+        offsets = old.get("date_offsets") if "deid:shift" in old.get("privacy", {}).values() else "twin"
+        if "deid:shift" in privacy.values() and offsets:
+            doc["date_offsets"] = offsets
         tmp = self.meta / f"manifest.json.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
@@ -314,12 +318,22 @@ class Store:
         Recorded in the manifest at the commit point; stores and sources from before the
         record adopt the profile of their next run. Checked before the run writes anything.
         """
-        stored = self.manifest().get("privacy", {}).get(source)
+        manifest = self.manifest()
+        stored = manifest.get("privacy", {}).get(source)
+        if profile == "deid:shift" and "deid:shift" in manifest.get("privacy", {}).values() \
+                and manifest.get("date_offsets") != "twin":
+            raise ConfigError("this store holds dates shifted per source record, by an earlier Twinline; dates are "
+                              "now shifted per person (twin) so that one person's sources agree, and the two "
+                              "cannot be mixed: import into a new --store")
         if stored is not None and stored != profile:
             raise ConfigError(f"source {source!r} of this store was written under the privacy profile {stored}; "
                               f"this run would write it under {profile}, beside it, and every person would become "
                               "a second twin. Use the same profile, another --source name, or a new --store")
         self._privacy_claims[source] = profile
+
+    def privacy_profiles(self) -> dict[str, str]:
+        """source -> privacy profile, as committed and as claimed by the current run."""
+        return {**self.manifest().get("privacy", {}), **self._privacy_claims}
 
     def rollback(self) -> list[str]:
         return self.recover()
@@ -524,15 +538,36 @@ class Store:
            .when_matched_delete().execute())
         return len(stored)
 
-    def update_column(self, table_name: str, key_columns: Sequence[str], data: pa.Table, column: str) -> None:
-        """Set `column` on the rows matching `data` by `key_columns` (identity relinking)."""
+    def update_columns(self, table_name: str, key_columns: Sequence[str], data: pa.Table, columns: Sequence[str]) -> None:
+        """Set `columns` on the rows matching `data` by `key_columns` (identity relinking,
+        date offsets moving with it)."""
         dt = self.delta(table_name, latest=True)
         if dt is None or data.num_rows == 0:
             return
         pred = " AND ".join(f"t.{k} = s.{k}" for k in key_columns)
+        changed = " OR ".join(f"(t.{c} IS DISTINCT FROM s.{c})" for c in columns)
         (dt.merge(data, pred, source_alias="s", target_alias="t", writer_properties=_WRITER)
-           .when_matched_update(updates={column: f"s.{column}"}, predicate=f"t.{column} IS DISTINCT FROM s.{column}")
+           .when_matched_update(updates={c: f"s.{c}" for c in columns}, predicate=changed)
            .execute())
+
+    def rows_of_records(self, table_name: str, columns: Sequence[str], source: str, patient_ids: pa.Array) -> pa.Table:
+        """The rows of some patients of one source (latest version), typed as the schema
+        says; scanned in batches, so memory holds the matches, not the table."""
+        if self.delta(table_name, latest=True) is None:
+            return self.schema.table(table_name).arrow_schema.empty_table().select(list(columns))
+        wanted = patient_ids.cast(pa.large_string())
+        parts = []
+        for batch in self.dataset(table_name, latest=True).to_batches(columns=list(columns), batch_size=1 << 17):
+            mask = pc.and_(pc.equal(batch.column("source"), source),
+                           pc.is_in(batch.column("patient_id"), value_set=wanted))
+            hit = batch.filter(pc.fill_null(mask, False))
+            if hit.num_rows:
+                parts.append(hit)
+        target = self.schema.table(table_name).arrow_schema
+        schema = pa.schema([target.field(c).with_nullable(True) for c in columns])
+        if not parts:
+            return schema.empty_table()
+        return pa.Table.from_batches(parts).cast(schema)
 
 
 def _fields(expr: pc.Expression) -> list[str]:

@@ -7,7 +7,9 @@ a clear reason in a clone that does not have them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,19 @@ def conformance_dir() -> Path:
     if not CONFORMANCE.is_dir():
         pytest.skip(f"the SQL-on-FHIR v2 test suite is not here ({CONFORMANCE}); set TWIN_SHARED")
     return CONFORMANCE
+
+
+@contextlib.contextmanager
+def secret_key(key: str) -> Iterator[None]:
+    """TWIN_KEY set to `key` (the privacy profiles refuse the public development key),
+    restored afterwards; usable in module-scoped fixtures, where monkeypatch is not."""
+    from pipeline import keys
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TWIN_KEY", key)
+    keys.secret_key.cache_clear()
+    try:
+        yield
+    finally:
+        mp.undo()
+        keys.secret_key.cache_clear()

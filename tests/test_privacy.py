@@ -27,7 +27,7 @@ from pipeline.privacy.dicom_deid import load_dicom_profile, record_filter, uid_p
 from pipeline.privacy.pseudonym import Pseudonymiser, pseudonym, pseudonym_id, pseudonym_reference
 from pipeline.store import Store
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, secret_key
 from .sensitive import contains, found_in, sensitive_values
 
 KEY = "privacy-test-key-0123456789"
@@ -38,11 +38,9 @@ SOURCES = [("fhir", [FIXTURES / "fhir"]), ("hl7v2", HL7), ("dicom", [FIXTURES / 
 
 
 @pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("TWIN_KEY", KEY)
-    keys.secret_key.cache_clear()
-    yield
-    keys.secret_key.cache_clear()
+def _key():
+    with secret_key(KEY):
+        yield
 
 
 def _import_all(store_dir: Path, profile: str | None, **kw) -> Store:
@@ -75,13 +73,9 @@ def _strings(store: Store) -> str:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TWIN_KEY", KEY)
-    keys.secret_key.cache_clear()
-    root = tmp_path_factory.mktemp("privacy")
-    out = {p or "plain": _import_all(root / (p or "plain"), p) for p in (None, "pseudonymise", "deid")}
-    mp.undo()
-    keys.secret_key.cache_clear()
+    with secret_key(KEY):
+        root = tmp_path_factory.mktemp("privacy")
+        out = {p or "plain": _import_all(root / (p or "plain"), p) for p in (None, "pseudonymise", "deid")}
     return out
 
 

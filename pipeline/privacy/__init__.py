@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +116,13 @@ class PrivacyHooks:
         ref = self.locator(r.source_ref)
         return dataclasses.replace(r, source_ref=ref, payload=None, payload_ref=ref)
 
-    def resource(self, unit: Resource) -> Resource | None:
-        """The unit with its resource pseudonymised (and de-identified); None to drop it."""
+    def resource(self, unit: Resource, twin_of: Callable[[str], str] | None = None) -> Resource | None:
+        """The unit with its resource pseudonymised (and de-identified); None to drop it.
+        `twin_of`: pseudonymised patient id -> twin id, the key of the date offset."""
         res = self.pseudonymiser.resource(unit.resource)
         full_urls = self.pseudonymiser.full_urls(unit.full_urls)
         if self.deidentifier is not None:
-            res = self.deidentifier.resource(res, full_urls)
+            res = self.deidentifier.resource(res, full_urls, twin_of)
             if res is None:
                 return None
         return dataclasses.replace(unit, resource=res, full_urls=full_urls, source_ref=self.locator(unit.source_ref))
@@ -128,7 +131,7 @@ class PrivacyHooks:
         """table -> column -> function, for the rows mapped from resources."""
         return {t: dict.fromkeys(cols, pseudonym) for t, cols in self.columns.items()}
 
-    def rows(self, unit: Rows) -> Rows:
+    def rows(self, unit: Rows, twin_of: Callable[[str], str] | None = None) -> Rows:
         """Device rows: patient ids, identifier values and configured columns replaced; under
         deid, configured columns emptied and times generalised like FHIR dates."""
         table = load_schema().table(unit.table)
@@ -151,10 +154,10 @@ class PrivacyHooks:
                 if col in data.column_names:
                     i = data.column_names.index(col)
                     data = data.set_column(i, col, pa.nulls(data.num_rows, data.schema.field(col).type))
-            data = self._times(data, table, pcol)
+            data = self._times(data, table, pcol, twin_of)
         return dataclasses.replace(unit, data=data, source_ref=self.locator(unit.source_ref))
 
-    def _times(self, data: pa.Table, table: Any, pcol: str | None) -> pa.Table:
+    def _times(self, data: pa.Table, table: Any, pcol: str | None, twin_of: Callable[[str], str] | None) -> pa.Table:
         """Times to the year, or shifted by each row's patient offset. A row without a patient
         (a device log that names none and no --patient-id) has no offset: it gets the year,
         as a FHIR resource without a patient does; a shift of 0 would keep the real time."""
@@ -166,8 +169,9 @@ class PrivacyHooks:
         per_row = None  # each row's offset in microseconds, the same for every column
         if pids is not None:
             uniq = pc.unique(pids).drop_null()
-            days = [self.deidentifier.shift_for(p) for p in uniq.to_pylist()]
+            days = [self.deidentifier.shift_for(twin_of(p) if twin_of is not None else p) for p in uniq.to_pylist()]
             per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()), pc.index_in(pids, value_set=uniq))
+        floor = pa.scalar(datetime(self.deidentifier.today.year - 90, 1, 1, tzinfo=UTC), TIMESTAMP)
         for col in table.temporal:
             if col not in data.column_names:
                 continue
@@ -176,11 +180,14 @@ class PrivacyHooks:
             if per_row is not None:
                 shifted = pc.cast(pc.add(pc.cast(ts, pa.int64()), per_row), TIMESTAMP)
                 new = pc.if_else(to_year, new, shifted)
-            data = data.set_column(data.column_names.index(col), col, new)
+            # Safe Harbor (C), as for FHIR dates: no year older than the over-89 group's
+            early = pc.fill_null(pc.less(new, floor), False)
+            data = data.set_column(data.column_names.index(col), col, pc.if_else(early, floor, new))
             prec = f"{col}_precision"
             if prec in data.column_names:
                 data = data.set_column(data.column_names.index(prec), prec,
-                                       pc.if_else(to_year, pa.scalar("year", pa.string()), data.column(prec)))
+                                       pc.if_else(pc.or_(to_year, early), pa.scalar("year", pa.string()),
+                                                  data.column(prec)))
         return data
 
 

@@ -15,7 +15,7 @@ code, kept secret).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -138,18 +138,23 @@ class Deidentifier:
         self.profile = profile
         self.today = today or utc_now().date()
 
-    def resource(self, res: dict[str, Any], full_urls: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    def resource(self, res: dict[str, Any], full_urls: Mapping[str, str] | None = None,
+                 twin_of: Callable[[str], str] | None = None) -> dict[str, Any] | None:
         """None when the profile does not list the resource type (it is then not kept).
-        `full_urls`: the Bundle's fullUrl map, to find the patient a `urn:uuid:` names."""
+        `full_urls`: the Bundle's fullUrl map, to find the patient a `urn:uuid:` names.
+        `twin_of`: the (pseudonymised) patient id -> the person's twin id, the key of the
+        date offset, so that one person has one offset in every source (the ingest gives
+        it; without it the patient id is the key)."""
         trie = self.profile.types.get(res.get("resourceType"))
         if trie is None:
             return None
-        ctx = _Context(self, self._shift_days(res, full_urls or {}), res)
+        ctx = _Context(self, self._shift_days(res, full_urls or {}, twin_of), res)
         out = ctx.filter(res, trie)
         out["resourceType"] = res["resourceType"]
         return out
 
-    def _shift_days(self, res: dict[str, Any], full_urls: Mapping[str, str]) -> int | None:
+    def _shift_days(self, res: dict[str, Any], full_urls: Mapping[str, str],
+                    twin_of: Callable[[str], str] | None) -> int | None:
         """The patient's secret date offset (dates = shift), None to generalise to the year."""
         if self.profile.dates != "shift":
             return None
@@ -165,14 +170,20 @@ class Deidentifier:
                     if rtype == "Patient":
                         key = rid
                         break
-        return self.shift_for(key) if isinstance(key, str) else None  # no patient: the year only
+        if not isinstance(key, str):
+            return None  # no patient: the year only
+        return self.shift_for(twin_of(key) if twin_of is not None else key)
 
-    def shift_for(self, patient_key: str) -> int | None:
-        """The secret offset in days of one patient (its pseudonymised id); never 0."""
+    def shift_for(self, person_key: str) -> int | None:
+        """The secret offset in days of one person (their twin id); never 0.
+
+        Keyed on the twin, not the source record: a person's HL7 feed and FHIR export
+        must keep the intervals between their events. When linking moves a record to
+        another twin, the store moves its dates by the difference (reshift.py)."""
         if self.profile.dates != "shift":
             return None
         span = self.profile.max_shift_days
-        days = int(keyed_hash("date-shift", patient_key, length=12), 16) % (2 * span) - span
+        days = int(keyed_hash("date-shift", person_key, length=12), 16) % (2 * span) - span
         return days if days < 0 else days + 1
 
 
