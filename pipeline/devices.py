@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .arrays import constant, fixed_strings
+from .arrays import constant, fixed_strings, runs_column
 from .errors import ConfigError
 from .resources import mappings_dir
 from .schema import load_schema
@@ -912,6 +912,20 @@ def short_hash(*parts: str) -> str:
 # --------------------------------------------------------------------------- output schema
 
 
+def _column(parts: list[pa.Array | tuple[Any, int]], typ: pa.DataType) -> pa.ChunkedArray:
+    """A chunk's column from its groups' parts: runs of one value (value, count) and per-row
+    arrays. Strings of runs only: dictionary-encoded (arrays.runs_column; a column of codes,
+    units or ids costs no memory per row and is written as it is). Otherwise plain, the
+    runs as shared blocks."""
+    if pa.types.is_string(typ) and all(isinstance(p, tuple) for p in parts):
+        return runs_column(parts, typ)  # type: ignore[arg-type]
+    chunks: list[pa.Array] = []
+    for p in parts:
+        chunks.extend(constant(p[0], p[1], typ, cache=False) if isinstance(p, tuple) else [p])
+    return pa.chunked_array(chunks, typ)
+
+
+
 @functools.cache
 def output_schema(table: str) -> pa.Schema:
     """The table's own columns (types from schemas/twin-v1.json) plus unit_key and row_index."""
@@ -1413,7 +1427,7 @@ class FileMapper:
         if self.window is not None:
             groups = self._downsample(groups, final)
         schema = output_schema("observation")
-        cols: dict[str, list[pa.Array]] = {f.name: [] for f in schema}
+        cols: dict[str, list[pa.Array | tuple[Any, int]]] = {f.name: [] for f in schema}
         types = {f.name: f.type for f in schema}
         total = 0
         for key in sorted(groups):
@@ -1423,12 +1437,9 @@ class FileMapper:
                 continue
             self._group_columns(key, g, n, cols, types)
             total += n
-        cols["unit_key"] = constant(unit_key, total, pa.string(), cache=False)
+        cols["unit_key"] = [(unit_key, total)]
         cols["row_index"] = [pa.array(np.arange(total, dtype=np.int32))]
-        for name, typ in types.items():
-            if not cols[name]:
-                cols[name] = constant(None, total, typ)
-        return pa.table({name: pa.chunked_array(cols[name], types[name]) for name in types}, schema=schema)
+        return pa.table({name: _column(cols[name] or [(None, total)], types[name]) for name in types})
 
     def _group_columns(self, key: tuple[int, int, int], g: _Group, n: int, cols: dict[str, list[pa.Array]],
                        types: dict[str, pa.DataType]) -> None:
@@ -1497,13 +1508,13 @@ class FileMapper:
                                                             pa.array(meta))
         for name, value in const.items():
             if name in cols:
-                cols[name].extend(constant(value, n, types[name], cache=name not in ("patient_id", "device_id")))
+                cols[name].append((value, n))
         for name, arr in per_row.items():
             if name in cols:
                 cols[name].append(arr)
         for name in cols:
             if name not in const and name not in per_row and name not in ("unit_key", "row_index"):
-                cols[name].extend(constant(None, n, types[name]))
+                cols[name].append((None, n))
 
     @staticmethod
     def _window_precision(win: int) -> str:

@@ -22,11 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .arrays import constant
+from .arrays import constant, distinct_codes, map_values, runs_column
 from .errors import ConfigError
 from .fhir import DIRECTORY_TYPES
 from .identity import TwinIds
@@ -447,9 +447,7 @@ class Ingest:
         if pcol and pcol in data.column_names:
             # a stream has few patients: hash each once, then index (no per-row Python)
             pids = data.column(pcol)
-            uniq = pc.unique(pids)
-            tids = pa.array(self.twin_ids.many(self.source, uniq.to_pylist()), pa.string())
-            twin = pc.take(tids, pc.index_in(pids, value_set=uniq))
+            twin = map_values(pids, lambda p: self.twin_ids(self.source, p), pa.string())
             orphans = pids.null_count
         else:
             twin = pa.nulls(n, pa.string())
@@ -457,21 +455,22 @@ class Ingest:
         if orphans and unit.table != "device":  # a device need not belong to anyone
             self.no_patient[unit.table] = self.no_patient.get(unit.table, 0) + orphans
         cols = {name: data.column(name) for name in data.column_names}
-        # Provenance is one value per chunk: blocks shared by every row, not n copies each
-        # (pa.repeat of a 64-character hash over 750,000 rows costs more than mapping them).
+        # Provenance is one value per chunk: dictionary columns of one value, index blocks
+        # shared by every row, not n copies each (pa.repeat of a 64-character hash over
+        # 750,000 rows costs more than mapping them; the Parquet writer takes them as they are).
         cols.update({
             "twin_id": twin,
-            "source": pa.chunked_array(constant(self.source, n, pa.string(), cache=False), pa.string()),
-            "source_ref": pa.chunked_array(constant(unit.source_ref, n, pa.string(), cache=False), pa.string()),
-            "run_id": pa.chunked_array(constant(self.run.run_id, n, pa.string(), cache=False), pa.string()),
+            "source": runs_column([(self.source, n)], pa.string()),
+            "source_ref": runs_column([(unit.source_ref, n)], pa.string()),
+            "run_id": runs_column([(self.run.run_id, n)], pa.string()),
             "ingested_at": pa.chunked_array(constant(now, n, TIMESTAMP, cache=False), TIMESTAMP),
-            "unit_version": pa.nulls(n, pa.string()),
-            "content_hash": pa.chunked_array(constant(unit.content_hash, n, pa.string(), cache=False), pa.string()),
+            "unit_version": runs_column([(None, n)], pa.string()),
+            "content_hash": runs_column([(unit.content_hash, n)], pa.string()),
         })
         full = pa.table({c.name: cols[c.name] if c.name in cols else pa.nulls(n, c.arrow) for c in table.columns})
-        agg = full.select(["unit_key"]).group_by("unit_key").aggregate([("unit_key", "count")])
-        units = {k: (None, unit.content_hash, c) for k, c in zip(agg.column("unit_key").to_pylist(),
-                                                                  agg.column("unit_key_count").to_pylist(), strict=True)}
+        idx, keys = distinct_codes(full.column("unit_key"))  # a chunk is one unit, or a few
+        counts = np.bincount(idx.to_numpy(), minlength=len(keys)).tolist() if n else []
+        units = {k: (None, unit.content_hash, c) for k, c in zip(keys.to_pylist(), counts, strict=True)}
         stats = self.store.upsert_units(unit.table, self.source, full, units)
         if stats.new or stats.changed:
             self.counts.written += unit.units

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from pipeline.arrays import plain
 from pipeline.connectors.csv_files import read_csv_logs
 from pipeline.units import Rejected, Rows
 
@@ -46,7 +47,7 @@ class Outcome:
 
     @property
     def obs(self) -> pa.Table:
-        tables = [r.data for r in self.observations]
+        tables = [plain(r.data) for r in self.observations]  # chunks encode different columns as dictionaries
         return pa.concat_tables(tables) if tables else pa.table({})
 
     @property

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..arrays import distinct_codes, map_values
 from ..errors import ConfigError
 from ..keys import has_secret_key
 from ..resources import config_dir
@@ -168,9 +169,9 @@ class PrivacyHooks:
         to_year = pa.repeat(pa.scalar(True), data.num_rows) if pids is None else pc.is_null(pids)
         per_row = None  # each row's offset in microseconds, the same for every column
         if pids is not None:
-            uniq = pc.unique(pids).drop_null()
+            idx, uniq = distinct_codes(pids)
             days = [self.deidentifier.shift_for(twin_of(p) if twin_of is not None else p) for p in uniq.to_pylist()]
-            per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()), pc.index_in(pids, value_set=uniq))
+            per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()), idx)
         floor = pa.scalar(datetime(self.deidentifier.today.year - 90, 1, 1, tzinfo=UTC), TIMESTAMP)
         for col in table.temporal:
             if col not in data.column_names:
@@ -200,11 +201,7 @@ def _unit_key(key: str) -> str:
 
 def _map_strings(data: pa.Table, col: str, f) -> pa.Table:
     """Apply f to each distinct value of a string column (streams have few distinct ids)."""
-    arr = data.column(col)
-    uniq = pc.unique(arr)
-    mapped = pa.array([None if v is None else f(v) for v in uniq.to_pylist()], pa.string())
-    new = pc.take(mapped, pc.index_in(arr, value_set=uniq))
-    return data.set_column(data.column_names.index(col), col, new)
+    return data.set_column(data.column_names.index(col), col, map_values(data.column(col), f, pa.string()))
 
 
 def privacy_hooks(profile: str | None, *, source: str, dates: str | None = None) -> PrivacyHooks | None:
