@@ -1039,6 +1039,9 @@ class FileMapper:
         self._tmeta_idx: dict[tuple[str | None, str | None], int] = {}
         self.groups: dict[tuple[int, int, int], _Group] = {}
         self.carry: dict[tuple[int, int, int], _Group] = {}
+        # per group: the last time of the previous chunk and how often it came, so that a
+        # run of equal times cut by a chunk boundary keeps counting (observation ids)
+        self.last_time: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.patient_systems: dict[int, str | None] = {}
 
     # ------------------------------------------------------------------ ids
@@ -1460,6 +1463,7 @@ class FileMapper:
         parts: list[np.ndarray | bytes] = [prefix.encode(), t]
         if g.seqs:
             parts += [b"-", np.concatenate(g.seqs)]
+        repeats = None if g.seqs or win else self._repeats(key, t)
         unit_display = s.unit_display or self.ctx.units.get(s.column or "") or s.unit
         const = {
             "patient_id": patient_id,
@@ -1476,8 +1480,13 @@ class FileMapper:
             "value_code_system": s.value_system if s.coded else None,
             "status": "final",
         }
+        ids = fixed_strings(parts, n)
+        if repeats is not None:  # the 2nd, 3rd... sample at one time: `~<16 hex of the count>`
+            rep = np.flatnonzero(repeats)
+            extra = fixed_strings([prefix.encode(), t[rep], b"~", repeats[rep]], len(rep))
+            ids = pc.replace_with_mask(ids, pa.array(repeats > 0), extra)
         per_row: dict[str, pa.Array] = {
-            "observation_id": fixed_strings(parts, n),
+            "observation_id": ids,
             "effective_start": pa.array(t, pa.timestamp("us", tz="UTC")),
         }
         if s.coded:
@@ -1515,6 +1524,27 @@ class FileMapper:
         for name in cols:
             if name not in const and name not in per_row and name not in ("unit_key", "row_index"):
                 cols[name].append((None, n))
+
+    def _repeats(self, key: tuple[int, int, int], t: np.ndarray) -> np.ndarray | None:
+        """For each sample, how many earlier samples of its group share its time (None when
+        none does: the usual, strictly increasing stream costs one comparison per sample).
+        Some devices write two values in one minute or one millisecond (PhysioNet urine,
+        Shimmer); without this they would share an observation id."""
+        last = self.last_time.get(key)
+        if len(t):
+            self.last_time[key] = (int(t[-1]), 0)
+        if len(t) == 0 or ((len(t) < 2 or bool((np.diff(t) > 0).all())) and (last is None or last[0] != t[0])):
+            return None
+        order = np.argsort(t, kind="stable")
+        st = t[order]
+        pos = np.arange(len(st))
+        start = np.maximum.accumulate(np.where(np.r_[True, st[1:] != st[:-1]], pos, 0))
+        counts = np.empty(len(t), np.int64)
+        counts[order] = pos - start
+        if last is not None:
+            counts[t == last[0]] += last[1] + 1
+        self.last_time[key] = (int(t[-1]), int(counts[-1]))
+        return counts if counts.any() else None
 
     @staticmethod
     def _window_precision(win: int) -> str:

@@ -234,6 +234,25 @@ def test_ids_are_deterministic_and_unique_per_sample():
     assert [r.content_hash for r in a.observations] == [r.content_hash for r in b.observations]
 
 
+@pytest.mark.parametrize("chunk_rows", [1_000_000, 3])
+def test_samples_sharing_a_time_get_their_own_ids(tmp_path, chunk_rows):
+    """Some devices write two values at one time (PhysioNet urine twice in a minute, Shimmer
+    repeated milliseconds); they shared an observation id. The first sample at a time keeps
+    the documented id, the next get `~<count>`: within a chunk in any order, and across a
+    chunk boundary that cuts a run of equal times; the same again on re-import."""
+    f = tmp_path / "vitals.csv"
+    times = ["00", "00", "01", "01", "02", "01"]  # with chunk_rows=3: "01" cut by the boundary, then out of order
+    f.write_text("time,patient_id,device_id,hr\n" + "".join(
+        f"2024-03-05T08:00:{t}Z,p1,m1,{80 + i}\n" for i, t in enumerate(times)))
+    runs = [run([f], format="twinline-vitals", chunk_rows=chunk_rows) for _ in range(2)]
+    assert len(runs[0].observations) == (2 if chunk_rows == 3 else 1)
+    ids = runs[0].obs.sort_by("value_number").column("observation_id").to_pylist()
+    assert ids == runs[1].obs.sort_by("value_number").column("observation_id").to_pylist()
+    assert len(set(ids)) == 6
+    assert all(re.fullmatch(r"[0-9a-f]{15}-[0-9a-f]{16}", i) for i in (ids[0], ids[2], ids[4]))
+    assert ids[1] == f"{ids[0]}~{1:016x}" and ids[3] == f"{ids[2]}~{1:016x}" and ids[5] == f"{ids[2]}~{2:016x}"
+
+
 def test_devices_and_patient_identifiers_are_reported_once():
     out = run([FIX / "linked" / "vitals.csv"])
     assert len(out.devices) == 1 and len(out.identifiers) == 1
