@@ -108,7 +108,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .imports import run_import
 
     options: dict[str, Any] = {"strict": args.strict}
-    for key in ("format", "patient_id", "device_id", "downsample", "patient_rule", "timezone"):
+    for key in ("format", "patient_id", "patient_system", "device_id", "downsample", "patient_rule", "timezone"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     if args.engine == "spark":  # docs/spark.md
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="csv: the mapping (mappings/devices/NAME.toml); default: recognised from each file")
     # these win over what a file says (mappings/devices/README.md): say so, a user relies on it
     imp.add_argument("--patient-id", metavar="ID", help="csv: the patient of every row (wins over ids in the files)")
+    imp.add_argument("--patient-system", metavar="URI",
+                     help="csv: the namespace of --patient-id (or of the files' patient ids), e.g. the hospital's MRN system")
     imp.add_argument("--device-id", metavar="ID", help="csv: the device of every row (wins over ids in the files)")
     imp.add_argument("--downsample", metavar="WINDOW",
                      help="csv: 1-minute mean/min/max per signal (e.g. 1min, 30s; 'raw' keeps every sample)")

@@ -1002,7 +1002,7 @@ class FileMapper:
     """
 
     def __init__(self, fmt: Format, kind: FileKind, ctx: FileContext, *, patient_id: str | None = None,
-                 device_id: str | None = None, window: int | None = None):
+                 patient_system: str | None = None, device_id: str | None = None, window: int | None = None):
         self.fmt, self.kind, self.ctx = fmt, kind, ctx
         self.window = window if window is not None else kind.downsample
         self.names = set(ctx.names)
@@ -1034,6 +1034,8 @@ class FileMapper:
             self._system_col = next((s.arg for s in fmt.patient.system if s.kind == "column"), None)
         else:
             self._system_col = None
+        if patient_system:  # the command line names the namespace: over the mapping's and the rows'
+            self.patient_system, self._system_col = patient_system, None
         self._derived: str | None = None
         self.tmeta: list[tuple[str | None, str | None]] = []
         self._tmeta_idx: dict[tuple[str | None, str | None], int] = {}

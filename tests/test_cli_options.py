@@ -52,7 +52,8 @@ def test_verbose_before_the_command_logs_at_debug(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("kind", "flag", "value"), [
-    ("fhir", "--patient-id", "p1"), ("fhir", "--format", "faros"), ("hl7v2", "--timezone", "UTC"),
+    ("fhir", "--patient-id", "p1"), ("hl7v2", "--patient-system", "urn:x"), ("fhir", "--format", "faros"),
+    ("hl7v2", "--timezone", "UTC"),
     ("csv", "--strict", None), ("dicom", "--downsample", "1min"), ("csv", "--patient-rule", "patient_id=x"),
 ])
 def test_an_option_of_another_kind_is_refused_not_ignored(tmp_path, capsys, kind, flag, value):

@@ -188,3 +188,22 @@ def test_a_source_option_of_another_kind_is_a_job_file_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_job(job)
     assert e.value.problems == ["source[0].patient_id: applies to csv sources, not fhir"]
+
+
+def test_a_device_source_names_the_namespace_of_its_patient(tmp_path):
+    """An Empatica export names no patient: the job gives the hospital's MRN and its system,
+    so the wristband's samples join the FHIR patient's twin."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'[[source]]\nname = "ehr"\nkind = "fhir"\npaths = ["{FIXTURES / "fhir" / "bundles"}"]\n\n'
+                   f'[[source]]\nname = "wrist"\nkind = "csv"\npaths = ["{FIXTURES / "devices" / "devicely" / "empatica"}"]\n'
+                   'patient_id = "cbc83bf2-c38e-4617-bc1d-f99fc86a80f0"\n'
+                   'patient_system = "http://hospital.smarthealthit.org"\n')
+    assert twin(["run", "--config", str(job), "--store", str(tmp_path / "s")]) in (0, 3)  # 3: the gate on samples
+    obs = Store(tmp_path / "s").read("observation", ["source", "twin_id"])
+    wrist = {t for s, t in zip(*(obs.column(c).to_pylist() for c in ("source", "twin_id")), strict=True) if s == "wrist"}
+    patients = Store(tmp_path / "s").read("patient_identifier", ["source", "system", "value", "twin_id"])
+    ehr = [r["twin_id"] for r in patients.to_pylist() if r["source"] == "ehr"
+           and r["value"] == "cbc83bf2-c38e-4617-bc1d-f99fc86a80f0"]
+    assert wrist == set(ehr) and len(set(ehr)) == 1
+    assert {(r["system"], r["value"]) for r in patients.to_pylist() if r["source"] == "wrist"} == \
+        {("http://hospital.smarthealthit.org", "cbc83bf2-c38e-4617-bc1d-f99fc86a80f0")}

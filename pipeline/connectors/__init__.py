@@ -112,7 +112,7 @@ CSV_CHUNK_LINES = 250_000
 def _csv_file(path: Path, options: dict[str, Any]) -> HashedRead:
     return HashedRead(path, lambda p: csv_files.read_csv_logs(
         [str(p)], format=options.get("format"), patient_id=options.get("patient_id"),
-        device_id=options.get("device_id"), downsample=options.get("downsample"), chunk_rows=CSV_CHUNK_LINES))
+        patient_system=options.get("patient_system"), device_id=options.get("device_id"), downsample=options.get("downsample"), chunk_rows=CSV_CHUNK_LINES))
 
 
 # In a folder walk, files with these suffixes are taken as device logs (named directly,
@@ -149,7 +149,7 @@ FILE_CONNECTORS: dict[str, FileConnector] = {
     "csv": FileConnector("csv", "device logs (monitors, wearables), one mapping file per vendor format",
                          _csv_accept, read_file=_csv_file,
                          check=lambda files, o: csv_files.find_logs(files, o.get("format")),
-                         options=("format", "patient_id", "device_id", "downsample")),
+                         options=("format", "patient_id", "patient_system", "device_id", "downsample")),
     # DICOM groups the instances of a study from many files: the whole input is read each time
     "dicom": FileConnector("dicom", "DICOM files and folders (metadata only, DICOMDIR included)",
                            lambda p: True, read_all=_dicom_all, check=_dicom_check,

@@ -72,14 +72,15 @@ _SEP_RE = re.compile(r'^"?sep=(.)"?\s*$')
 
 
 def read_csv_logs(paths: list[str], *, format: str | None = None, patient_id: str | None = None,
-                  device_id: str | None = None, downsample: str | None = None,
+                  patient_system: str | None = None, device_id: str | None = None, downsample: str | None = None,
                   chunk_rows: int = 1_000_000) -> Iterator[Rows | Rejected]:
     """Yield observation, device and patient_identifier rows for device CSV files and folders.
 
     `format` names a mapping (mappings/devices/*.toml); without it each file's format is
     recognised by its name and first lines, and a file that fits none or several is a
     usage error listing the candidates (raised before anything is read). `patient_id`
-    and `device_id` override what the mapping finds in the files. `downsample` ("1min",
+    and `device_id` override what the mapping finds in the files; `patient_system`, the
+    namespace written with the patient id (so that it links to the hospital's records). `downsample` ("1min",
     "30s", or "raw") overrides the mapping's window; the raw stream is the default.
     """
     formats = load_formats()
@@ -96,7 +97,8 @@ def read_csv_logs(paths: list[str], *, format: str | None = None, patient_id: st
         if kind.skip:
             log.info("%s: %s/%s is not mapped (%s)", path, kind.format, kind.kind, kind.skip)
             continue
-        yield from _read_file(path, fmt, kind, patient_id=patient_id, device_id=device_id, window=window,
+        yield from _read_file(path, fmt, kind, patient_id=patient_id, patient_system=patient_system,
+                              device_id=device_id, window=window,
                               force_raw=force_raw, chunk_rows=chunk_rows, seen_devices=seen_devices)
 
 
@@ -250,8 +252,9 @@ class _Digest:
         return self._value
 
 
-def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | None, device_id: str | None,
-               window: int | None, force_raw: bool, chunk_rows: int, seen_devices: set[str]) -> Iterator[Rows | Rejected]:
+def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | None, patient_system: str | None,
+               device_id: str | None, window: int | None, force_raw: bool, chunk_rows: int,
+               seen_devices: set[str]) -> Iterator[Rows | Rejected]:
     ref = str(path)
     try:
         st = os.stat(path)
@@ -267,7 +270,8 @@ def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | Non
         digest = _Digest(path)
         pre = _Preamble(path, kind)
         ctx = FileContext(path, digest, pre.lines, pre.raw_names, pre.names, pre.units)
-        mapper = FileMapper(fmt, kind, ctx, patient_id=patient_id, device_id=device_id, window=window)
+        mapper = FileMapper(fmt, kind, ctx, patient_id=patient_id, patient_system=patient_system, device_id=device_id,
+                            window=window)
         if force_raw:
             mapper.window = None
     except OSError as e:
@@ -289,7 +293,8 @@ def _read_file(path: Path, fmt: Format, kind: FileKind, *, patient_id: str | Non
         if in_chunk == 0 and not (final and mapper.carry):
             return
         sha = digest()
-        content = short_hash(sha, fmt.digest, kind.kind, str(mapper.window), patient_id or "", device_id or "")
+        content = short_hash(sha, fmt.digest, kind.kind, str(mapper.window), patient_id or "", device_id or "",
+                             *([patient_system] if patient_system else []))
         table = mapper.take_chunk(f"{STREAM_UNIT_PREFIX}{sha}:{chunk_no}", final)
         lines = reader.lines_of(np.array([first_row or 0, last_row]))
         span = f"{ref}:{lines[0]}-{lines[1]}" if in_chunk else ref
