@@ -925,7 +925,6 @@ def _column(parts: list[pa.Array | tuple[Any, int]], typ: pa.DataType) -> pa.Chu
     return pa.chunked_array(chunks, typ)
 
 
-
 @functools.cache
 def output_schema(table: str) -> pa.Schema:
     """The table's own columns (types from schemas/twin-v1.json) plus unit_key and row_index."""
@@ -1446,8 +1445,8 @@ class FileMapper:
         cols["row_index"] = [pa.array(np.arange(total, dtype=np.int32))]
         return pa.table({name: _column(cols[name] or [(None, total)], types[name]) for name in types})
 
-    def _group_columns(self, key: tuple[int, int, int], g: _Group, n: int, cols: dict[str, list[pa.Array]],
-                       types: dict[str, pa.DataType]) -> None:
+    def _group_columns(self, key: tuple[int, int, int], g: _Group, n: int,
+                       cols: dict[str, list[pa.Array | tuple[Any, int]]], types: dict[str, pa.DataType]) -> None:
         sig_i, pi, di = key
         s = self.signals[sig_i]
         t = np.concatenate(g.times)
