@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .connectors import FILE_CONNECTORS
+from .connectors import FILE_CONNECTORS, FILE_OPTIONS
 from .errors import ConfigError, Exit, TwinlineError
 from .store import Store, default_store_path
 
@@ -107,8 +107,8 @@ def _privacy(args: argparse.Namespace, source: str):
 def cmd_import(args: argparse.Namespace) -> int:
     from .imports import run_import
 
-    options: dict[str, Any] = {"strict": args.strict}
-    for key in ("format", "patient_id", "patient_system", "device_id", "downsample", "patient_rule", "timezone"):
+    options: dict[str, Any] = {}
+    for key in FILE_OPTIONS:
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     if args.engine == "spark":  # docs/spark.md

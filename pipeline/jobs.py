@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .connectors import FILE_CONNECTORS, kinds_taking
+from .connectors import FILE_CONNECTORS, FILE_OPTIONS, kinds_taking
 from .errors import ConfigError, Exit, SourceUnavailable
 from .imports import fetch_fhir_into, finish_run, import_files
 from .runs import Run
@@ -98,8 +98,7 @@ class _Check:
         return p
 
 
-_FILE_SOURCE_KEYS = {"name", "kind", "paths", "reprocess", "privacy", "format", "patient_id", "patient_system",
-                     "device_id", "downsample", "patient_rule", "timezone", "strict"}
+_FILE_SOURCE_KEYS = {"name", "kind", "paths", "reprocess", "privacy", *FILE_OPTIONS}
 _SERVER_KEYS = {"name", "kind", "base_url", "types", "since", "bulk", "group", "patient", "count", "timeout",
                 "retries", "rate_limit", "verify_tls", "allowed_origin", "auth", "privacy"}
 _AUTH_KEYS = {"kind", "token_env", "token_file", "username", "password_env", "password_file", "client_id",
@@ -153,7 +152,7 @@ def parse_job(raw: dict[str, Any], path: Path) -> JobSpec:
                     resolved.append(c.file(f"{at}.paths[{j}]", p))
             opts = {"paths": resolved, "reprocess": c.typed(at, s, "reprocess", (bool,), default=False),
                     "strict": c.typed(at, s, "strict", (bool,), default=False)}
-            for key in ("format", "patient_id", "patient_system", "device_id", "downsample", "patient_rule", "timezone"):
+            for key in (k for k in FILE_OPTIONS if k != "strict"):  # the others are text
                 v = c.typed(at, s, key, (str,))
                 if v is not None:
                     opts[key] = v

@@ -157,6 +157,10 @@ FILE_CONNECTORS: dict[str, FileConnector] = {
 }
 
 
+# Every option some kind takes: the `twin import` flags and job source keys, named once.
+FILE_OPTIONS = tuple(dict.fromkeys(o for c in FILE_CONNECTORS.values() for o in c.options))
+
+
 def kinds_taking(option: str) -> str:
     """The kinds whose imports take `option` ("csv", "csv and dicom"), for refusal messages."""
     return " and ".join(k for k, c in sorted(FILE_CONNECTORS.items()) if option in c.options)

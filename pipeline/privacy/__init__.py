@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from ..schema import TIMESTAMP, load_schema
 from ..units import Rejected, Resource, Rows
 from .deid import Deidentifier, load_profile
 from .pseudonym import Pseudonymiser, pseudonym, pseudonym_id
+from .reshift import floor_instants
 
 PROFILES = ("pseudonymise", "deid")
 
@@ -172,7 +172,6 @@ class PrivacyHooks:
             idx, uniq = distinct_codes(pids)
             days = [self.deidentifier.shift_for(twin_of(p) if twin_of is not None else p) for p in uniq.to_pylist()]
             per_row = pc.take(pa.array([d * 86_400_000_000 for d in days], pa.int64()), idx)
-        floor = pa.scalar(datetime(self.deidentifier.today.year - 90, 1, 1, tzinfo=UTC), TIMESTAMP)
         for col in table.temporal:
             if col not in data.column_names:
                 continue
@@ -182,8 +181,8 @@ class PrivacyHooks:
                 shifted = pc.cast(pc.add(pc.cast(ts, pa.int64()), per_row), TIMESTAMP)
                 new = pc.if_else(to_year, new, shifted)
             # Safe Harbor (C), as for FHIR dates: no year older than the over-89 group's
-            early = pc.fill_null(pc.less(new, floor), False)
-            data = data.set_column(data.column_names.index(col), col, pc.if_else(early, floor, new))
+            new, early = floor_instants(new, self.deidentifier.floor_year)
+            data = data.set_column(data.column_names.index(col), col, new)
             prec = f"{col}_precision"
             if prec in data.column_names:
                 data = data.set_column(data.column_names.index(prec), prec,

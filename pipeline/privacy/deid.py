@@ -138,6 +138,12 @@ class Deidentifier:
         self.profile = profile
         self.today = today or utc_now().date()
 
+    @property
+    def floor_year(self) -> int:
+        """Safe Harbor (C): the birth year of a 90-year-old. Every age over 89 is one group,
+        and no de-identified date keeps an older year (it would tell the age)."""
+        return self.today.year - 90
+
     def resource(self, res: dict[str, Any], full_urls: Mapping[str, str] | None = None,
                  twin_of: Callable[[str], str] | None = None) -> dict[str, Any] | None:
         """None when the profile does not list the resource type (it is then not kept).
@@ -225,7 +231,7 @@ class _Context:
             return uid_pseudonym(v)
         if action == "zip3":
             return zip3(v, self.deid.profile.restricted_zip3)
-        floor = self.deid.today.year - 90
+        floor = self.deid.floor_year
         if action == "birth-date" and over_89(v, self.res, self.deid.today):
             return str(floor)  # Safe Harbor (C): every age over 89 is one group, "90+"
         out = generalise_date(v, self.shift)

@@ -63,7 +63,7 @@ def reshift(store, moves: Iterable[Move]) -> int:
         days = {m.patient_id: deid.shift_for(m.new_twin) - deid.shift_for(m.old_twin) for m in ms}
         days = {p: d for p, d in days.items() if d}
         if days:
-            rewritten += _reshift_source(store, source, days, deid.today.year - 90)
+            rewritten += _reshift_source(store, source, days, deid.floor_year)
     return rewritten
 
 
@@ -112,10 +112,16 @@ def _shift_column(ts: pa.ChunkedArray, prec: pa.ChunkedArray, row_days: pa.Array
                 continue
             values[i] = parse_fhir_datetime(generalise_date(text, shifts[i]))[0]
         moved = pa.array(values, TIMESTAMP)
-    floor = pa.scalar(datetime(floor_year, 1, 1, tzinfo=UTC), TIMESTAMP)
-    early = pc.fill_null(pc.less(moved, floor), False)
-    moved = pc.if_else(early, floor, moved)
+    moved, early = floor_instants(moved, floor_year)
     return moved, pc.if_else(early, pa.scalar("year"), prec)
+
+
+def floor_instants(ts: pa.Array | pa.ChunkedArray, floor_year: int) -> tuple[pa.Array, pa.Array]:
+    """Instants before January 1st of `floor_year` set to it (Deidentifier.floor_year), and
+    which ones were: their precision becomes the year."""
+    floor = pa.scalar(datetime(floor_year, 1, 1, tzinfo=UTC), TIMESTAMP)
+    early = pc.fill_null(pc.less(ts, floor), False)
+    return pc.if_else(early, floor, ts), early
 
 
 def _shift_strings(values: pa.ChunkedArray, types: pa.ChunkedArray, row_days: pa.Array, floor_year: int) -> pa.Array:
