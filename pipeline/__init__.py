@@ -5,3 +5,7 @@ Stages exchange the small value types in `pipeline.units`.
 """
 
 __version__ = "0.1.0"
+
+from . import compiled
+
+compiled.install()  # before any other submodule: a stale compiled module must not load

@@ -1,0 +1,86 @@
+"""Which hot-path modules run compiled, and never a compiled module older than its source.
+
+setup.py may compile some modules with Cython (unchanged Python source, built beside it
+as .so files) and record the SHA-256 of each source in `_compiled.json`. Python's import
+system prefers a .so to a .py of the same name, so an edited source would silently lose
+to the stale build. `install()` puts a finder in front: a module whose source no longer
+matches the recorded hash, or every module when TWINLINE_PURE_PYTHON is set, is loaded
+from its .py. Nothing changes for modules that were not compiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PACKAGE = Path(__file__).resolve().parent
+MANIFEST = PACKAGE / "_compiled.json"
+PURE_ENV = "TWINLINE_PURE_PYTHON"
+
+
+def _built() -> dict[str, str]:
+    try:
+        data = json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class _SourceWhenStale(importlib.abc.MetaPathFinder):
+    def __init__(self, built: dict[str, str], pure: bool):
+        self.built = built
+        self.pure = pure
+        self.stale: list[str] = []
+
+    def find_spec(self, fullname, path=None, target=None):
+        digest = self.built.get(fullname)
+        if digest is None:
+            return None
+        source = PACKAGE.joinpath(*fullname.split(".")[1:]).with_suffix(".py")
+        if not self.pure:
+            try:
+                if hashlib.sha256(source.read_bytes()).hexdigest() == digest:
+                    return None  # the build is current: the normal finders take the .so
+            except OSError:
+                return None
+            self.stale.append(fullname)
+            log.warning("%s changed since it was compiled: running its source (pip install -e . rebuilds it)",
+                        source.name)
+        loader = importlib.machinery.SourceFileLoader(fullname, str(source))
+        return importlib.util.spec_from_file_location(fullname, source, loader=loader)
+
+
+_finder: _SourceWhenStale | None = None
+
+
+def install() -> None:
+    """Called by pipeline/__init__.py before any other submodule is imported."""
+    global _finder
+    built = _built()
+    if not built or _finder is not None:
+        return
+    _finder = _SourceWhenStale(built, bool(os.environ.get(PURE_ENV)))
+    sys.meta_path.insert(0, _finder)
+
+
+def status() -> dict[str, str]:
+    """Each module setup.py can compile: 'compiled', 'source' (not built, stale, or pure
+    mode asked for) or 'not loaded'. For benchmarks and `twin status -v`, which must say
+    what they measured."""
+    out = {}
+    for name in sorted(_built()):
+        mod = sys.modules.get(name)
+        if mod is None:
+            out[name] = "not loaded"
+        else:
+            out[name] = "source" if (getattr(mod, "__file__", "") or "").endswith(".py") else "compiled"
+    return out
