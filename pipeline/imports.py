@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from .connectors import FILE_CONNECTORS, FileConnector, kinds_taking
 from .errors import ConfigError
 from .identity import TwinIds, relink, stored_links
-from .ingest import Ingest, ViewSet, fewer_collections
+from .ingest import Ingest, ViewSet, collect_at_flushes
 from .paths import safe_name
 from .runs import Run
 from .store import Store
@@ -95,6 +95,7 @@ def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: 
     return run
 
 
+@collect_at_flushes()  # linking builds as many small objects as a batch
 def finish_run(store: Store, run: Run) -> None:
     """The end of every writing run: link identities, record the run, commit.
 
@@ -112,7 +113,7 @@ def finish_run(store: Store, run: Run) -> None:
     store.commit(run.run_id)
 
 
-@fewer_collections()
+@collect_at_flushes()
 def import_files(store: Store, run: Run, kind: str, paths: list[Path], *, source: str | None = None,
                  options: dict[str, Any] | None = None, reprocess: bool = False, flush_rows: int = 50_000,
                  progress: Callable[[FileProgress], None] | None = None, hooks: PrivacyHooks | None = None) -> None:
@@ -263,7 +264,7 @@ def fetch_watermark_key(source: str, options: Any) -> str:
     return " ".join([f"{source}@{options.base_url}", *scope])
 
 
-@fewer_collections()
+@collect_at_flushes()
 def fetch_fhir_into(store: Store, run: Run, options: Any, *, source: str = "fhir", flush_rows: int = 50_000,
                     hooks: PrivacyHooks | None = None):
     """Feed a FHIR server's resources into `run`; returns the fetch, whose `finished()`
@@ -315,7 +316,7 @@ def run_fetch_fhir(store: Store, options: Any, *, source: str = "fhir", flush_ro
     return run
 
 
-@fewer_collections()
+@collect_at_flushes()
 def fetch_dicomweb_into(store: Store, run: Run, base_url: str, *, source: str = "dicomweb",
                        since: Any = None, headers: dict[str, str] | None = None, options: dict[str, Any] | None = None,
                        flush_rows: int = 50_000, hooks: PrivacyHooks | None = None) -> None:

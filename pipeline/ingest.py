@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .arrays import constant, distinct_codes, map_values, runs_column
 from .errors import ConfigError
@@ -237,14 +238,11 @@ def unit_version(resource: dict[str, Any]) -> str | None:
 
 
 def _digest(rows: list[list[Any]]) -> str:
-    return hashlib.blake2b(orjson.dumps(rows, option=orjson.OPT_PASSTHROUGH_DATETIME, default=_iso),
-                           digest_size=16).hexdigest()
-
-
-def _iso(v: Any) -> str:
-    if isinstance(v, datetime):
-        return v.isoformat()
-    raise TypeError
+    """The content hash of a unit's rows in one table: what tells a changed unit from an
+    unchanged one on the next import, so its bytes must not change between versions.
+    orjson writes the rows' datetimes (timezone.utc) exactly as datetime.isoformat(),
+    which earlier versions called for each one (tests/test_store_key.py pins it)."""
+    return hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -256,6 +254,27 @@ class Mapped:
     source_ref: str
     tables: dict[str, list[list[Any]]]
     create_only: bool = False  # Resource.create_only
+
+
+class TableBatch:
+    """The rows one flush writes to one table, gathered unit by unit, and what each unit's
+    rows share (kept once per unit: Ingest._to_arrow spreads it)."""
+
+    __slots__ = ("rows", "owners", "counts")
+
+    def __init__(self) -> None:
+        self.rows: list[list[Any]] = []
+        self.owners: list[tuple[str, str, str | None, str]] = []  # (source_ref, unit key, version, hash)
+        self.counts: list[int] = []
+
+    def add(self, m: Mapped, rows: list[list[Any]]) -> str:
+        """Take one unit's rows for this table; returns their content hash."""
+        digest = _digest(rows)
+        if rows:
+            self.rows.extend(rows)
+            self.owners.append((m.source_ref, m.key, m.version, digest))
+            self.counts.append(len(rows))
+        return digest
 
 
 # Column transforms (pseudonymisation of configured columns) replace one typed value by another.
@@ -506,31 +525,17 @@ class Ingest:
             table = self.store.schema.table(table_name)
             covered = self.views.types_of_table[table_name]
             units: dict[str, tuple[str | None, str, int]] = {}
-            rows: list[list[Any]] = []
-            refs: list[str] = []
-            ukeys: list[str] = []
-            vers: list[str | None] = []
-            hashes: list[str] = []
-            idx: list[int] = []
+            batch = TableBatch()
             for key, p in per_table[table_name]:
                 trows = p.tables.get(table_name, [])
-                digest = _digest(trows)
-                units[key] = (p.version, digest, len(trows))
-                n = len(trows)
-                if n:
-                    rows.extend(trows)
-                    refs.extend([p.source_ref] * n)
-                    ukeys.extend([key] * n)
-                    vers.extend([p.version] * n)
-                    hashes.extend([digest] * n)
-                    idx.extend(range(n))
+                units[key] = (p.version, batch.add(p, trows), len(trows))
             dels = [k for k in deletions if k.split("/", 1)[0] in covered]
             if dels:
                 n = self.store.delete_units(table_name, self.source, dels)
                 self.run.rows[table_name]["deleted_units"] += n
             if not units:
                 continue
-            data = self._to_arrow(table, rows, refs, ukeys, vers, hashes, idx, now)
+            data = self._to_arrow(table, batch, now)
             stats = self.store.upsert_units(table_name, self.source, data, units,
                                             keep_stored={k for k, p in per_table[table_name] if p.create_only})
             for k, outcome in stats.outcome.items():
@@ -547,29 +552,45 @@ class Ingest:
         self.counts.deleted += len(deletions)
         self._flush_identifiers(now)
         self.run.flush_quarantine()
+        del pending, per_table
+        if _paused:
+            gc.collect()  # the one collection per batch that collect_at_flushes() leaves
         release_memory()
         if self.on_flush:
             self.on_flush()
 
-    def _to_arrow(self, table: Table, rows, refs, ukeys, vers, hashes, idx, now) -> pa.Table:
+    def _to_arrow(self, table: Table, batch: TableBatch, now: datetime) -> pa.Table:
+        """The batch's rows with their provenance, as the table's Arrow columns.
+
+        What is the same for every row of a unit (locator, key, version, hash) is kept
+        once per unit and spread by index (`take`), what is the same for the whole
+        batch once: no Python list of one value per row for the provenance columns.
+        """
+        rows = batch.rows
         n = len(rows)
         cols = list(zip(*rows, strict=True)) if rows else [()] * len(table.own_columns)
-        arrays: dict[str, pa.Array] = {}
+        arrays: dict[str, Any] = {}
         for name, values in zip(table.own_columns, cols, strict=True):
             arrays[name] = pa.array(values, table.by_name[name].arrow)
         pcol = table.patient_column
-        if pcol:
-            arrays["twin_id"] = pa.array(self.twin_ids.many(self.source, arrays[pcol].to_pylist()), pa.string())
+        if pcol:  # a twin id per distinct patient, not per row
+            idx, pids = distinct_codes(arrays[pcol])
+            twins = pa.array(self.twin_ids.many(self.source, pids.to_pylist()), pa.string())
+            arrays["twin_id"] = pc.take(twins, idx)
         else:
             arrays["twin_id"] = pa.nulls(n, pa.string())
-        arrays["source"] = pa.array([self.source] * n, pa.string())
-        arrays["source_ref"] = pa.array(refs, pa.string())
-        arrays["run_id"] = pa.array([self.run.run_id] * n, pa.string())
-        arrays["ingested_at"] = pa.array([now] * n, TIMESTAMP)
-        arrays["unit_key"] = pa.array(ukeys, pa.string())
-        arrays["unit_version"] = pa.array(vers, pa.string())
-        arrays["row_index"] = pa.array(idx, pa.int32())
-        arrays["content_hash"] = pa.array(hashes, pa.string())
+        counts = np.asarray(batch.counts, np.int64)
+        owner = pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts))
+        refs, keys, versions, hashes = zip(*batch.owners, strict=True) if batch.owners else ((), (), (), ())
+        arrays["source_ref"] = pa.array(refs, pa.string()).take(owner)
+        arrays["unit_key"] = pa.array(keys, pa.string()).take(owner)
+        arrays["unit_version"] = pa.array(versions, pa.string()).take(owner)
+        arrays["content_hash"] = pa.array(hashes, pa.string()).take(owner)
+        starts = np.cumsum(counts) - counts
+        arrays["row_index"] = pa.array((np.arange(n, dtype=np.int64) - np.repeat(starts, counts)).astype(np.int32))
+        arrays["source"] = pa.repeat(pa.scalar(self.source, pa.string()), n)
+        arrays["run_id"] = pa.repeat(pa.scalar(self.run.run_id, pa.string()), n)
+        arrays["ingested_at"] = pa.repeat(pa.scalar(now, TIMESTAMP), n)
         return pa.table([arrays[c.name] for c in table.columns], names=[c.name for c in table.columns])
 
     def _flush_identifiers(self, now: datetime) -> None:
@@ -624,23 +645,34 @@ class Ingest:
             self.resolver.unresolved = {}
 
 
+_paused = 0  # depth of collect_at_flushes() scopes
+
+
 @contextmanager
-def fewer_collections(young: int = 20_000) -> Iterator[None]:
-    """Run the cyclic garbage collector less often while units are fed.
+def collect_at_flushes() -> Iterator[None]:
+    """Pause the cyclic garbage collector while units are fed; each flush collects.
 
     An ingest allocates millions of small containers (resources, rows) and keeps up to
-    `flush_rows` rows alive until a flush. With CPython's default threshold (700) each
-    few hundred allocations start a collection, and the full ones walk every live
-    object: 14% of an HL7 v2 import (bench/RESULTS.md). Almost nothing here forms a
-    cycle; reference counting frees it. Collections still run, every `young`
-    allocations; the old thresholds come back on exit.
+    `flush_rows` rows alive until a flush. The collector, started every few hundred (or
+    thousand) allocations, walks the young ones and now and then every live object,
+    pending rows included: 14% of an HL7 v2 import with CPython's default threshold,
+    still 9% with a threshold of 20,000 (bench/RESULTS.md). Almost nothing here forms a
+    cycle: reference counting frees it. So within the scope the collector runs once per
+    flush, after the batch is dropped, when little is alive; memory
+    stays bounded by one batch, as before. Process-wide, like any GC setting: threads
+    running beside an import (the MLLP listener's) have their cycles collected at the
+    next flush.
     """
-    old = gc.get_threshold()
-    gc.set_threshold(max(young, old[0]), *old[1:])
+    global _paused
+    was = gc.isenabled()
+    gc.disable()
+    _paused += 1
     try:
         yield
     finally:
-        gc.set_threshold(*old)
+        _paused -= 1
+        if was:
+            gc.enable()
 
 
 def release_memory() -> None:

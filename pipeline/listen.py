@@ -29,7 +29,7 @@ from .errors import ConfigError, LockHeld
 from .hl7v2_fhir import map_message
 from .identity import TwinIds, stored_links
 from .imports import finish_run
-from .ingest import Ingest, ViewSet, fewer_collections
+from .ingest import Ingest, ViewSet, collect_at_flushes
 from .paths import safe_name
 from .runs import Run
 from .store import Store
@@ -139,7 +139,7 @@ class Drainer:
         self.stats = ListenStats()
         self.views = ViewSet(store.schema)
 
-    @fewer_collections()
+    @collect_at_flushes()
     def drain(self) -> bool:
         """Drain what is sealed; False if the store's lock is held by another process."""
         self.spool.seal()

@@ -162,6 +162,21 @@ def test_reimport_changes_nothing(tmp_path):
     assert {t: snapshot(store, t) for t in before} == before
 
 
+
+def test_the_content_hash_of_rows_is_the_one_earlier_versions_stored():
+    """A store written by an earlier version must see unchanged units as unchanged: the
+    hash (blake2b-128 of the rows as JSON, datetimes as isoformat()) may not drift."""
+    from datetime import UTC, datetime
+
+    from pipeline.ingest import _digest
+
+    rows = [["Observation/1", "p1", datetime(2024, 3, 13, 18, 3, tzinfo=UTC), "second", 60, 5.8, None, True,
+             ["a", "b"]],
+            ["x", None, datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), None, None, 0.1, "mmol/L",
+             False, []]]
+    assert _digest(rows) == "aa24c1e559528b03f4cbc8a3b38754ae"
+    assert _digest([]) == "7ebb3c7c2a87b1a2f8a7ed729ecb040d"
+
 def _obs(value, updated=None, version=None, components=0):
     r = {"resourceType": "Observation", "id": "o1", "status": "final",
          "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},

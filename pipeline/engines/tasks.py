@@ -36,7 +36,7 @@ from ..connectors import FILE_CONNECTORS
 from ..connectors.fhir_files import DEFAULT_LIMITS, Limits
 from ..fhir import DIRECTORY_TYPES
 from ..identity import TwinIds
-from ..ingest import Ingest, Mapped, ResourceMapper, ViewSet, _digest
+from ..ingest import Ingest, Mapped, ResourceMapper, TableBatch, ViewSet
 from ..keys import key_fingerprint
 from ..references import IdentifierIndex, Resolver, identifiers_of
 from ..schema import load_schema
@@ -164,28 +164,19 @@ def _mapper(ctx: ImportContext) -> tuple[ResourceMapper, ViewSet, TwinIds]:
     return made
 
 
-class _TableRows:
-    """Rows of one table, gathered per unit, as Ingest.flush gathers them."""
+class _TableRows(TableBatch):
+    """Rows of one table, gathered per unit as Ingest.flush gathers them, with the
+    sequence number of each row's unit."""
+
+    __slots__ = ("seqs",)
 
     def __init__(self) -> None:
-        self.rows: list[list[Any]] = []
-        self.refs: list[str] = []
-        self.ukeys: list[str] = []
-        self.vers: list[str | None] = []
-        self.hashes: list[str] = []
-        self.idx: list[int] = []
+        super().__init__()
         self.seqs: list[int] = []
 
-    def add(self, m: Mapped, trows: list[list[Any]], seq: int) -> None:
-        digest = _digest(trows)
-        for i, r in enumerate(trows):
-            self.rows.append(r)
-            self.refs.append(m.source_ref)
-            self.ukeys.append(m.key)
-            self.vers.append(m.version)
-            self.hashes.append(digest)
-            self.idx.append(i)
-            self.seqs.append(seq)
+    def add(self, m: Mapped, rows: list[list[Any]], seq: int = 0) -> str:  # type: ignore[override]
+        self.seqs.extend([seq] * len(rows))
+        return super().add(m, rows)
 
 
 def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
@@ -239,7 +230,7 @@ def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
     staged = {}
     for tname, t in tables.items():
         table = schema.table(tname)
-        data = Ingest._to_arrow(shim, table, t.rows, t.refs, t.ukeys, t.vers, t.hashes, t.idx, ctx.now)  # type: ignore[arg-type]
+        data = Ingest._to_arrow(shim, table, t, ctx.now)  # type: ignore[arg-type]
         staged[tname] = _stage(ctx, part, tname, data.append_column("_seq", pa.array(t.seqs, pa.int64())))
     for i, r in rows_units:
         staged[f"_rows{i}"] = _stage(ctx, part, f"_rows{i}", r.data)
