@@ -1,10 +1,13 @@
-"""Benchmark: HL7 v2 end to end (parse, map to FHIR, views, Delta store) beside the bare parsers.
+"""Benchmark: HL7 v2 end to end (parse, map to FHIR, views, Delta store) beside the bare parser.
 
 Writes a file of N generated messages (the ORU/ADT mix of bench/hl7v2.py), then, each in
-its own process pinned to one core: python-hl7's `hl7.parse` of every message (the
-baseline), and `twin import hl7v2` of the file into a fresh store.
+its own process pinned to one core and in turns for --rounds rounds (the machine is
+shared: compare within a round): python-hl7's `hl7.parse` of every message (the
+baseline); `twin import hl7v2` of the file into a fresh store as installed (the modules
+setup.py compiles, compiled); and the same with TWINLINE_PURE_PYTHON=1 (every module
+from its source).
 
-    python bench/hl7v2_e2e.py --messages 20000
+    python bench/hl7v2_e2e.py --messages 20000 --rounds 3
 """
 
 from __future__ import annotations
@@ -33,33 +36,44 @@ print(json.dumps({"seconds": time.perf_counter() - t, "messages": len(msgs)}))
 OURS = r"""
 import sys, time, json, resource
 sys.path.insert(0, sys.argv[3])
+from pipeline import compiled
 from pipeline.imports import run_import
 from pipeline.store import Store
 t = time.perf_counter()
 run = run_import(Store(sys.argv[2]), "hl7v2", [sys.argv[1]])
 c = run.counts["hl7v2"]
+modes = list(compiled.status().values())
 print(json.dumps({"seconds": time.perf_counter() - t, "units": c.read, "quarantined": c.quarantined,
+                  "compiled": f"{modes.count('compiled')} of {len(modes)} modules compiled",
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=1)
     a = ap.parse_args()
     msgs = corpus(a.messages)
+    n = len(msgs)
+    print("| round | python-hl7 parse | twin import hl7v2, compiled | x python-hl7 | same, from source | x python-hl7 "
+          "| compiled speed-up | peak RSS compiled / source |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         mllp = Path(tmp, "feed.mllp")
         mllp.write_bytes(b"".join(b"\x0b" + m + b"\x1c\r" for m in msgs))
-        base = run(BASELINE, str(mllp))
-        ours = run(OURS, str(mllp), str(Path(tmp, "store")), str(REPO))
-    n = len(msgs)
-    print(f"| {n:,} messages ({ours['units']:,} units: resources and rejected messages) | "
-          f"python-hl7 parse {n / base['seconds']:,.0f} msg/s | twin import hl7v2 end to end "
-          f"{n / ours['seconds']:,.0f} msg/s ({ours['seconds']:.1f} s, {ours['quarantined']} quarantined) | "
-          f"ratio {base['seconds'] / ours['seconds']:.2f} | peak RSS {ours['rss_mb']:.0f} MB |")
+        for r in range(1, a.rounds + 1):
+            base = run(BASELINE, str(mllp))
+            fast = run(OURS, str(mllp), str(Path(tmp, f"store-c{r}")), str(REPO))
+            slow = run(OURS, str(mllp), str(Path(tmp, f"store-s{r}")), str(REPO),
+                       extra_env={"TWINLINE_PURE_PYTHON": "1"})
+            print(f"| {r} | {n / base['seconds']:,.0f} msg/s | {n / fast['seconds']:,.0f} msg/s "
+                  f"({fast['seconds']:.1f} s; {fast['compiled']}) | {base['seconds'] / fast['seconds']:.2f} | "
+                  f"{n / slow['seconds']:,.0f} msg/s | {base['seconds'] / slow['seconds']:.2f} | "
+                  f"{slow['seconds'] / fast['seconds']:.2f}x | {fast['rss_mb']:.0f} / {slow['rss_mb']:.0f} MB |",
+                  flush=True)
+    print(f"{n:,} messages, {fast['units']:,} units (resources and refused messages), "
+          f"{fast['quarantined']} quarantined")
 
 
 if __name__ == "__main__":

@@ -47,9 +47,10 @@ print(json.dumps({"seconds": time.perf_counter() - t, "resources": c.read, "writ
 """
 
 
-def run(code: str, *args: str) -> dict:
+def run(code: str, *args: str, extra_env: dict[str, str] | None = None) -> dict:
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    env = {"TWIN_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "TWIN_KEY": "benchmark-key-benchmark-key"}
+    env = {"TWIN_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin", "TWIN_KEY": "benchmark-key-benchmark-key",
+           **(extra_env or {})}
     out = subprocess.run([*pin, sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

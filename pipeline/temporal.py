@@ -9,6 +9,7 @@ lost (ARCHITECTURE.md, "Column names are snake_case...").
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from .errors import ConfigError
@@ -29,6 +30,13 @@ def parse_fhir_datetime(text: Any) -> tuple[datetime, str, str | None]:
     """
     if not isinstance(text, str):
         raise BadTemporal(f"expected a date or dateTime string, got {type(text).__name__}")
+    return _parse(text)
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> tuple[datetime, str, str | None]:
+    """Cached: a message repeats its times (every OBX of an ORU its OBX-14, the OBR its
+    OBR-7), and the result is immutable. Refusals are not cached (they raise)."""
     n = len(text)
     try:
         if n == 4:
