@@ -53,6 +53,8 @@ class OptionalBuildExt(build_ext):
         except Exception as e:  # no compiler, no headers, a compiler error: pure Python still works
             _say(f"twinline: compiling the accelerated modules failed ({type(e).__name__}: {e}); "
                  "installing pure Python (correct, about 1.4x slower on HL7 v2 and FHIR imports)")
+            for ext in self.extensions:  # none half-built: a build without its manifest would never be checked
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             return
         built = {ext.name: hashlib.sha256(_source(ext.name).read_bytes()).hexdigest() for ext in self.extensions}
         package_dir = Path(self.get_ext_fullpath("pipeline.x")).parent
