@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, compiled
 from .connectors import FILE_CONNECTORS, FILE_OPTIONS
 from .errors import ConfigError, Exit, TwinlineError
 from .store import Store, default_store_path
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="twin", description="Twinline: patient digital twins from hospital data.",
                                 parents=[top])
-    p.add_argument("--version", action="version", version=f"twinline {__version__}")
+    p.add_argument("--version", action="version", version=f"twinline {__version__} ({compiled.describe()})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     imp = sub.add_parser("import", parents=[common, engine, privacy], help="import files and folders",

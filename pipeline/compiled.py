@@ -45,18 +45,27 @@ class _SourceWhenStale(importlib.abc.MetaPathFinder):
         digest = self.built.get(fullname)
         if digest is None:
             return None
-        source = PACKAGE.joinpath(*fullname.split(".")[1:]).with_suffix(".py")
+        source = _source(fullname)
         if not self.pure:
-            try:
-                if hashlib.sha256(source.read_bytes()).hexdigest() == digest:
-                    return None  # the build is current: the normal finders take the .so
-            except OSError:
-                return None
+            if _fresh(fullname, digest) is not False:
+                return None  # the build is current (or there is no source): the normal finders take the .so
             self.stale.append(fullname)
             log.warning("%s changed since it was compiled: running its source (pip install -e . rebuilds it)",
                         source.name)
         loader = importlib.machinery.SourceFileLoader(fullname, str(source))
         return importlib.util.spec_from_file_location(fullname, source, loader=loader)
+
+
+def _source(fullname: str) -> Path:
+    return PACKAGE.joinpath(*fullname.split(".")[1:]).with_suffix(".py")
+
+
+def _fresh(fullname: str, digest: str) -> bool | None:
+    """Whether the module's source is the one it was compiled from; None: no source to read."""
+    try:
+        return hashlib.sha256(_source(fullname).read_bytes()).hexdigest() == digest
+    except OSError:
+        return None
 
 
 _finder: _SourceWhenStale | None = None
@@ -72,10 +81,22 @@ def install() -> None:
     sys.meta_path.insert(0, _finder)
 
 
+def describe() -> str:
+    """How this install runs, without importing anything: for `twin --version` (the first
+    thing to ask when an import is slower than bench/RESULTS.md says)."""
+    built = _built()
+    if not built:
+        return "pure Python: no compiled modules in this install"
+    if os.environ.get(PURE_ENV):
+        return f"pure Python: {PURE_ENV} is set"
+    fresh = sum(1 for name, digest in built.items() if _fresh(name, digest) is not False)
+    text = f"{fresh} of {len(built)} hot-path modules compiled"
+    return text if fresh == len(built) else f"{text}; the others changed since (pip install -e . rebuilds them)"
+
+
 def status() -> dict[str, str]:
-    """Each module setup.py can compile: 'compiled', 'source' (not built, stale, or pure
-    mode asked for) or 'not loaded'. For benchmarks and `twin status -v`, which must say
-    what they measured."""
+    """Each module setup.py compiled: 'compiled', 'source' (stale, or pure mode asked
+    for) or 'not loaded'. For benchmarks, which must say what they measured."""
     out = {}
     for name in sorted(_built()):
         mod = sys.modules.get(name)

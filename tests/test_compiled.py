@@ -98,18 +98,25 @@ def test_an_edited_source_runs_instead_of_its_stale_build(tmp_path):
     shutil.copytree(compiled.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / "temporal.py", "a") as f:
         f.write("\n\nEDITED = True\n")
-    probe = ("import pipeline.temporal as t, pipeline.hl7v2 as h; "
-             "print(t.__file__.endswith('.py'), getattr(t, 'EDITED', False), h.__file__.endswith('.py'))")
+    probe = ("import pipeline.temporal as t, pipeline.hl7v2 as h; from pipeline import compiled; "
+             "print(t.__file__.endswith('.py'), getattr(t, 'EDITED', False), h.__file__.endswith('.py')); "
+             "print(compiled.describe())")
     p = _python(probe, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
+    flags, described = p.stdout.splitlines()
     # the edited module runs from its source (with the edit), the untouched one stays compiled
-    assert p.stdout.split() == ["True", "True", "False"]
+    assert flags.split() == ["True", "True", "False"]
     assert "temporal.py changed since it was compiled" in p.stderr
+    n = len(built)
+    assert described.startswith(f"{n - 1} of {n} hot-path modules compiled; the others changed since")
 
 
-def test_pure_python_mode_loads_every_source():
-    _built()
+def test_pure_python_mode_loads_every_source_and_the_version_says_how_it_runs():
+    built = _built()
     probe = "import pipeline.ingest, pipeline.hl7v2_fhir; from pipeline import compiled; print(compiled.status())"
     p = _python(probe, pure=True)
     assert p.returncode == 0, p.stderr
     assert "'compiled'" not in p.stdout and "'source'" in p.stdout
+    version = "from pipeline.cli import main; main(['--version'])"
+    assert "(pure Python: TWINLINE_PURE_PYTHON is set)" in _python(version, pure=True).stdout
+    assert f"({len(built)} of {len(built)} hot-path modules compiled)" in _python(version).stdout
