@@ -46,9 +46,11 @@ class _SourceWhenStale(importlib.abc.MetaPathFinder):
         if digest is None:
             return None
         source = _source(fullname)
+        if not source.exists():
+            return None  # nothing to run instead: the normal finders take the .so
         if not self.pure:
-            if _fresh(fullname, digest) is not False:
-                return None  # the build is current (or there is no source): the normal finders take the .so
+            if _fresh(fullname, digest):
+                return None  # the build is current: the normal finders take the .so
             self.stale.append(fullname)
             log.warning("%s changed since it was compiled: running its source (pip install -e . rebuilds it)",
                         source.name)

@@ -241,7 +241,7 @@ def _digest(rows: list[list[Any]]) -> str:
     """The content hash of a unit's rows in one table: what tells a changed unit from an
     unchanged one on the next import, so its bytes must not change between versions.
     orjson writes the rows' datetimes (timezone.utc) exactly as datetime.isoformat(),
-    which earlier versions called for each one (tests/test_store_key.py pins it)."""
+    which earlier versions called for each one (tests/test_import_fhir.py pins it)."""
     return hashlib.blake2b(orjson.dumps(rows), digest_size=16).hexdigest()
 
 
@@ -658,10 +658,9 @@ def collect_at_flushes() -> Iterator[None]:
     pending rows included: 14% of an HL7 v2 import with CPython's default threshold,
     still 9% with a threshold of 20,000 (bench/RESULTS.md). Almost nothing here forms a
     cycle: reference counting frees it. So within the scope the collector runs once per
-    flush, after the batch is dropped, when little is alive; memory
-    stays bounded by one batch, as before. Process-wide, like any GC setting: threads
-    running beside an import (the MLLP listener's) have their cycles collected at the
-    next flush.
+    flush, after the batch is dropped, when little is alive; memory stays bounded by one
+    batch, as before. Process-wide, like any GC setting: threads running beside an
+    import (the MLLP listener's) have their cycles collected at the next flush.
     """
     global _paused
     was = gc.isenabled()
