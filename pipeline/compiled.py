@@ -39,7 +39,6 @@ class _SourceWhenStale(importlib.abc.MetaPathFinder):
     def __init__(self, built: dict[str, str], pure: bool):
         self.built = built
         self.pure = pure
-        self.stale: list[str] = []
 
     def find_spec(self, fullname, path=None, target=None):
         digest = self.built.get(fullname)
@@ -51,7 +50,6 @@ class _SourceWhenStale(importlib.abc.MetaPathFinder):
         if not self.pure:
             if _fresh(fullname, digest):
                 return None  # the build is current: the normal finders take the .so
-            self.stale.append(fullname)
             log.warning("%s changed since it was compiled: running its source (pip install -e . rebuilds it)",
                         source.name)
         loader = importlib.machinery.SourceFileLoader(fullname, str(source))

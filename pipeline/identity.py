@@ -18,7 +18,6 @@ from __future__ import annotations
 import tomllib
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +56,6 @@ class TwinIds:
             tid = self._links.get(record_key(source, patient_id)) or twin_id_for_record(source, patient_id)
             self._cache[k] = tid
         return tid
-
-    def many(self, source: str, patient_ids: Iterable[str | None]) -> list[str | None]:
-        return [self(source, p) for p in patient_ids]
 
 
 def stored_links(store) -> dict[str, str]:

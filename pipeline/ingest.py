@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .arrays import constant, distinct_codes, map_values, runs_column
 from .errors import ConfigError
@@ -573,10 +572,9 @@ class Ingest:
         for name, values in zip(table.own_columns, cols, strict=True):
             arrays[name] = pa.array(values, table.by_name[name].arrow)
         pcol = table.patient_column
-        if pcol:  # a twin id per distinct patient, not per row
-            idx, pids = distinct_codes(arrays[pcol])
-            twins = pa.array(self.twin_ids.many(self.source, pids.to_pylist()), pa.string())
-            arrays["twin_id"] = pc.take(twins, idx)
+        if pcol:  # a twin id per distinct patient, not per row; plain strings, as before
+            arrays["twin_id"] = map_values(arrays[pcol], lambda p: self.twin_ids(self.source, p),
+                                           pa.string()).cast(pa.string())
         else:
             arrays["twin_id"] = pa.nulls(n, pa.string())
         counts = np.asarray(batch.counts, np.int64)
