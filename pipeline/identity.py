@@ -15,14 +15,17 @@ same ids on any machine with the same key, and an id reveals no identifier.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 import unicodedata
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import ConfigError
 from .keys import keyed_hash
@@ -362,38 +365,129 @@ def demographic_score(a: dict[str, Any], b: dict[str, Any], weights: dict[str, f
 
 @dataclass
 class RelinkResult:
-    records: int
-    twins: int
-    changed_records: int
+    records: int            # records linked again (all of them when `full`)
+    twins: int              # the groups they form
+    changed_records: int    # records that moved to another twin
     by_rule: dict[str, int]
-    conflicts: int
+    conflicts: int          # conflicts among those records
+    full: bool = True       # every record was linked again, not only the region a run touched
+
+
+# Bump when link_records changes what it computes for the same inputs: every store then
+# links in full once, at its next writing run, instead of trusting its identity table.
+LINKING_VERSION = 1
+
+_PATIENT_COLUMNS = ["source", "patient_id", "name_family", "name_given", "birth_date", "sex", "postal_code"]
+_IDENTIFIER_COLUMNS = ["source", "patient_id", "system", "value", "type_code"]
+_LINK_COLUMNS = ["source", "patient_id", "other_patient_id", "link_type"]
+
+
+def linking_fingerprint(cfg: IdentityConfig) -> str:
+    """What the identity table was computed under: the rules (config) and their version.
+    A store linked under another fingerprint is linked again in full."""
+    doc = {k: sorted(v) if isinstance(v, set) else v for k, v in asdict(cfg).items()}
+    text = json.dumps([LINKING_VERSION, doc], sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def compute_linkage(store, cfg: IdentityConfig | None = None, *, latest: bool = True) -> Linkage:
     cfg = cfg or load_identity_config()
-    patients = store.read("patient", ["source", "patient_id", "name_family", "name_given", "birth_date", "sex",
-                                      "postal_code"], latest=latest)
-    idents = store.read("patient_identifier", ["source", "patient_id", "system", "value", "type_code"], latest=latest)
-    links = store.read("patient_link", ["source", "patient_id", "other_patient_id", "link_type"], latest=latest)
+    patients = store.read("patient", _PATIENT_COLUMNS, latest=latest)
+    idents = store.read("patient_identifier", _IDENTIFIER_COLUMNS, latest=latest)
+    links = store.read("patient_link", _LINK_COLUMNS, latest=latest)
     return link_records(patients, idents, links, cfg)
 
 
-def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResult:
-    """Recompute the groups and rewrite the twin id of rows whose record changed group.
+def _keys(t: pa.Table, column: str = "patient_id") -> pa.Array:
+    """record_key() of every row, in Arrow."""
+    if t.num_rows == 0:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(_col(t, "source"), _col(t, column), "|Patient/")
 
-    Called at the end of every run that wrote patient data, inside its lock and before
-    its commit, so a run never becomes visible with rows under a stale twin id.
+
+def _col(t: pa.Table, name: str) -> pa.Array:
+    return t.column(name).combine_chunks()
+
+
+def _in(values: pa.Array, among: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.is_in(values, value_set=among), False)
+
+
+def _region(patients: pa.Table, idents: pa.Table, links: pa.Table, old: pa.Table,
+            keys: tuple[pa.Array, pa.Array, pa.Array, pa.Array], run_id: str, cfg: IdentityConfig) -> pa.Array:
+    """The records whose group this run may have changed, as record keys: a union of whole
+    groups of the new linkage, so that linking only them gives what linking everyone would.
+
+    Seeds: records with a row this run wrote, records the identity table has and the
+    tables no longer name (deleted), records the tables name and the identity table does
+    not; both ends of a link this run wrote. Then, until nothing is added: the records of
+    an old group of one already in (a group that may split), and every record a rule could
+    join to one already in: the same identifier value in any namespace, the same birth date
+    when demographic linking is on (a superset of what link_records joins). A Patient.link
+    needs no such step: it joins the two records its row names, and a row this run did not
+    write joined them before, into one old group.
+
+    A record outside the region had no row written, and nothing joined or left its group:
+    its group is what the identity table says. The work in Python is the size of the region;
+    the scans over the whole store are Arrow's.
     """
-    linkage = compute_linkage(store, cfg)
+    pk, ik, lk, ok = keys  # the record keys of the rows of each table
+    lo, otwin = _keys(links, "other_patient_id"), _col(old, "twin_id")
+    present = pc.unique(pa.concat_arrays([pk, ik, lk, lo]))
+    wrote = pc.equal(_col(links, "run_id"), run_id)
+    mine = [pk.filter(pc.equal(_col(patients, "run_id"), run_id)), ik.filter(pc.equal(_col(idents, "run_id"), run_id)),
+            lk.filter(wrote), lo.filter(wrote)]
+    seeds = mine + [ok.filter(pc.invert(_in(ok, present))), present.filter(pc.invert(_in(present, ok)))]
+    region = pc.unique(pa.concat_arrays([s.cast(pa.string()) for s in seeds]))
+    values, births = _col(idents, "value"), _col(patients, "birth_date")
+    frontier = region
+    while len(frontier):
+        twins = pc.unique(otwin.filter(_in(ok, frontier)))
+        found = [ok.filter(_in(otwin, twins)), ik.filter(_in(values, pc.unique(values.filter(_in(ik, frontier)))))]
+        if cfg.demographic:
+            dates = pc.drop_null(pc.unique(births.filter(_in(pk, frontier))))
+            found.append(pk.filter(_in(births, dates)))
+        found_keys = pc.unique(pa.concat_arrays([f.cast(pa.string()) for f in found]))
+        frontier = found_keys.filter(pc.invert(_in(found_keys, region)))
+        region = pa.concat_arrays([region, frontier])
+    return region
+
+
+def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResult:
+    """Link the records this run may have moved, and rewrite the twin id of rows whose record
+    changed group.
+
+    Called at the end of every run that wrote or deleted patient data, inside its lock and
+    before its commit, so a run never becomes visible with rows under a stale twin id.
+    Only the region of the run (see _region) is linked again, so the cost of a small run
+    does not grow with the store; the whole store is linked when there is no identity
+    table yet or it was computed under other rules (linking_fingerprint).
+    """
+    cfg = cfg or load_identity_config()
+    fingerprint = linking_fingerprint(cfg)
+    patients = store.read("patient", _PATIENT_COLUMNS + ["run_id"], latest=True)
+    idents = store.read("patient_identifier", _IDENTIFIER_COLUMNS + ["run_id"], latest=True)
+    links = store.read("patient_link", _LINK_COLUMNS + ["run_id"], latest=True)
+    old = store.read("identity", latest=True) if store.exists("identity") else None
+    full = old is None or store.manifest().get("linking") != fingerprint
+    if not full:
+        assert old is not None
+        keys = (_keys(patients), _keys(idents), _keys(links), _keys(old))
+        region = _region(patients, idents, links, old, keys, run_id, cfg)
+        patients, idents, links, old, kept = (
+            patients.filter(_in(keys[0], region)), idents.filter(_in(keys[1], region)),
+            links.filter(_in(keys[2], region)), old.filter(_in(keys[3], region)),
+            old.filter(pc.invert(_in(keys[3], region))))
+    linkage = link_records(patients, idents, links, cfg)
     twin_of = linkage.twin_of()
-    old = {}
-    if store.exists("identity"):
-        t = store.read("identity", ["source", "patient_id", "twin_id"], latest=True)
-        old = {record_key(s, p): tw for s, p, tw in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)}
+    before_of = {}
+    if old is not None:
+        before_of = {record_key(s, p): tw for s, p, tw in zip(
+            *(old.column(c).to_pylist() for c in ("source", "patient_id", "twin_id")), strict=True)}
     changed = []
     for k, tid in twin_of.items():
         source, _, pid = k.partition("|Patient/")
-        before = old.get(k) or twin_id_for_record(source, pid)
+        before = before_of.get(k) or twin_id_for_record(source, pid)
         if before != tid:
             changed.append(Move(source, pid, before, tid))
     if changed:
@@ -410,9 +504,16 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
             source, _, pid = k.partition("|Patient/")
             rows.append({"source": source, "patient_id": pid, "twin_id": twin_of[k],
                          "linked_by": sorted(linkage.rules.get(k, ())), "group_size": sizes[root], "run_id": run_id})
-    if rows or old:
-        store.replace("identity", pa.Table.from_pylist(rows, schema=store.schema.table("identity").arrow_schema))
-    return RelinkResult(len(twin_of), len(linkage.groups), len(changed), linkage.by_rule, len(linkage.conflicts))
+    schema = store.schema.table("identity").arrow_schema
+    new = pa.Table.from_pylist(rows, schema=schema)
+    if not full:
+        if rows or old.num_rows:  # the region's rows replaced, the rest kept as they are
+            store.replace("identity", pa.concat_tables([kept.select(schema.names).cast(schema), new]))
+    elif rows or old is not None:
+        store.replace("identity", new)
+    store.note_linking(fingerprint)
+    return RelinkResult(len(twin_of), len(linkage.groups), len(changed), linkage.by_rule, len(linkage.conflicts),
+                        full)
 
 
 def link_report(store, cfg: IdentityConfig | None = None) -> str:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from .connectors import FILE_CONNECTORS, FileConnector, kinds_taking
 from .errors import ConfigError
-from .identity import TwinIds, relink, stored_links
+from .identity import IdentityConfig, TwinIds, relink, stored_links
 from .ingest import Ingest, ViewSet, collect_at_flushes
 from .paths import safe_name
 from .runs import Run
@@ -96,14 +96,15 @@ def run_import(store: Store, kind: str, paths: Iterable[str | Path], *, source: 
 
 
 @collect_at_flushes()  # linking builds as many small objects as a batch
-def finish_run(store: Store, run: Run) -> None:
+def finish_run(store: Store, run: Run, identity: IdentityConfig | None = None) -> None:
     """The end of every writing run: link identities, record the run, commit.
 
     Linking runs inside the lock and before the commit point, so the run becomes
     visible with every row under its final twin id, or not at all.
     """
-    if any(v.get("written") for t, v in run.rows.items() if t in ("patient", "patient_identifier", "patient_link")):
-        result = relink(store, run.run_id)
+    if any(v.get("written") or v.get("deleted") or v.get("deleted_units")
+           for t, v in run.rows.items() if t in ("patient", "patient_identifier", "patient_link")):
+        result = relink(store, run.run_id, identity)
         if result.changed_records:
             run.notes.append(f"identity: {result.changed_records} record(s) joined another twin "
                              f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_rule.items()))})")

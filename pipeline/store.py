@@ -127,6 +127,7 @@ class Store:
         self.schema = schema or load_schema()
         self.meta = self.root / "_twin"
         self._privacy_claims: dict[str, str] = {}  # source -> privacy profile of this run's writes
+        self._linking: str | None = None  # what this run's identity linking ran under (identity.linking_fingerprint)
 
     # ------------------------------------------------------------------ manifest
 
@@ -159,6 +160,9 @@ class Store:
         privacy = {**old.get("privacy", {}), **self._privacy_claims}
         if privacy:
             doc["privacy"] = dict(sorted(privacy.items()))
+        linking = self._linking or old.get("linking")
+        if linking:
+            doc["linking"] = linking
         # dates shifted per person (twin), not per source record as before: the two do not mix
         offsets = old.get("date_offsets") if "deid:shift" in old.get("privacy", {}).values() else "twin"
         if "deid:shift" in privacy.values() and offsets:
@@ -278,6 +282,7 @@ class Store:
 
     def recover(self) -> list[str]:
         """Roll back what a killed run left behind: tables newer than the manifest."""
+        self._linking = None  # the identity table goes back to what the manifest says it was linked under
         manifest = self.manifest()
         committed: dict[str, int] = {k: int(v) for k, v in manifest["tables"].items()}
         rolled = []
@@ -352,6 +357,11 @@ class Store:
                               f"this run would write it under {profile}, beside it, and every person would become "
                               "a second twin. Use the same profile, another --source name, or a new --store")
         self._privacy_claims[source] = profile
+
+    def note_linking(self, fingerprint: str) -> None:
+        """Record, at the commit point, the rules the identity table was linked under: a later
+        run links only the records it touched while they stay the same (identity.relink)."""
+        self._linking = fingerprint
 
     def privacy_profiles(self) -> dict[str, str]:
         """source -> privacy profile, as committed and as claimed by the current run."""
