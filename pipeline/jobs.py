@@ -23,6 +23,7 @@ from typing import Any
 
 from .connectors import FILE_CONNECTORS, FILE_OPTIONS, kinds_taking
 from .errors import ConfigError, Exit, SourceUnavailable
+from .identity import load_identity_config
 from .imports import fetch_fhir_into, finish_run, import_files
 from .runs import Run
 from .store import Store, default_store_path
@@ -279,6 +280,8 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
     importer = engine.import_files if engine is not None else import_files
     unavailable: list[str] = []
     hooks = {src.name: _hooks(src) for src in spec.sources}  # a bad privacy setup stops the job before it reads
+    # [identity] config: linked under those rules (a bad file stops the job before it reads, too)
+    identity = load_identity_config(spec.identity_config) if spec.identity_config else None
     with store.locked(f"run {spec.name}"):
         run = Run(store, "run", inputs=[str(spec.path)])
         fetches = []
@@ -299,7 +302,7 @@ def run_job(spec: JobSpec, *, store: Store | None = None, force: bool | None = N
             nothing_new = run.totals().read == 0 and not unavailable
             if nothing_new:
                 run.notes.append("nothing new since the last run: no table changed")
-            finish_run(store, run)
+            finish_run(store, run, identity)
         except BaseException:
             store.rollback()
             raise

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from pipeline.cli import main as twin
@@ -207,3 +208,23 @@ def test_a_device_source_names_the_namespace_of_its_patient(tmp_path):
     assert wrist == set(ehr) and len(set(ehr)) == 1
     assert {(r["system"], r["value"]) for r in patients.to_pylist() if r["source"] == "wrist"} == \
         {("http://hospital.smarthealthit.org", "cbc83bf2-c38e-4617-bc1d-f99fc86a80f0")}
+
+
+def test_the_identity_config_of_a_job_is_the_one_it_links_with(tmp_path):
+    """[identity] config names the rules: here an alias that makes two sources' systems one
+    namespace, so their records of one MRN become one twin. The default rules have no such
+    alias: the same job without it keeps them apart."""
+    for name, (system, pid) in {"a": ("urn:hospital:a", "pa"), "b": ("urn:hospital:b", "pb")}.items():
+        pat = {"resourceType": "Patient", "id": pid, "identifier": [{"system": system, "value": "M7"}]}
+        (tmp_path / f"{name}.ndjson").write_bytes(orjson.dumps(pat) + b"\n")
+    (tmp_path / "identity.toml").write_text('[[namespaces]]\nsystems = ["urn:hospital:a", "urn:hospital:b"]\n')
+    sources = "".join(f'[[source]]\nname = "{n}"\nkind = "fhir"\npaths = ["{tmp_path / f"{n}.ndjson"}"]\n\n' for n in "ab")
+    twins = {}
+    for with_config in (True, False):
+        job = tmp_path / f"job-{with_config}.toml"
+        job.write_text(sources + '[gate]\nenabled = false\n\n[build]\nenabled = false\n'
+                       + ('\n[identity]\nconfig = "identity.toml"\n' if with_config else ""))
+        store = tmp_path / f"s-{with_config}"
+        assert twin(["run", "--config", str(job), "--store", str(store)]) == 0
+        twins[with_config] = set(Store(store).read("patient", ["twin_id"]).column("twin_id").to_pylist())
+    assert len(twins[True]) == 1 and len(twins[False]) == 2
