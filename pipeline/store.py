@@ -282,7 +282,9 @@ class Store:
 
     def recover(self) -> list[str]:
         """Roll back what a killed run left behind: tables newer than the manifest."""
-        self._linking = None  # the identity table goes back to what the manifest says it was linked under
+        # what a run claimed is recorded at its commit: a run rolled back claims nothing (its
+        # source's privacy profile, the rules its identity table was linked under)
+        self._privacy_claims, self._linking = {}, None
         manifest = self.manifest()
         committed: dict[str, int] = {k: int(v) for k, v in manifest["tables"].items()}
         rolled = []

@@ -186,6 +186,28 @@ def test_a_source_keeps_the_profile_it_was_written_under(tmp_path, capsys):
     assert "privacy by source: ehr deid:year, fhir none" in capsys.readouterr().out
 
 
+def test_a_failed_run_does_not_claim_its_profile_for_the_source(tmp_path, monkeypatch):
+    """The claim is recorded at the commit point. A run that failed, and was rolled back,
+    wrote nothing under its profile: the source may still be imported under another."""
+    from pipeline import imports
+
+    store = Store(tmp_path / "s")
+    bundles = FIXTURES / "fhir" / "bundles"
+    run_import(store, "fhir", [bundles], source="other")
+
+    def killed(run):
+        raise RuntimeError("killed before the commit")
+
+    with monkeypatch.context() as m:
+        m.setattr(imports.Run, "record", killed)
+        with pytest.raises(RuntimeError):
+            run_import(store, "fhir", [bundles], source="ehr", hooks=privacy_hooks("pseudonymise", source="ehr"))
+    assert "ehr" not in Store(tmp_path / "s").manifest().get("privacy", {})
+    run = run_import(store, "fhir", [bundles], source="ehr")
+    assert run.counts["ehr"].written > 0
+    assert Store(tmp_path / "s").manifest()["privacy"] == {"ehr": "none", "other": "none"}
+
+
 def test_a_profile_refuses_the_public_development_key(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TWIN_KEY")
     monkeypatch.delenv("TWIN_KEY_FILE", raising=False)
