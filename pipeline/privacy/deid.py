@@ -234,13 +234,7 @@ class _Context:
         floor = self.deid.floor_year
         if action == "birth-date" and over_89(v, self.res, self.deid.today):
             return str(floor)  # Safe Harbor (C): every age over 89 is one group, "90+"
-        out = generalise_date(v, self.shift)
-        # Safe Harbor (C) covers every date "indicative of" an age over 89, not only the birth
-        # date: a 1928 allergy of a patient grouped as born 1936 tells the age (and sat before
-        # the birth). No year older than the group's survives, whoever the patient is.
-        if out is not None and out[:4].isdigit() and int(out[:4]) < floor:
-            return str(floor)
-        return out
+        return shift_floored(v, self.shift, floor)
 
 
 def zip3(value: str, restricted: frozenset[str]) -> str | None:
@@ -277,6 +271,19 @@ def generalise_date(v: str, shift: int | None) -> str | None:
         return (d + timedelta(days=shift)).isoformat() + rest
     except OverflowError:
         return None
+
+
+def shift_floored(v: str, shift: int | None, floor_year: int) -> str | None:
+    """generalise_date, and no year older than `floor_year` (Deidentifier.floor_year).
+
+    Safe Harbor (C) covers every date "indicative of" an age over 89, not only the birth
+    date: a 1928 allergy of a patient grouped as born 1936 tells the age (and sat before
+    the birth). No year older than the group's survives, whoever the patient is; the
+    ingest and the re-shift of a linked record (privacy/reshift.py) both apply this."""
+    out = generalise_date(v, shift)
+    if out is not None and out[:4].isdigit() and int(out[:4]) < floor_year:
+        return str(floor_year)
+    return out
 
 
 def _shift_partial(v: str, shift: int) -> str:

@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 from ..errors import ConfigError
 from ..keys import has_secret_key
 from ..schema import TIMESTAMP
-from ..temporal import BadTemporal, parse_fhir_datetime
-from .deid import generalise_date
+from ..temporal import parse_fhir_datetime
+from .deid import generalise_date, shift_floored
 
 SHIFTED = "deid:shift"
 _DAY_US = 86_400_000_000
@@ -130,13 +130,8 @@ def _shift_strings(values: pa.ChunkedArray, types: pa.ChunkedArray, row_days: pa
     for i, (v, k) in enumerate(zip(texts, kinds, strict=True)):
         if k != "dateTime" or v is None or (len(v) == 4 and v.isdigit() and int(v) <= floor_year):
             continue  # not a date, or a floored one (it stays at the floor)
-        moved = generalise_date(v, shifts[i])
-        try:
-            if moved is None or parse_fhir_datetime(moved)[0].year < floor_year:
-                moved = str(floor_year)
-        except BadTemporal:
-            moved = str(floor_year)
-        texts[i] = moved
+        moved = shift_floored(v, shifts[i], floor_year)
+        texts[i] = str(floor_year) if moved is None else moved
     return pa.array(texts, pa.string())
 
 
