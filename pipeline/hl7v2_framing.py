@@ -16,6 +16,7 @@ largest message, not the size of the file.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -512,17 +513,12 @@ def _frame_mllp(stream: BinaryIO, limits: Limits, warnings: list[str] | None) ->
             elif kind == "too-large":
                 yield FramingProblem("message-too-large", f"the MLLP frame at byte {off} is larger than "
                                      f"{limits.max_message_bytes} bytes", None, None, off, end, count)
+            elif len(data) <= limits.max_line_bytes and _ONE_MESSAGE.fullmatch(data):
+                # the common frame, one plain message: what the framer below would make of it
+                last = len(data) - 1 if data[-1] == 13 else len(data)
+                yield RawMessage(data if last < len(data) else data + b"\r", count, None, off + 1, off + 1 + last)
             else:
-                framer = _Framer(limits)
-                framer.count = count - 1
-                base = off + 1
-                for s, e in _line_spans(data):
-                    framer.line(None, base + s, base + e, data[s:e])
-                framer.finish()
-                units = framer.take()
-                if warnings is not None:
-                    warnings.extend(framer.warnings)
-                count = framer.count
+                units, count = _frame_lines(data, off + 1, count - 1, limits, warnings)
                 yield from units
 
     while True:
@@ -531,6 +527,27 @@ def _frame_mllp(stream: BinaryIO, limits: Limits, warnings: list[str] | None) ->
             break
         yield from handle(decoder.feed(chunk))
     yield from handle(decoder.close())
+
+
+# One message and nothing else, CR-terminated: an MSH whose field separator is ASCII
+# punctuation, then segments (an id of three capitals or digits, alone or followed by that
+# separator), none of them a header or envelope segment, no blank line, no BOM, at most
+# one final CR. For such a frame the line framer has nothing to decide.
+_ONE_MESSAGE = re.compile(rb"MSH([!-/:-@\[-`{-~])[^\r\n]*(?:\r(?!MSH|FHS|BHS|BTS|FTS)[A-Z][A-Z0-9]{2}(?:\1[^\r\n]*)?)*\r?")
+
+
+def _frame_lines(data: bytes, base: int, count: int, limits: Limits, warnings: list[str] | None
+                 ) -> tuple[list[Framed], int]:
+    """The units of one MLLP frame cut on its lines (a batch, blank lines, problems), and the
+    count of messages read so far after them."""
+    framer = _Framer(limits)
+    framer.count = count
+    for s, e in _line_spans(data):
+        framer.line(None, base + s, base + e, data[s:e])
+    framer.finish()
+    if warnings is not None:
+        warnings.extend(framer.warnings)
+    return framer.take(), framer.count
 
 
 def _line_spans(data: bytes) -> Iterator[tuple[int, int]]:

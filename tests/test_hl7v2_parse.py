@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -268,6 +269,60 @@ def test_stream_framing_does_not_depend_on_block_boundaries(monkeypatch):
         [(type(u), getattr(u, "data", None), u.line) for u in whole]
     mllp = read("syntax-mllp-dump.mllp")
     assert kinds(frame_stream(io.BytesIO(mllp))) == kinds(frame_bytes(mllp))
+
+
+# the shapes a plain message has, often, and each shape that must leave it to the line framer
+_LINE_IDS = [b"PID", b"OBX", b"ZPD", b"Z01"] * 4 + [b"pid", b"P1D", b"1AB", b"AB", b"MSH", b"MSHX", b"FHS", b"BHS",
+                                                   b"BTS", b"FTS", b"", b"   "]
+_BODIES = [b"", b"|1|a^b~c\\d&e", b"^x", b"x", b" |y", b"|\xc3\xa9"]
+_ENDS = [b"\r"] * 8 + [b"\n", b"\r\n", b"\r\r", b""]
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fs=st.sampled_from([b"|", b"|", b"#", b"^", b"A", b" ", b"\xc0"]), bom=st.booleans(),
+       lines=st.lists(st.tuples(st.sampled_from(_LINE_IDS), st.sampled_from(_BODIES), st.sampled_from(_ENDS)),
+                      max_size=6),
+       tail=st.sampled_from([b"\r", b"", b"\r\r", b"\n"]))
+def test_the_fast_path_for_one_plain_message_per_frame_frames_as_the_line_framer_does(monkeypatch, fs, bom, lines,
+                                                                                    tail):
+    """Frames are mostly one message, CR-terminated: _ONE_MESSAGE recognises them and skips
+    the line framer. For any frame, what comes out must be what the line framer makes."""
+    body = (hl7v2.BOM if bom else b"") + b"MSH" + fs + b"^~\\&" + fs + b"A" + fs + b"2.5"
+    for seg, rest, end in lines:
+        body += end + seg + rest.replace(b"|", fs)
+    frame = body + tail
+    mllp = b"\x0b" + frame + b"\x1c\rjunk\x0b" + frame + b"\x1c\r"
+
+    fast = _framed(mllp)
+    with monkeypatch.context() as m:
+        m.setattr(hl7v2_framing, "_ONE_MESSAGE", re.compile(rb"(?!)"))  # never: every frame through the line framer
+        assert _framed(mllp) == fast
+    if hl7v2_framing._ONE_MESSAGE.fullmatch(frame):
+        assert [u[0] for u in fast] == ["RawMessage", "FramingProblem", "RawMessage"]
+
+
+def test_the_fast_path_frames_every_second_line_as_the_line_framer_does(monkeypatch):
+    """Every shape of one line after the MSH, each terminator and ending, each separator."""
+    frames = [b"MSH" + fs + b"^~\\&" + fs + b"A" + end + seg + rest.replace(b"|", fs) + tail
+              for fs in (b"|", b"#", b"A", b" ", b"\xc0") for seg in dict.fromkeys(_LINE_IDS) for rest in _BODIES
+              for end in dict.fromkeys(_ENDS) for tail in (b"\r", b"", b"\r\r", b"\n")]
+    mllp = b"".join(b"\x0b" + f + b"\x1c\r" for f in frames)
+    fast = _framed(mllp)
+    assert sum(1 for f in frames if hl7v2_framing._ONE_MESSAGE.fullmatch(f)) > 100  # the fast path ran
+    monkeypatch.setattr(hl7v2_framing, "_ONE_MESSAGE", re.compile(rb"(?!)"))
+    assert _framed(mllp) == fast
+
+
+def _framed(data: bytes) -> list[tuple]:
+    return [(type(u).__name__, *(getattr(u, f) for f in ("data", "index", "line", "offset", "end")),
+             getattr(u, "reason", None), getattr(u, "message", None)) for u in frame_bytes(data)]
+
+
+def test_the_fast_path_takes_the_common_frames():
+    assert hl7v2_framing._ONE_MESSAGE.fullmatch(read("twin-oru-r01.hl7").replace(b"\n", b"\r"))
+    for frame in (b"MSH|^~\\&|A\rPID|1\r\r", b"MSH|^~\\&|A\nPID|1\n", b"MSH|^~\\&|A\rMSH|^~\\&|B\r",
+                  b"MSH|^~\\&|A\rPID|1\rI|||x\r", b"\xef\xbb\xbfMSH|^~\\&|A\r", b"BHS|^~\\&\rMSH|^~\\&|A\r"):
+        assert not hl7v2_framing._ONE_MESSAGE.fullmatch(frame), frame
 
 
 def test_stream_memory_follows_the_message_not_the_file(monkeypatch):
