@@ -371,6 +371,7 @@ class RelinkResult:
     by_rule: dict[str, int]
     conflicts: int          # conflicts among those records
     full: bool = True       # every record was linked again, not only the region a run touched
+    rules_changed: bool = False  # ... because the store had been linked under other rules
 
 
 # Bump when link_records changes what it computes for the same inputs: every store then
@@ -469,7 +470,8 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
     idents = store.read("patient_identifier", _IDENTIFIER_COLUMNS + ["run_id"], latest=True)
     links = store.read("patient_link", _LINK_COLUMNS + ["run_id"], latest=True)
     old = store.read("identity", latest=True) if store.exists("identity") else None
-    full = old is None or store.manifest().get("linking") != fingerprint
+    linked_under = store.manifest().get("linking")
+    full = old is None or linked_under != fingerprint
     if not full:
         assert old is not None
         keys = (_keys(patients), _keys(idents), _keys(links), _keys(old))
@@ -513,7 +515,7 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
         store.replace("identity", new)
     store.note_linking(fingerprint)
     return RelinkResult(len(twin_of), len(linkage.groups), len(changed), linkage.by_rule, len(linkage.conflicts),
-                        full)
+                        full, old is not None and linked_under is not None and linked_under != fingerprint)
 
 
 def link_report(store, cfg: IdentityConfig | None = None) -> str:

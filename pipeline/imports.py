@@ -105,6 +105,10 @@ def finish_run(store: Store, run: Run, identity: IdentityConfig | None = None) -
     if any(v.get("written") or v.get("deleted") or v.get("deleted_units")
            for t, v in run.rows.items() if t in ("patient", "patient_identifier", "patient_link")):
         result = relink(store, run.run_id, identity)
+        if result.rules_changed:
+            # a job's [identity] config and config/identity.toml, say, used in turns on one store
+            run.notes.append("identity: the store was linked under other rules than this run's identity config; "
+                             f"all {result.records} records were linked again under this run's")
         if result.changed_records:
             run.notes.append(f"identity: {result.changed_records} record(s) joined another twin "
                              f"({', '.join(f'{k} {v}' for k, v in sorted(result.by_rule.items()))})")

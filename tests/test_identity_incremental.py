@@ -102,12 +102,13 @@ def test_other_rules_link_the_whole_store_once_and_a_failed_run_keeps_the_old_fi
     ids = [f"p{i}" for i in range(10)]
     run_import(store, "fhir", [_run_file(rnd, tmp_path, 0, ids)], source="a")
     run_import(store, "fhir", [_run_file(rnd, tmp_path, 1, ids)], source="a")
-    assert [r.full for r in results] == [True, False]
+    assert [(r.full, r.rules_changed) for r in results] == [(True, False), (False, False)]
     assert store.manifest()["linking"] == linking_fingerprint(cfg)
     # the aliases join two namespaces: what was linked under the old rules is linked again
     cfg = IdentityConfig(aliases=dict(ALIASES))
-    run_import(store, "fhir", [_run_file(rnd, tmp_path, 2, ids)], source="a")
-    assert results[-1].full and store.manifest()["linking"] == linking_fingerprint(cfg)
+    run = run_import(store, "fhir", [_run_file(rnd, tmp_path, 2, ids)], source="a")
+    assert results[-1].full and results[-1].rules_changed and store.manifest()["linking"] == linking_fingerprint(cfg)
+    assert any("linked under other rules" in n for n in run.notes)
     _check(store, cfg)
     # a run that fails after linking leaves the manifest's fingerprint as it was
     cfg = IdentityConfig(aliases=dict(ALIASES), link_types={"MR"})
