@@ -454,6 +454,12 @@ def _region(patients: pa.Table, idents: pa.Table, links: pa.Table, old: pa.Table
     return region
 
 
+def _links_of(identity: pa.Table) -> set[tuple]:
+    """The identity rows as what linking decided (which run decided it left out)."""
+    cols = [identity.column(c).to_pylist() for c in ("source", "patient_id", "twin_id", "linked_by", "group_size")]
+    return {(s, p, t, tuple(sorted(by or ())), n) for s, p, t, by, n in zip(*cols, strict=True)}
+
+
 def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResult:
     """Link the records this run may have moved, and rewrite the twin id of rows whose record
     changed group.
@@ -509,8 +515,10 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
     schema = store.schema.table("identity").arrow_schema
     new = pa.Table.from_pylist(rows, schema=schema)
     if not full:
-        if rows or old.num_rows:  # the region's rows replaced, the rest kept as they are
+        assert old is not None
+        if _links_of(new) != _links_of(old):  # the region's rows replaced, the rest kept as they are
             store.replace("identity", pa.concat_tables([kept.select(schema.names).cast(schema), new]))
+        # else nothing moved (a drain of updates to known patients, mostly): no new version of the table
     elif rows or old is not None:
         store.replace("identity", new)
     store.note_linking(fingerprint)

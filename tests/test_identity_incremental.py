@@ -140,3 +140,23 @@ def test_a_deletion_only_run_removes_the_record_from_its_group(tmp_path):
     assert [(r["patient_id"], r["group_size"]) for r in rows] == [("y", 1)]
     t = store.read("patient", ["patient_id", "twin_id"])
     assert t.to_pylist() == [{"patient_id": "y", "twin_id": identity.twin_id_for_record("h", "y")}]
+
+
+def test_a_run_that_moves_nobody_leaves_the_identity_table_as_it_was(tmp_path):
+    """An update to a known patient (a new postal code, say) changes no group: no new version
+    of the identity table, so a live feed of updates does not copy it at every drain."""
+    store = Store(tmp_path / "s")
+    mrn = [{"system": "urn:mrn:east", "value": "1", "type": {"coding": [{"code": "MR"}]}}]
+    for n, postal in enumerate(("02139", "01970")):
+        p = {"resourceType": "Patient", "id": "x", "identifier": mrn, "address": [{"postalCode": postal}]}
+        (tmp_path / f"{n}.ndjson").write_bytes(orjson.dumps(p) + b"\n")
+    run_import(store, "fhir", [tmp_path / "0.ndjson"], source="h")
+    version = store.committed_version("identity")
+    run = run_import(store, "fhir", [tmp_path / "1.ndjson"], source="h")
+    assert run.counts["h"].written == 1  # the patient was written again...
+    assert store.committed_version("identity") == version  # ...and linking had nothing to write
+    other = {"resourceType": "Patient", "id": "y", "identifier": mrn}
+    (tmp_path / "2.ndjson").write_bytes(orjson.dumps(other) + b"\n")
+    run_import(store, "fhir", [tmp_path / "2.ndjson"], source="h")
+    assert store.committed_version("identity") == version + 1
+    assert set(store.read("identity").column("group_size").to_pylist()) == {2}
