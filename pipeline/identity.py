@@ -243,12 +243,16 @@ def link_records(patients: pa.Table, identifiers: pa.Table, links: pa.Table, cfg
     g = _Groups()
     rules: dict[str, set[str]] = defaultdict(set)
     by_rule: dict[str, int] = defaultdict(int)
-    demo: dict[str, dict[str, Any]] = {}
-    for row in patients.select(["source", "patient_id", "name_family", "name_given", "birth_date", "sex",
-                                "postal_code"]).to_pylist():
-        k = record_key(row["source"], row["patient_id"])
+    records = [record_key(s, p) for s, p in zip(patients.column("source").to_pylist(),
+                                                 patients.column("patient_id").to_pylist(), strict=True)]
+    birth: dict[str, Any] = {}
+    for k, b in zip(records, patients.column("birth_date").to_pylist(), strict=True):
         g.add(k)
-        demo[k] = row
+        birth[k] = b
+    demo: dict[str, dict[str, Any]] = {}  # the fields demographic scoring compares, only when it is on
+    if cfg.demographic:
+        demo = dict(zip(records, patients.select(["name_family", "name_given", "birth_date", "sex", "postal_code"])
+                        .to_pylist(), strict=True))
 
     # identifiers: records sharing (namespace, value) are one person
     by_ident: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -269,7 +273,7 @@ def link_records(patients: pa.Table, identifiers: pa.Table, links: pa.Table, cfg
     conflicts: list[dict[str, Any]] = []
     for (ns, _value), keys in sorted(by_ident.items()):
         keys = sorted(set(keys))
-        births = {demo[k]["birth_date"] for k in keys if k in demo and demo[k]["birth_date"] is not None}
+        births = {birth[k] for k in keys if birth.get(k) is not None}
         if len(keys) > 1 and len(births) > 1:
             conflicts.append({"kind": "identifier-on-different-birth-dates", "namespace": ns, "records": keys})
         for other in keys[1:]:
@@ -487,17 +491,24 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
             links.filter(_in(keys[2], region)), old.filter(_in(keys[3], region)),
             old.filter(pc.invert(_in(keys[3], region))))
     linkage = link_records(patients, idents, links, cfg)
-    twin_of = linkage.twin_of()
     before_of = {}
     if old is not None:
         before_of = {record_key(s, p): tw for s, p, tw in zip(
             *(old.column(c).to_pylist() for c in ("source", "patient_id", "twin_id")), strict=True)}
     changed = []
-    for k, tid in twin_of.items():
-        source, _, pid = k.partition("|Patient/")
-        before = before_of.get(k) or twin_id_for_record(source, pid)
-        if before != tid:
-            changed.append(Move(source, pid, before, tid))
+    cols: dict[str, list] = {c: [] for c in ("source", "patient_id", "twin_id", "linked_by", "group_size")}
+    for root, members in linkage.groups.items():
+        tid = keyed_hash("twin", root)  # a group's twin id: the hash of its smallest key (a record alone keeps its own)
+        for k in members:
+            source, _, pid = k.partition("|Patient/")
+            before = before_of.get(k) or (tid if k == root else twin_id_for_record(source, pid))
+            if before != tid:
+                changed.append(Move(source, pid, before, tid))
+            cols["source"].append(source)
+            cols["patient_id"].append(pid)
+            cols["twin_id"].append(tid)
+            cols["linked_by"].append(sorted(linkage.rules.get(k, ())))
+            cols["group_size"].append(len(members))
     if changed:
         data = pa.table({"source": [c.source for c in changed], "patient_id": [c.patient_id for c in changed],
                          "twin_id": [c.new_twin for c in changed]})
@@ -505,24 +516,17 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
             if table.patient_column == "patient_id" and table.provenance:
                 store.update_columns(name, ["source", "patient_id"], data, ["twin_id"])
         reshift(store, changed)  # dates shifted per person follow the record to its new twin
-    sizes = {root: len(m) for root, m in linkage.groups.items()}
-    rows = []
-    for root, members in linkage.groups.items():
-        for k in members:
-            source, _, pid = k.partition("|Patient/")
-            rows.append({"source": source, "patient_id": pid, "twin_id": twin_of[k],
-                         "linked_by": sorted(linkage.rules.get(k, ())), "group_size": sizes[root], "run_id": run_id})
     schema = store.schema.table("identity").arrow_schema
-    new = pa.Table.from_pylist(rows, schema=schema)
+    new = pa.table({**cols, "run_id": [run_id] * len(cols["source"])}, schema=schema)
     if not full:
         assert old is not None
         if _links_of(new) != _links_of(old):  # the region's rows replaced, the rest kept as they are
             store.replace("identity", pa.concat_tables([kept.select(schema.names).cast(schema), new]))
         # else nothing moved (a drain of updates to known patients, mostly): no new version of the table
-    elif rows or old is not None:
+    elif new.num_rows or old is not None:
         store.replace("identity", new)
     store.note_linking(fingerprint)
-    return RelinkResult(len(twin_of), len(linkage.groups), len(changed), linkage.by_rule, len(linkage.conflicts),
+    return RelinkResult(new.num_rows, len(linkage.groups), len(changed), linkage.by_rule, len(linkage.conflicts),
                         full, old is not None and linked_under is not None and linked_under != fingerprint)
 
 
