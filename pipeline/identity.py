@@ -66,11 +66,9 @@ def stored_links(store) -> dict[str, str]:
     if not store.exists("identity"):
         return {}
     t = store.read("identity", ["source", "patient_id", "twin_id", "group_size"], latest=True)
-    out = {}
-    for s, p, tw, n in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
-        if n > 1:
-            out[record_key(s, p)] = tw
-    return out
+    t = t.filter(pc.greater(t.column("group_size"), 1))  # most records are alone: only groups leave Arrow
+    return {record_key(s, p): tw for s, p, tw in zip(
+        *(t.column(c).to_pylist() for c in ("source", "patient_id", "twin_id")), strict=True)}
 
 
 # --------------------------------------------------------------------------- config
