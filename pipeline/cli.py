@@ -287,6 +287,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return int(result.exit_code())
 
 
+def cmd_maintain(args: argparse.Namespace) -> int:
+    from .maintenance import maintain
+
+    print(maintain(_store(args), vacuum_days=args.vacuum_days).summary())
+    return int(Exit.OK)
+
+
+def _days(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError("a number of days, 0 or more")
+    return v
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import store_status
 
@@ -490,6 +507,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--stream-window", default="1h", metavar="DURATION",
                     help="device streams: one Observation per device, signal and window (default 1h; 15min, 1d, ...)")
     ex.set_defaults(func=cmd_export)
+
+    mt = sub.add_parser("maintain", parents=[common], help="merge small files; delete old versions' files",
+                        description="Merge every table's small files now (runs also do it as they commit), and "
+                                    "with --vacuum-days delete the files no version of the last N days reads "
+                                    "(twin build --as-of cannot go further back afterwards).")
+    mt.add_argument("--vacuum-days", type=_days, metavar="N",
+                    help="delete files of versions older than N days (default: delete nothing)")
+    mt.set_defaults(func=cmd_maintain)
 
     st = sub.add_parser("status", parents=[common], help="recent runs, watermarks, store size")
     st.add_argument("--limit", type=int, default=10, help="how many runs (default 10)")

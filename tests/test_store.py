@@ -143,3 +143,93 @@ def test_tables_are_plain_delta_readable_by_duckdb(tmp_path):
     files = store.delta("condition").file_uris()
     n = duckdb.sql(f"select count(*) from read_parquet({files!r})").fetchall()[0][0]
     assert n == 2
+
+
+def test_small_files_are_merged_at_the_commit_point_and_older_versions_still_read(tmp_path, monkeypatch):
+    """Each run adds small files to the tables it writes (a listener drains every few
+    seconds). Once a written table holds _COMPACT_AT small files, the commit merges them:
+    the same rows, a few files, and the versions before it still read (build --as-of)."""
+    import orjson
+    from deltalake import DeltaTable
+
+    from pipeline import store as store_module
+    from pipeline.imports import run_import
+
+    monkeypatch.setattr(store_module, "_COMPACT_AT", 6)
+    store = Store(tmp_path / "s")
+    versions = []
+    for i in range(9):
+        p = {"resourceType": "Patient", "id": f"p{i}", "birthDate": f"19{50 + i}-01-01"}
+        (tmp_path / f"{i}.ndjson").write_bytes(orjson.dumps(p) + b"\n")
+        run_import(store, "fhir", [tmp_path / f"{i}.ndjson"])
+        versions.append(store.committed_version("patient"))
+    dt = DeltaTable(str(store.table_path("patient")), version=versions[-1])
+    assert len(dt.file_uris()) < 6  # merged (5 small files is under the threshold: 6 runs, then 3 more)
+    assert sorted(store.read("patient", ["patient_id"]).column("patient_id").to_pylist()) == [f"p{i}" for i in range(9)]
+    history = [h.get("operation") for h in DeltaTable(str(store.table_path("patient"))).history()]
+    assert "OPTIMIZE" in history
+    for i, v in enumerate(versions[:5]):  # before the merge, each version reads as it was committed
+        old = DeltaTable(str(store.table_path("patient")), version=v).to_pyarrow_table(columns=["patient_id"])
+        assert sorted(old.column("patient_id").to_pylist()) == [f"p{j}" for j in range(i + 1)]
+    runs = DeltaTable(str(store.table_path("runs")))
+    assert len(runs.file_uris()) < 6 and store.read("runs").num_rows == 9
+
+
+def test_twin_maintain_merges_now_and_deletes_old_versions_files_only_when_asked(tmp_path, monkeypatch, capsys):
+    import orjson
+    from deltalake import DeltaTable
+
+    from pipeline import store as store_module
+    from pipeline.cli import main as twin
+    from pipeline.imports import run_import
+
+    monkeypatch.setattr(store_module, "_COMPACT_AT", 1000)  # no merging at the commits: maintain does it
+    store = Store(tmp_path / "s")
+    for i in range(5):
+        (tmp_path / f"{i}.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) + b"\n")
+        run_import(store, "fhir", [tmp_path / f"{i}.ndjson"])
+    path = str(store.table_path("patient"))
+    before = store.committed_version("patient")
+    assert len(DeltaTable(path).file_uris()) == 5
+    assert twin(["maintain", "--store", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "small files merged:" in out and "patient 5" in out and "deleted" not in out
+    assert len(DeltaTable(path).file_uris()) == 1
+    assert sorted(store.read("patient", ["patient_id"]).column("patient_id").to_pylist()) == [f"p{i}" for i in range(5)]
+    assert DeltaTable(path, version=before).to_pyarrow_table().num_rows == 5  # the old version still reads
+    assert "maintain" in store.read("runs", ["command"]).column("command").to_pylist()
+    for table in ("patient", "runs", "ledger"):  # every table's log starts from a checkpoint now
+        assert list((store.table_path(table) / "_delta_log").glob("*.checkpoint.parquet")), table
+    assert twin(["maintain", "--store", str(tmp_path / "s"), "--vacuum-days", "0"]) == 0
+    assert "files of old versions deleted:" in capsys.readouterr().out and len(list(tmp_path.glob("s/patient/*.parquet"))) == 1
+    assert store.read("patient").num_rows == 5
+    with pytest.raises(OSError):  # what --as-of would have read is gone, as asked
+        DeltaTable(path, version=before).to_pyarrow_table()
+    with pytest.raises(SystemExit):
+        twin(["maintain", "--store", str(tmp_path / "s"), "--vacuum-days", "-1"])
+
+
+def test_tables_checkpoint_every_ten_commits_older_tables_from_their_next_write(tmp_path):
+    """Opening a table replays its commits since the last checkpoint; a store written by
+    small runs (a listener) opens its tables ~40 times a run."""
+    import orjson
+    from deltalake import DeltaTable
+
+    from pipeline.imports import run_import
+
+    store = Store(tmp_path / "s")
+    for i in range(12):
+        (tmp_path / f"{i}.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) + b"\n")
+        run_import(store, "fhir", [tmp_path / f"{i}.ndjson"])
+    log = store.table_path("patient") / "_delta_log"
+    assert list(log.glob("*.checkpoint.parquet"))
+    # a table made by an earlier Twinline (Delta's default interval), committed as such...
+    runs = str(store.table_path("runs"))
+    with store.locked("an earlier Twinline"):
+        dt = DeltaTable(runs)
+        dt.alter.set_table_properties({"delta.checkpointInterval": "100"})
+        store._write_manifest({**store.manifest()["tables"], "runs": dt.version()}, None)
+    assert DeltaTable(runs).metadata().configuration["delta.checkpointInterval"] == "100"
+    # ...takes the setting at the next commit that writes it
+    run_import(store, "fhir", [tmp_path / "0.ndjson"], reprocess=True)
+    assert DeltaTable(runs).metadata().configuration["delta.checkpointInterval"] == "10"
