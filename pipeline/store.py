@@ -28,6 +28,7 @@ import bisect
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +51,8 @@ from .errors import ConfigError, LockHeld, StoreError
 from .schema import Schema, Table, load_schema
 from .temporal import utc_now
 
+log = logging.getLogger(__name__)
+
 MANIFEST_FORMAT = 1
 # Stores whose lock this process holds, with the nesting depth: a job holds the lock
 # from its first import to its build, and the steps it calls take it again.
@@ -60,17 +63,17 @@ _ROW_GROUP = 65_536
 _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)
 # Columns with min/max statistics in the Delta log (Store._table_config).
 _STATS_COLUMNS = ("source", "unit_key", "twin_id")
+# A checkpoint every 10 commits, not Delta's 100: opening a table replays the JSON commits
+# since its last checkpoint, and a run opens its tables ~40 times (12 ms each 60 commits
+# past a checkpoint, 3 ms just after one). Set on new tables, and on older ones at the
+# next commit that writes them.
+_CHECKPOINT_KEY, _CHECKPOINT_EVERY = "delta.checkpointInterval", "10"
 # Tiny files are merged at the commit point of a run that wrote the table, once it has
 # _COMPACT_AT of them: every run (a `twin listen` drain each few seconds) adds files of a
 # few kB to each table it writes, and a scan opens every file (2,000 files: 22x slower).
 # Files of _TINY_FILE or more (an import's flushes, a device stream's chunks) never start
 # a compaction, and those of COMPACT_SIZE or more are never rewritten: a compaction
 # rewrites at most a few of those sizes, however large the table.
-# A checkpoint every 10 commits, not Delta's 100: opening a table replays the JSON commits
-# since its last checkpoint, and a run opens its tables ~40 times (12 ms each 60 commits
-# past a checkpoint, 3 ms just after one). Set on new tables, and on older ones at the
-# next commit that writes them.
-_CHECKPOINT_KEY, _CHECKPOINT_EVERY = "delta.checkpointInterval", "10"
 _TINY_FILE = 256 << 10
 COMPACT_SIZE = 8 << 20
 _COMPACT_AT = 32
@@ -332,10 +335,20 @@ class Store:
             if DeltaTable.is_deltatable(str(path)):
                 dt = DeltaTable(str(path))
                 if dt.version() != committed.get(name):  # this run wrote it
-                    checkpoint_often(dt)
-                    compact_small_files(dt, _COMPACT_AT)
+                    self._upkeep(name, dt)
                 tables[name] = dt.version()
         self._write_manifest(tables, run_id, key)
+
+    @staticmethod
+    def _upkeep(name: str, dt: DeltaTable) -> None:
+        """Checkpoint interval and tiny files of a table the run wrote. Best effort: the
+        run's rows are written either way, and a failure here must not roll them back."""
+        try:
+            checkpoint_often(dt)
+            compact_small_files(dt, _COMPACT_AT)
+        except Exception as e:  # a delta-rs error on an odd table: the next run tries again
+            # the type only: a message may quote a value, and logs carry locators, never data
+            log.warning("table %s: small files left as they are (%s)", name, type(e).__name__)
 
     def _check_key(self) -> str | None:
         """The fingerprint of the key this run hashed with, if it hashed; refused if the store was built with another.

@@ -233,3 +233,19 @@ def test_tables_checkpoint_every_ten_commits_older_tables_from_their_next_write(
     # ...takes the setting at the next commit that writes it
     run_import(store, "fhir", [tmp_path / "0.ndjson"], reprocess=True)
     assert DeltaTable(runs).metadata().configuration["delta.checkpointInterval"] == "10"
+
+
+def test_a_failed_merge_of_small_files_keeps_the_run(tmp_path, monkeypatch, caplog):
+    import orjson
+
+    from pipeline import store as store_module
+    from pipeline.imports import run_import
+
+    def broken(dt, at, under=0):
+        raise OSError("disk full, at Patient/secret-id")
+
+    monkeypatch.setattr(store_module, "compact_small_files", broken)
+    (tmp_path / "p.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}) + b"\n")
+    run = run_import(Store(tmp_path / "s"), "fhir", [tmp_path / "p.ndjson"])
+    assert run.counts["fhir"].written == 1 and Store(tmp_path / "s").read("patient").num_rows == 1
+    assert "small files left as they are (OSError)" in caplog.text and "secret-id" not in caplog.text
