@@ -559,6 +559,7 @@ def said(tmp_path_factory) -> dict[str, list[Said]]:
         say("build", "build", "--store", store, "--force")
         say("status", "status", "--store", store)
         say("link-report", "link-report", "--store", store)
+        say("maintain", "maintain", "--store", store, "--vacuum-days", "30")
         listed = say("quarantine list", "quarantine", "list", "--store", store, "--all", "--limit", "100000")
         ids = sorted(set(re.findall(r"^([0-9a-f]{12})  ", listed.text, re.MULTILINE)))
         assert len(ids) > 20, "the fixtures and hostile inputs should fill the quarantine"
@@ -621,7 +622,7 @@ def _rejected_messages(export: Path) -> dict[str, str]:
 
 CHECKS = ["run", "run deid", "import fhir", "import fhir hostile", "import hl7v2", "import hl7v2 hostile", "import json logs",
           "import dicom",
-          "import dicom hostile", "import csv", "import csv hostile", "check", "build", "status", "link-report",
+          "import dicom hostile", "import csv", "import csv hostile", "check", "build", "status", "link-report", "maintain",
           "quarantine list", "quarantine show", "quarantine retry", "export", "show", "fetch fhir", "listen mllp",
           "error paths", "files"]
 
