@@ -186,12 +186,17 @@ def test_twin_maintain_merges_now_and_deletes_old_versions_files_only_when_asked
     monkeypatch.setattr(store_module, "_COMPACT_AT", 1000)  # no merging at the commits: maintain does it
     store = Store(tmp_path / "s")
     for i in range(5):
-        (tmp_path / f"{i}.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) + b"\n")
+        p = {"resourceType": "Patient", "id": f"p{i}", "birthDate": f"19{60 + i}-02-03", "gender": "female",
+             "identifier": [{"system": "urn:mrn", "value": f"M{i}"}]}
+        (tmp_path / f"{i}.ndjson").write_bytes(orjson.dumps(p) + b"\n")
         run_import(store, "fhir", [tmp_path / f"{i}.ndjson"])
     path = str(store.table_path("patient"))
     before = store.committed_version("patient")
     assert len(DeltaTable(path).file_uris()) == 5
+    content = {t: store.read(t).sort_by("patient_id") for t in ("patient", "patient_identifier")}
     assert twin(["maintain", "--store", str(tmp_path / "s")]) == 0
+    for t, rows in content.items():  # every column of every row, the columns files left out (all null) too
+        assert store.read(t).sort_by("patient_id").equals(rows), t
     out = capsys.readouterr().out
     assert "small files merged:" in out and "patient 5" in out and "deleted" not in out
     assert len(DeltaTable(path).file_uris()) == 1
