@@ -313,6 +313,9 @@ class Store:
                 shutil.rmtree(path)  # created by a run that never committed
                 rolled.append(name)
                 continue
+            latest = _latest_version(path)
+            if latest is not None and latest <= committed[name]:
+                continue  # untouched since the commit: no need to open it
             dt = DeltaTable(str(path))
             if dt.version() > committed[name]:
                 dt.restore(committed[name])
@@ -331,12 +334,14 @@ class Store:
         committed = self.manifest()["tables"]
         tables = {}
         for name in self.schema.tables:
-            path = self.root / name
-            if DeltaTable.is_deltatable(str(path)):
-                dt = DeltaTable(str(path))
-                if dt.version() != committed.get(name):  # this run wrote it
-                    self._upkeep(name, dt)
-                tables[name] = dt.version()
+            latest = _latest_version(self.root / name)
+            if latest is None:
+                continue
+            if latest != committed.get(name):  # this run wrote it
+                dt = DeltaTable(str(self.root / name))
+                self._upkeep(name, dt)
+                latest = dt.version()
+            tables[name] = latest
         self._write_manifest(tables, run_id, key)
 
     @staticmethod
@@ -699,6 +704,21 @@ class Store:
         if not parts:
             return schema.empty_table()
         return pa.Table.from_batches(parts).cast(schema)
+
+
+_COMMIT_FILE = re.compile(r"(\d{20})\.json\Z")
+
+
+def _latest_version(path: Path) -> int | None:
+    """A table's latest version from the names in its log (None: no table there). Opening
+    the table replays its log; the commit point and recovery ask this of every table at
+    every run, and most are untouched."""
+    try:
+        names = os.listdir(path / "_delta_log")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    versions = [int(m[1]) for n in names if (m := _COMMIT_FILE.match(n))]
+    return max(versions) if versions else None
 
 
 def checkpoint_often(dt: DeltaTable) -> None:

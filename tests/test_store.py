@@ -173,6 +173,11 @@ def test_small_files_are_merged_at_the_commit_point_and_older_versions_still_rea
         assert sorted(old.column("patient_id").to_pylist()) == [f"p{j}" for j in range(i + 1)]
     runs = DeltaTable(str(store.table_path("runs")))
     assert len(runs.file_uris()) < 6 and store.read("runs").num_rows == 9
+    # the commit point and recovery read each table's latest version from its log's file names
+    for name in store.schema.tables:
+        if (tmp_path / "s" / name).exists():
+            assert store_module._latest_version(tmp_path / "s" / name) == DeltaTable(str(tmp_path / "s" / name)).version()
+            assert store.committed_version(name) == DeltaTable(str(tmp_path / "s" / name)).version()
 
 
 def test_twin_maintain_merges_now_and_deletes_old_versions_files_only_when_asked(tmp_path, monkeypatch, capsys):
