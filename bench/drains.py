@@ -4,8 +4,8 @@ Each run imports --messages HL7 v2 messages (the ORU/ADT mix of bench/hl7v2.py) 
 the same store, --runs times; the time of the first and the last ten runs is printed, and
 the files each table reads. Twice, each in its own process pinned to one core: as
 installed (a run merges a table's tiny files at its commit once there are 32, and tables
-checkpoint every 10 commits), and as every run did before stop 17 (no merging, a
-checkpoint every 100 commits).
+checkpoint every 10 commits), and without either (no merging, Delta's checkpoint every
+100 commits, as before stop 17).
 
     python bench/drains.py --runs 250 --messages 20
 """
@@ -34,7 +34,7 @@ def one_mode(runs: int, n: int, merge: bool, root: Path) -> dict:
     from pipeline.imports import run_import
     from pipeline.store import Store
 
-    if not merge:  # as before stop 17: no merging, Delta's checkpoint interval
+    if not merge:  # no merging, Delta's checkpoint interval (as before stop 17)
         store_module._COMPACT_AT = 1 << 60
         store_module._CHECKPOINT_EVERY = "100"
     msgs = corpus(n * runs, 77)
@@ -68,7 +68,7 @@ def main() -> None:
         out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         f = out["files"]
         label = ("merged at the commit, checkpoint every 10 (as installed)" if mode == "merge"
-                 else "never merged, checkpoint every 100 (before stop 17)")
+                 else "never merged, checkpoint every 100")
         print(f"| {label} | {out['first']:.2f} s | {out['last']:.2f} s | {out['total']:.0f} s "
               f"| {f['observation']} / {f['patient']} / {f['runs']} |", flush=True)
 
