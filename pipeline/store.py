@@ -64,9 +64,9 @@ _WRITER = WriterProperties(compression="ZSTD", max_row_group_size=_ROW_GROUP)
 # Columns with min/max statistics in the Delta log (Store._table_config).
 _STATS_COLUMNS = ("source", "unit_key", "twin_id")
 # A checkpoint every 10 commits, not Delta's 100: opening a table replays the JSON commits
-# since its last checkpoint, and a run opens its tables ~40 times (12 ms each 60 commits
-# past a checkpoint, 3 ms just after one). Set on new tables, and on older ones at the
-# next commit that writes them.
+# since its last checkpoint (12 ms 60 commits past one, 3 ms just after), and a run opens
+# the tables it writes a few times each. Set on new tables, and on older ones at the next
+# commit that writes them.
 _CHECKPOINT_KEY, _CHECKPOINT_EVERY = "delta.checkpointInterval", "10"
 # Tiny files are merged at the commit point of a run that wrote the table, once it has
 # _COMPACT_AT of them: every run (a `twin listen` drain each few seconds) adds files of a
