@@ -66,6 +66,9 @@ def maintain(store: Store, *, vacuum_days: float | None = None) -> MaintainResul
                     dt = DeltaTable(str(store.table_path(name)))
                     result.deleted[name] = len(dt.vacuum(retention_hours=int(vacuum_days * 24), dry_run=False,
                                                          enforce_retention_duration=False))
+            # vacuum logs itself (two commits per table, the rows unchanged): committed too, or
+            # the next run would take them for a killed run's writes and restore every table
+            store.commit(run.run_id)
     return result
 
 

@@ -212,6 +212,9 @@ def test_twin_maintain_merges_now_and_deletes_old_versions_files_only_when_asked
         assert list((store.table_path(table) / "_delta_log").glob("*.checkpoint.parquet")), table
     assert twin(["maintain", "--store", str(tmp_path / "s"), "--vacuum-days", "0"]) == 0
     assert "files of old versions deleted:" in capsys.readouterr().out and len(list(tmp_path.glob("s/patient/*.parquet"))) == 1
+    for name, version in store.manifest()["tables"].items():  # nothing left for the next run to roll back
+        assert DeltaTable(str(store.table_path(name))).version() == version, name
+    assert Store(tmp_path / "s").recover() == []
     assert store.read("patient").num_rows == 5
     with pytest.raises(OSError):  # what --as-of would have read is gone, as asked
         DeltaTable(path, version=before).to_pyarrow_table()
