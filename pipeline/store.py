@@ -706,7 +706,8 @@ class Store:
         return pa.Table.from_batches(parts).cast(schema)
 
 
-_COMMIT_FILE = re.compile(r"(\d{20})\.json\Z")
+# a commit, or a checkpoint (log cleanup may leave a checkpoint without its commit file)
+_COMMIT_FILE = re.compile(r"(\d{20})\.(?:json|checkpoint(?:\.\d+\.\d+)?\.parquet)\Z")
 
 
 def _latest_version(path: Path) -> int | None:
