@@ -40,7 +40,12 @@ def record_key(source: str, patient_id: str) -> str:
 
 
 def twin_id_for_record(source: str, patient_id: str) -> str:
-    return keyed_hash("twin", record_key(source, patient_id))
+    return twin_id_of_key(record_key(source, patient_id))
+
+
+def twin_id_of_key(key: str) -> str:
+    """The twin id named for a record key: a record's own, or its group's (the smallest key)."""
+    return keyed_hash("twin", key)
 
 
 class TwinIds:
@@ -230,7 +235,7 @@ class Linkage:
     def twin_of(self) -> dict[str, str]:
         out = {}
         for root, members in self.groups.items():
-            tid = keyed_hash("twin", root)
+            tid = twin_id_of_key(root)
             for m in members:
                 out[m] = tid
         return out
@@ -496,10 +501,10 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
     changed = []
     cols: dict[str, list] = {c: [] for c in ("source", "patient_id", "twin_id", "linked_by", "group_size")}
     for root, members in linkage.groups.items():
-        tid = keyed_hash("twin", root)  # a group's twin id: the hash of its smallest key (a record alone keeps its own)
+        tid = twin_id_of_key(root)
         for k in members:
             source, _, pid = k.partition("|Patient/")
-            before = before_of.get(k) or (tid if k == root else twin_id_for_record(source, pid))
+            before = before_of.get(k) or (tid if k == root else twin_id_of_key(k))
             if before != tid:
                 changed.append(Move(source, pid, before, tid))
             cols["source"].append(source)
