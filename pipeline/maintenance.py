@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deltalake import DeltaTable
-
 from .runs import Run
 from .store import COMPACT_SIZE, Store, checkpoint_often, compact_small_files
 
@@ -56,16 +54,16 @@ def maintain(store: Store, *, vacuum_days: float | None = None) -> MaintainResul
         except BaseException:
             store.rollback()
             raise
-        for name in store.schema.tables:  # a short log to replay from now on, not from the next checkpoint
-            if store.delta(name, latest=True) is not None:
-                DeltaTable(str(store.table_path(name))).create_checkpoint()
+        for name in store.schema.tables:
+            dt = store.delta(name, latest=True)
+            if dt is None:
+                continue
+            dt.create_checkpoint()  # a short log to replay from now on, not from the next checkpoint
+            if vacuum_days is not None:
+                # after the commit: the files the committed versions read are the latest's, never deleted
+                result.deleted[name] = len(dt.vacuum(retention_hours=int(vacuum_days * 24), dry_run=False,
+                                                     enforce_retention_duration=False))
         if vacuum_days is not None:
-            # after the commit: the files the committed versions read are the latest's, never deleted
-            for name in store.schema.tables:
-                if store.delta(name, latest=True) is not None:
-                    dt = DeltaTable(str(store.table_path(name)))
-                    result.deleted[name] = len(dt.vacuum(retention_hours=int(vacuum_days * 24), dry_run=False,
-                                                         enforce_retention_duration=False))
             # vacuum logs itself (two commits per table, the rows unchanged): committed too, or
             # the next run would take them for a killed run's writes and restore every table
             store.commit(run.run_id)
