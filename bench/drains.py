@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 def one_mode(runs: int, n: int, merge: bool, root: Path) -> dict:
     from deltalake import DeltaTable
-    from hl7v2 import corpus
+    from hl7v2 import corpus, mllp
 
     from pipeline import store as store_module
     from pipeline.imports import run_import
@@ -41,7 +41,7 @@ def one_mode(runs: int, n: int, merge: bool, root: Path) -> dict:
     feed = root / "drain.mllp"
     times = []
     for i in range(runs):
-        feed.write_bytes(b"".join(b"\x0b" + m + b"\x1c\r" for m in msgs[i * n:(i + 1) * n]))
+        feed.write_bytes(mllp(msgs[i * n:(i + 1) * n]))
         t = time.perf_counter()
         run_import(Store(root / "store"), "hl7v2", [feed])
         times.append(time.perf_counter() - t)

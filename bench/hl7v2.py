@@ -58,6 +58,11 @@ def corpus(n: int, seed: int = 7) -> list[bytes]:
     return out
 
 
+def mllp(msgs: list[bytes]) -> bytes:
+    """The messages as one MLLP dump (0x0B message 0x1C 0x0D each), as `twin import hl7v2` reads it."""
+    return b"".join(b"\x0b" + m + b"\x1c\r" for m in msgs)
+
+
 def rate(fn, items, min_seconds: float = 1.0) -> float:
     """Items per CPU-second of fn over items (per core: the thread's CPU time, not the wall clock,
     so that other work on the shared machine does not count), best of three rounds."""

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hl7v2 import corpus  # noqa: E402
+from hl7v2 import corpus, mllp  # noqa: E402
 from import_fhir import run  # noqa: E402  each measurement in its own process, pinned to one core
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,12 +60,12 @@ def main() -> None:
           "| compiled speed-up | peak RSS compiled / source |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        mllp = Path(tmp, "feed.mllp")
-        mllp.write_bytes(b"".join(b"\x0b" + m + b"\x1c\r" for m in msgs))
+        feed = Path(tmp, "feed.mllp")
+        feed.write_bytes(mllp(msgs))
         for r in range(1, a.rounds + 1):
-            base = run(BASELINE, str(mllp))
-            fast = run(OURS, str(mllp), str(Path(tmp, f"store-c{r}")), str(REPO))
-            slow = run(OURS, str(mllp), str(Path(tmp, f"store-s{r}")), str(REPO),
+            base = run(BASELINE, str(feed))
+            fast = run(OURS, str(feed), str(Path(tmp, f"store-c{r}")), str(REPO))
+            slow = run(OURS, str(feed), str(Path(tmp, f"store-s{r}")), str(REPO),
                        extra_env={"TWINLINE_PURE_PYTHON": "1"})
             print(f"| {r} | {n / base['seconds']:,.0f} msg/s | {n / fast['seconds']:,.0f} msg/s "
                   f"({fast['seconds']:.1f} s; {fast['compiled']}) | {base['seconds'] / fast['seconds']:.2f} | "

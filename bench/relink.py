@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hl7v2 import corpus  # noqa: E402
+from hl7v2 import corpus, mllp  # noqa: E402
 
 from pipeline import identity, imports  # noqa: E402
 from pipeline.imports import run_import  # noqa: E402
@@ -39,7 +39,7 @@ def _timed_relink(*a, **k):
 
 def _feed(tmp: Path, n: int, seed: int) -> Path:
     path = tmp / f"feed-{n}-{seed}.mllp"
-    path.write_bytes(b"".join(b"\x0b" + m + b"\x1c\r" for m in corpus(n, seed)))
+    path.write_bytes(mllp(corpus(n, seed)))
     return path
 
 
