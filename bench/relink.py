@@ -2,7 +2,8 @@
 
 Each `twin listen` drain and each small import links identities before it commits. This
 fills a store with --batches imports of 20,000 generated HL7 v2 messages (the ORU/ADT
-mix of bench/hl7v2.py, a new seed each, so new patients), then after each measures a
+mix of bench/hl7v2.py, a new seed and new message numbers each: new patients, visits and
+orders, as a live feed brings; a few patients recur), then after each measures a
 100-message import twice: linking only the region the run touched (the default), and
 linking the whole store (what every run did before, forced by removing the linking
 fingerprint from the manifest). Same store, same run size, one after the other.
@@ -37,9 +38,9 @@ def _timed_relink(*a, **k):
     return result
 
 
-def _feed(tmp: Path, n: int, seed: int) -> Path:
+def _feed(tmp: Path, n: int, seed: int, start: int) -> Path:
     path = tmp / f"feed-{n}-{seed}.mllp"
-    path.write_bytes(mllp(corpus(n, seed)))
+    path.write_bytes(mllp(corpus(n, seed, start)))
     return path
 
 
@@ -60,18 +61,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         store_path = tmp / "store"
-        seed = 100
+        seed, start = 100, 0
         for b in range(1, a.batches + 1):
-            run_import(Store(store_path), "hl7v2", [_feed(tmp, 20_000, b)])
+            run_import(Store(store_path), "hl7v2", [_feed(tmp, 20_000, b, start)])
+            start += 20_000
             patients = Store(store_path).read("identity", ["patient_id"]).num_rows
             seed += 1
-            run_t, link_t, region = _small_run(store_path, _feed(tmp, 100, seed))
+            run_t, link_t, region = _small_run(store_path, _feed(tmp, 100, seed, start))
+            start += 100
             manifest = store_path / "_twin" / "manifest.json"
             doc = json.loads(manifest.read_text())
             doc.pop("linking", None)
             manifest.write_text(json.dumps(doc))
             seed += 1
-            full_run_t, full_link_t, whole = _small_run(store_path, _feed(tmp, 100, seed))
+            full_run_t, full_link_t, whole = _small_run(store_path, _feed(tmp, 100, seed, start))
+            start += 100
             assert not region.full and whole.full
             print(f"| {patients:,} | {run_t:.2f} s | {link_t:.2f} s ({region.records:,}) | {full_run_t:.2f} s "
                   f"| {full_link_t:.2f} s ({whole.records:,}) | {full_link_t / link_t:.1f}x |", flush=True)
