@@ -607,7 +607,8 @@ class Ingest:
             "unit_key": [f"{k[0]}/{v}" for k, v in items.items()], "unit_version": [None] * n,
             "row_index": [0] * n, "content_hash": [""] * n,
         }
-        self.store.merge_by_key("resource_identifier", pa.Table.from_pydict(data, schema=table.arrow_schema))
+        self.store.merge_by_key("resource_identifier", pa.Table.from_pydict(data, schema=table.arrow_schema),
+                                unless_same=("resource_id",))
 
     def _stored_identifiers(self):
         t = self.store.read("resource_identifier", ["resource_type", "system", "value", "resource_id"], latest=True)

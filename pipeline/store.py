@@ -514,8 +514,17 @@ class Store:
         data = self._check(table, data)
         self._write(table_name, data, "overwrite")
 
-    def merge_by_key(self, table_name: str, data: pa.Table, *, update: bool = True) -> None:
-        """Insert rows whose key is new; update (or, with update=False, keep) the others."""
+    def merge_by_key(self, table_name: str, data: pa.Table, *, update: bool = True,
+                     unless_same: Sequence[str] = ()) -> None:
+        """Insert rows whose key is new; update (or, with update=False, keep) the others.
+
+        `unless_same`: a row whose stored row (same key) has the same values in these
+        columns is left out: updating it would rewrite every file that holds one, for no
+        change. When none of the rows left has a stored key, they are appended rather than
+        merged: a MERGE reads every file of the table, and rewrites those it matches in.
+        (The resource identifiers of a drain: mostly new, the rest the same; 149 ms of a
+        1 s drain into a store of 77,000 patients became 43 ms.)
+        """
         if data.num_rows == 0:
             return
         table = self.schema.table(table_name)
@@ -524,11 +533,39 @@ class Store:
         if dt is None:
             self._append(table_name, data)
             return
+        if unless_same:
+            key = list(table.key)
+            stored = self._stored_keys(dt, table_name, data, key + list(unless_same))
+            data = data.join(stored, keys=key + list(unless_same), join_type="left anti")
+            if data.num_rows == 0:
+                return
+            if data.join(stored.select(key), keys=key, join_type="left semi").num_rows == 0:
+                self._append(table_name, data)
+                return
         pred = " AND ".join(f"t.{k} = s.{k}" for k in table.key)
         m = dt.merge(data, pred, source_alias="s", target_alias="t", writer_properties=_WRITER)
         if update:
             m = m.when_matched_update_all()
         m.when_not_matched_insert_all().execute()
+
+    def _stored_keys(self, dt: DeltaTable, table_name: str, data: pa.Table, columns: list[str]) -> pa.Table:
+        """`columns` of the stored rows whose key columns each hold a value `data` has there
+        (a superset of the rows with one of its keys), typed as in `data`. Scanned in
+        batches: memory holds the matches, not the table."""
+        key = self.schema.table(table_name).key
+        sets = {k: data.column(k).combine_chunks().cast(pa.large_string()) if pa.types.is_string(data.schema.field(k).type)
+                else data.column(k).combine_chunks() for k in key}
+        target = pa.schema([data.schema.field(c) for c in columns])
+        parts = []
+        for batch in dt.to_pyarrow_dataset(as_large_types=True).to_batches(columns=columns, batch_size=1 << 17):
+            mask = None
+            for k in key:
+                hit = pc.is_in(batch.column(columns.index(k)), value_set=sets[k])
+                mask = hit if mask is None else pc.and_(mask, hit)
+            found = batch.filter(mask)
+            if found.num_rows:
+                parts.append(pa.Table.from_batches([found]).cast(target))
+        return pa.concat_tables(parts) if parts else target.empty_table()
 
     def stored_units(self, table_name: str, source: str, unit_keys: Sequence[str]) -> dict[str, tuple[str | None, str, int]]:
         """For the given units of one source: unit_key -> (version, content_hash, row count).

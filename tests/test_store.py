@@ -66,6 +66,46 @@ def test_new_unchanged_changed_older_and_shrinking(tmp_path):
         assert stored(store) == {}
 
 
+def _identifiers(store: Store, mapping: dict[str, str], run: str) -> pa.Table:
+    table = store.schema.table("resource_identifier")
+    return pa.Table.from_pylist([
+        {"resource_type": "Patient", "system": "urn:mrn", "value": v, "resource_id": rid, "source": "s",
+         "source_ref": "", "run_id": run, "ingested_at": NOW, "unit_key": f"Patient/{rid}", "row_index": 0,
+         "content_hash": ""} for v, rid in mapping.items()], schema=table.arrow_schema)
+
+
+def test_merge_by_key_leaves_same_rows_alone_and_appends_when_every_key_is_new(tmp_path):
+    """A drain's identifiers are mostly new and the rest unchanged: that must not rewrite the
+    files holding the stored ones (a MERGE that updates a matched row rewrites its file)."""
+    store = Store(tmp_path / "s")
+
+    def history() -> list[str]:
+        dt = store.delta("resource_identifier", latest=True)
+        return [h["operation"] for h in reversed(dt.history())]
+
+    def mapping() -> dict[str, tuple[str, str]]:
+        t = store.read("resource_identifier", ["value", "resource_id", "run_id"], latest=True)
+        return {v: (r, run) for v, r, run in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)}
+
+    with store.locked("test"):
+        store.merge_by_key("resource_identifier", _identifiers(store, {"1": "a", "2": "b"}, "r1"), unless_same=("resource_id",))
+        ops = history()
+        # the same mapping again: nothing written, no new version
+        store.merge_by_key("resource_identifier", _identifiers(store, {"1": "a", "2": "b"}, "r2"), unless_same=("resource_id",))
+        assert history() == ops
+        # one known and unchanged, one new: the new one is appended, nothing merged
+        store.merge_by_key("resource_identifier", _identifiers(store, {"2": "b", "3": "c"}, "r3"), unless_same=("resource_id",))
+        assert history() == ops + ["WRITE"]
+        assert mapping() == {"1": ("a", "r1"), "2": ("b", "r1"), "3": ("c", "r3")}
+        # a value now naming another resource is updated in place
+        store.merge_by_key("resource_identifier", _identifiers(store, {"1": "z", "4": "d"}, "r4"), unless_same=("resource_id",))
+        assert history()[-1] == "MERGE"
+        assert mapping() == {"1": ("z", "r4"), "2": ("b", "r1"), "3": ("c", "r3"), "4": ("d", "r4")}
+        # without unless_same every matched row is updated, as before
+        store.merge_by_key("resource_identifier", _identifiers(store, {"2": "b"}, "r5"))
+        assert mapping()["2"] == ("b", "r5")
+
+
 def test_version_rules():
     assert version_newer("2024-02-01T00:00:00.000000Z|", "2024-01-01T00:00:00.000000Z|") is True
     assert version_newer("|3", "|12") is False
