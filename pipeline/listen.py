@@ -14,6 +14,7 @@ acknowledged (its fsync did not return) and is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -106,6 +108,22 @@ class Spool:
         return sorted(self.folder.glob("*.ready"))
 
     @staticmethod
+    def count(path: Path) -> int:
+        """Whole records in a segment, read by their headers alone (a backlog can be large)."""
+        n = 0
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            i = 0
+            while i + 9 <= size:
+                f.seek(i)
+                head = f.read(9)
+                i += 9 + int.from_bytes(head[1:5], "big") + int.from_bytes(head[5:9], "big")
+                if i > size:
+                    break  # cut by a crash: never acknowledged (as in read)
+                n += 1
+        return n
+
+    @staticmethod
     def read(path: Path) -> Iterator[tuple[bytes, str, bytes]]:
         data = path.read_bytes()
         i = 0
@@ -118,6 +136,35 @@ class Spool:
                 break  # cut by a crash before its fsync returned: it was never acknowledged
             yield kind, data[i + 9:i + 9 + n_ref].decode("utf-8", "replace"), data[i + 9 + n_ref:end]
             i = end
+
+
+@dataclass
+class Backlog:
+    """Messages a listener acknowledged that are not in the tables yet, for one source."""
+
+    source: str
+    messages: int
+    segments: int
+    oldest: datetime | None  # when the oldest waiting segment was started (its first message)
+
+
+def spool_backlog(store: Store) -> list[Backlog]:
+    """What the spools of `store` hold, per source, read without taking a listener's lock:
+    `twin status` shows it, for a listener that cannot drain (a job holds the store for
+    hours, a full disk) keeps acknowledging into its spool."""
+    out = []
+    for folder in sorted(p for p in (store.meta / "spool").glob("*") if p.is_dir()):
+        waiting = []  # (segment, records), oldest first: a segment is named for its first message's time
+        for seg in sorted([*folder.glob("*.open"), *folder.glob("*.ready")], key=lambda p: p.name):
+            with contextlib.suppress(FileNotFoundError):  # drained meanwhile
+                if n := Spool.count(seg):
+                    waiting.append((seg, n))
+        if not waiting:
+            continue
+        stamp = waiting[0][0].name.split("-", 1)[0]
+        oldest = datetime.fromtimestamp(int(stamp) / 1e9, UTC) if stamp.isdigit() else None
+        out.append(Backlog(folder.name, sum(n for _, n in waiting), len(waiting), oldest))
+    return out
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import pyarrow.compute as pc
 
 from .store import Store
+from .temporal import utc_now
 
 
 def _human(n: float) -> str:
@@ -17,9 +18,34 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _backlog(store: Store) -> list[str]:
+    if not (store.meta / "spool").is_dir():  # never listened: no need to load the listener
+        return []
+    from .listen import spool_backlog
+
+    now = utc_now()
+    lines = []
+    for b in spool_backlog(store):
+        since = ""
+        if b.oldest is not None:
+            since = f", the oldest received {b.oldest:%Y-%m-%dT%H:%M:%SZ} ({_age((now - b.oldest).total_seconds())} ago)"
+        lines.append(f"  listener spool {b.source}: {b.messages:,} acknowledged message(s) not in the tables yet, "
+                     f"in {b.segments} segment(s){since}")
+    return lines
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def store_status(store: Store, limit: int = 10) -> str:
     manifest = store.manifest()
     lines = [f"store {store.root} (twin schema v{store.schema.version}), {_human(store.size_bytes())} on disk"]
+    lines += _backlog(store)  # before the tables: acknowledged messages can wait in a store with none yet
     if not manifest["tables"]:
         lines.append("  empty: nothing has been imported yet")
         return "\n".join(lines)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from pipeline.connectors.mllp import ServerStats
 from pipeline.listen import listen_mllp
+from pipeline.status import store_status
 from pipeline.store import Store
 from tests.conftest import FIXTURES, REPO
 
@@ -111,6 +114,10 @@ def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
         holder.kill()
         holder.wait()
     assert list((store_dir / "_twin" / "spool").rglob("*.open")) or list((store_dir / "_twin" / "spool").rglob("*.ready"))
+    # `twin status` says how many acknowledged messages wait, and since when, though no table exists yet
+    status = store_status(Store(store_dir))
+    assert re.search(rf"listener spool hl7v2: {len(messages())} acknowledged message\(s\) not in the tables yet, "
+                     r"in \d segment\(s\), the oldest received \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+ s ago\)", status), status
     # the next listener drains what the dead one acknowledged, then stops cleanly on SIGTERM
     listener = _listener(store_dir, port)
     _wait_port(port)
@@ -122,6 +129,7 @@ def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
     assert listener.returncode == 0, err.decode()[-500:]
     assert Store(store_dir).count("patient") >= 1
     assert b"stored" in out
+    assert "listener spool" not in store_status(Store(store_dir))  # drained: nothing waits
 
 
 def test_a_port_in_use_or_an_unreadable_certificate_is_a_usage_error(tmp_path, capsys):
@@ -165,3 +173,23 @@ def test_a_second_listener_for_the_same_source_is_refused_and_the_first_keeps_it
     from pipeline.listen import Spool
 
     Spool(store.meta / "spool" / "hl7v2").close()  # released when the first stopped
+
+
+def test_a_spool_backlog_counts_whole_records_only(tmp_path):
+    """What `twin status` reports is what the next drain will read: a record cut by a crash
+    (its fsync never returned, so it was never acknowledged) is not counted."""
+    from pipeline.listen import Spool, spool_backlog
+
+    store = Store(tmp_path / "s")
+    spool = Spool(store.meta / "spool" / "feed")
+    spool.append([(b"M", f"msg {i}", b"MSH|^~\\&|x" * (i + 1)) for i in range(3)])
+    spool.seal()
+    spool.append([(b"M", "msg 3", b"MSH|^~\\&|y")])
+    spool.close()
+    first, second = spool.ready()
+    with open(second, "r+b") as f:  # the last record of the newest segment cut in the middle
+        f.truncate(f.seek(0, 2) - 3)
+    assert [Spool.count(p) for p in (first, second)] == [3, 0] == [len(list(Spool.read(p))) for p in (first, second)]
+    (b,) = spool_backlog(store)
+    assert (b.source, b.messages, b.segments) == ("feed", 3, 1)
+    assert b.oldest is not None and abs((b.oldest - datetime.now(UTC)).total_seconds()) < 60
