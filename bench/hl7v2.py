@@ -1,6 +1,7 @@
 """HL7 v2 throughput: parse + map to FHIR beside python-hl7's and hl7apy's bare parse; MLLP loopback.
 
     /work/venv/bin/python bench/hl7v2.py [--messages 4000] [--mllp-clients 8] [--mllp-messages 200]
+                                         [--listen-messages 8000]
 
 The machine is shared and noisy: every number is printed beside a baseline measured in
 the same run, and the ratios are what to compare between runs. The corpus is generated
@@ -144,15 +145,29 @@ def _send_all(port: int, clients: int, msgs: list[bytes], out) -> None:
     out.send((time.perf_counter() - start, latencies))
 
 
-def bench_mllp(clients: int, per_client: int, batch_wait_ms: float) -> dict:
+def bench_mllp(clients: int, per_client: int, batch_wait_ms: float, listen_store: str | None = None) -> dict:
+    """Senders in another process against a server in this one: the test handler (map,
+    append to a file, fsync per batch), or with `listen_store` the real `twin listen`
+    (map, spool with fsync per batch, and its drain process moving the spool into that
+    Delta store every half second)."""
     import multiprocessing
+
+    from pipeline.listen import listen_mllp
+    from pipeline.store import Store
 
     msgs = corpus(clients * per_client, seed=11)
     with tempfile.TemporaryDirectory() as tmp:
         stats, ready, stop = ServerStats(), threading.Event(), threading.Event()
-        server = threading.Thread(target=serve_mllp, args=("127.0.0.1", 0, FsyncFileHandler(f"{tmp}/store")),
-                                  kwargs=dict(ready=ready, stop=stop, stats=stats, batch_wait_ms=batch_wait_ms,
-                                              batch_max=200), daemon=True)
+        if listen_store is None:
+            server = threading.Thread(target=serve_mllp, args=("127.0.0.1", 0, FsyncFileHandler(f"{tmp}/store")),
+                                      kwargs=dict(ready=ready, stop=stop, stats=stats, batch_wait_ms=batch_wait_ms,
+                                                  batch_max=200), daemon=True)
+        else:
+            store = Store(listen_store)
+            listened: list = []
+            server = threading.Thread(target=lambda: listened.append(listen_mllp(
+                store, "127.0.0.1", 0, ready=ready, stop=stop, stats=stats, batch_wait_ms=batch_wait_ms,
+                batch_max=200, drain_every=0.5)), daemon=True)
         server.start()
         ready.wait(10)
         ctx = multiprocessing.get_context("spawn")
@@ -162,12 +177,17 @@ def bench_mllp(clients: int, per_client: int, batch_wait_ms: float) -> dict:
         elapsed, latencies = recv.recv()
         proc.join(30)
         stop.set()
-        server.join(10)
+        server.join(120)
     lat = sorted(latencies)
-    return {"clients": clients, "messages": len(lat), "rate": len(lat) / elapsed,
-            "p50": lat[len(lat) // 2] * 1000, "p95": lat[int(len(lat) * 0.95)] * 1000,
-            "p99": lat[int(len(lat) * 0.99)] * 1000, "mean": statistics.fmean(lat) * 1000,
-            "batches": stats.batches, "largest": stats.largest_batch}
+    out = {"clients": clients, "messages": len(lat), "rate": len(lat) / elapsed,
+           "p50": lat[len(lat) // 2] * 1000, "p95": lat[int(len(lat) * 0.95)] * 1000,
+           "p99": lat[int(len(lat) * 0.99)] * 1000, "max": lat[-1] * 1000, "mean": statistics.fmean(lat) * 1000,
+           "batches": stats.batches, "largest": stats.largest_batch}
+    if listen_store is not None:
+        drained = listened[0] if listened else None
+        out["drains"] = drained.drains if drained else 0
+        out["drained"] = drained.drained_messages if drained else 0
+    return out
 
 
 def fsync_baseline(n: int = 50) -> float:
@@ -185,6 +205,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--mllp-clients", type=int, default=8, help="0: parse and map only, no MLLP loopback")
     ap.add_argument("--mllp-messages", type=int, default=150, help="per client")
+    ap.add_argument("--listen-messages", type=int, default=0,
+                    help="also measure the real `twin listen` (spool and drains into a store) with this many messages")
     args = ap.parse_args()
 
     load = os.getloadavg()[0]
@@ -204,6 +226,16 @@ def main() -> None:
         r = bench_mllp(clients, args.mllp_messages if clients > 1 else args.mllp_messages * 2, wait)
         print(f"| {r['clients']} connection(s), {r['messages']} messages, batch_wait_ms={wait} | {r['rate']:,.0f} | "
               f"{r['p50']:.1f} / {r['p95']:.1f} / {r['p99']:.1f} | {r['batches']} (largest {r['largest']}) |")
+    if args.listen_messages:
+        print("\n| `twin listen` (spool, fsync per batch; its drain process writes a Delta store every 0.5 s) "
+              "| messages/s | ACK latency p50 / p95 / p99 / max ms | batches | drains (messages drained) |"
+              "\n|---|---:|---:|---:|---:|")
+        for clients in (1, args.mllp_clients):
+            with tempfile.TemporaryDirectory() as tmp:
+                r = bench_mllp(clients, args.listen_messages // clients, 20, listen_store=f"{tmp}/store")
+            print(f"| {r['clients']} connection(s), {r['messages']} messages | {r['rate']:,.0f} | {r['p50']:.1f} / "
+                  f"{r['p95']:.1f} / {r['p99']:.1f} / {r['max']:.0f} | {r['batches']} (largest {r['largest']}) "
+                  f"| {r['drains']} ({r['drained']:,}) |", flush=True)
 
 
 if __name__ == "__main__":

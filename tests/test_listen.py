@@ -51,7 +51,15 @@ def send(port: int, msgs: list[bytes]) -> list[bytes]:
     return acks
 
 
-def test_acks_then_rows_in_the_store(tmp_path):
+def test_acks_then_rows_in_the_store(tmp_path, monkeypatch):
+    # the drains run in a process of their own, never in the one that acknowledges (a drain
+    # in a thread of it held the GIL while ACKs waited): here, draining would fail
+    from pipeline import listen
+
+    def not_here(self):
+        raise AssertionError("drained in the listener's process")
+
+    monkeypatch.setattr(listen.Drainer, "drain", not_here)
     store = Store(tmp_path / "s")
     stop, ready, stats = threading.Event(), threading.Event(), ServerStats()
     port = free_port()
@@ -82,6 +90,20 @@ def _listener(store: Path, port: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started that run Python (its drain process; not the resource tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "multiprocessing.spawn"], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def _wait_port(port: int) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -108,8 +130,14 @@ def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
         assert all(b"MSA|" in a for a in acks)
         time.sleep(0.5)
         assert not Store(store_dir).exists("patient")   # nothing could be written yet
+        drainer = _children(listener.pid)
         os.kill(listener.pid, signal.SIGKILL)           # ... and the listener dies
         listener.wait()
+        # its drain process does not outlive it (the next listener drains)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in drainer):
+            time.sleep(0.1)
+        assert drainer and not any(_alive(p) for p in drainer), "the drain process outlived its listener"
     finally:
         holder.kill()
         holder.wait()

@@ -371,7 +371,8 @@ def test_messages_received_over_mllp_are_pseudonymised_as_they_are_drained(tmp_p
     spool = Spool(tmp_path / "spool")
     raw = (FIXTURES / "hl7v2" / "twin-adt-a01.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
     spool.append([(_MSG, "mllp:127.0.0.1:1 [ctl]", raw)])
-    drainer = Drainer(store, spool, "adt", privacy=privacy_hooks("deid", source="adt"))
+    spool.seal()
+    drainer = Drainer(store, spool.folder, "adt", privacy=privacy_hooks("deid", source="adt"))
     assert drainer.drain() and not spool.ready()  # drained, and the raw segment is gone
     ids = _table(store, "patient_identifier")
     assert ids.num_rows and all(re.fullmatch(r"[0-9a-f]{32}", v) for v in ids.column("value").to_pylist())
