@@ -221,3 +221,35 @@ def test_a_spool_backlog_counts_whole_records_only(tmp_path):
     (b,) = spool_backlog(store)
     assert (b.source, b.messages, b.segments) == ("feed", 3, 1)
     assert b.oldest is not None and abs((b.oldest - datetime.now(UTC)).total_seconds()) < 60
+
+
+def test_a_listener_under_deid_drains_through_its_profile(tmp_path, monkeypatch):
+    """The privacy hooks cross into the drain process (pickled): what reaches the tables
+    is de-identified there, as `twin import --deid` would store it."""
+    from pipeline import keys
+    from pipeline.privacy import privacy_hooks
+
+    monkeypatch.setenv("TWIN_KEY", "listener-test-key-0123456789abcdef")
+    keys.secret_key.cache_clear()
+    try:
+        store = Store(tmp_path / "s")
+        stop, ready = threading.Event(), threading.Event()
+        port = free_port()
+        t = threading.Thread(target=listen_mllp, args=(store, "127.0.0.1", port), daemon=True,
+                             kwargs={"ready": ready, "stop": stop, "drain_every": 0.2,
+                                     "privacy": privacy_hooks("deid", source="hl7v2")})
+        t.start()
+        assert ready.wait(10)
+        assert all(b"MSA|A" in a for a in send(port, messages()))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not store.exists("patient_identifier"):
+            time.sleep(0.2)
+        stop.set()
+        t.join(60)
+        ids = store.read("patient_identifier", ["value"]).column("value").to_pylist()
+        assert ids and all(len(v) == 32 and set(v) <= set("0123456789abcdef") for v in ids), ids
+        patients = store.read("patient", ["name_family"])
+        assert patients.num_rows and patients.column("name_family").null_count == patients.num_rows
+        assert store.privacy_profiles()["hl7v2"].startswith("deid")  # claimed by the drain process's run
+    finally:
+        keys.secret_key.cache_clear()
