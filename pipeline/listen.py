@@ -285,6 +285,7 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
                 spool.seal()
             except OSError:  # a full disk: the segment stays open, and is sealed next time
                 log.exception("sealing the spool segment failed; it is tried again")
+            drains.keep_running()
 
     thread = threading.Thread(target=seal_loop, name="twin-seal", daemon=True)
     thread.start()
@@ -312,23 +313,39 @@ class DrainProcess:
     store's lock. It ignores SIGINT and SIGTERM: a service manager or a terminal signals
     the whole process group, and it is the listener that decides when receiving has
     stopped. When the listener dies without telling it (SIGKILL), it exits after its
-    current drain, and the next listener drains the rest.
+    current drain, and the next listener drains the rest. When it dies (the kernel's OOM
+    killer, a crash in a native library), `keep_running` starts another: the listener
+    would otherwise go on acknowledging into a spool nobody drains.
     """
 
     def __init__(self, root: Path, folder: Path, source: str, *, strict: bool, privacy, every: float,
                  shutdown_wait: float):
-        ctx = multiprocessing.get_context("spawn")
-        self._stop = ctx.Event()
-        self._counts = ctx.Array("q", 3)  # ListenStats: drains, drained messages, waits for the lock
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._counts = self._ctx.Array("q", 3)  # ListenStats: drains, drained messages, waits for the lock
         self._wait = shutdown_wait
-        self._proc = ctx.Process(target=_drain_forever, name="twin-drain", daemon=True, args=(
-            str(root), str(folder), source, strict, privacy, every, shutdown_wait, self._stop, self._counts,
-            os.getpid(), _logging_setup()))
+        self._args = (str(root), str(folder), source, strict, privacy, every, shutdown_wait, self._stop, self._counts,
+                      os.getpid(), _logging_setup())
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self._proc = self._ctx.Process(target=_drain_forever, name="twin-drain", daemon=True, args=self._args)
         self._proc.start()
+
+    def keep_running(self) -> None:
+        """Start a new drain process if the last one ended while the listener still receives."""
+        if self._stop.is_set() or self._proc.is_alive():
+            return
+        log.error("the drain process ended (exit code %s); starting another", self._proc.exitcode)
+        self.restarts += 1
+        self._start()
 
     def finish(self) -> ListenStats:
         """Drain what is sealed and stop; the counts of every drain this process made."""
         self._stop.set()
+        if not self._proc.is_alive():  # died since the last keep_running: one more, for what is left
+            self._start()
         self._proc.join(self._wait + 30)
         if self._proc.is_alive():  # a drain that does not end: the next run rolls it back
             log.warning("the drain process did not stop in time; stopped (its run is rolled back by the next)")
@@ -361,14 +378,18 @@ def _drain_forever(root: str, folder: str, source: str, strict: bool, privacy, e
     drainer = Drainer(Store(root), Path(folder), source, strict=strict, privacy=privacy)
 
     def drain() -> bool:
+        st = drainer.stats
+        before = (st.drains, st.drained_messages, st.waits_for_lock)
         try:
             return drainer.drain()
         except Exception:  # keep draining; the spool keeps the messages
             log.exception("draining the spool failed; the messages stay in the spool and are retried")
             return False
-        finally:
-            st = drainer.stats
-            counts[:] = [st.drains, st.drained_messages, st.waits_for_lock]
+        finally:  # added, not set: a restarted drain process counts on from its predecessor
+            with counts.get_lock():
+                for i, (b, a) in enumerate(zip(before, (st.drains, st.drained_messages, st.waits_for_lock),
+                                               strict=True)):
+                    counts[i] += a - b
 
     while not stop.wait(every):
         if os.getppid() != parent:  # the listener is gone: the next one drains

@@ -253,3 +253,34 @@ def test_a_listener_under_deid_drains_through_its_profile(tmp_path, monkeypatch)
         assert store.privacy_profiles()["hl7v2"].startswith("deid")  # claimed by the drain process's run
     finally:
         keys.secret_key.cache_clear()
+
+
+def test_a_drain_process_that_dies_is_started_again(tmp_path):
+    """Killed by the OOM killer, say: the listener goes on acknowledging, so without a new
+    drain process the spool would grow and the tables never see those messages."""
+    store = Store(tmp_path / "s")
+    stop, ready = threading.Event(), threading.Event()
+    port = free_port()
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(listen_mllp(store, "127.0.0.1", port, ready=ready, stop=stop,
+                                                                  drain_every=0.2)), daemon=True)
+    t.start()
+    assert ready.wait(10)
+    first = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not first:
+        first = _children(os.getpid())
+        time.sleep(0.1)
+    assert len(first) == 1, first
+    os.kill(first[0], signal.SIGKILL)
+    msgs = messages()
+    assert all(b"MSA|A" in a for a in send(port, msgs))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not store.exists("runs"):
+        time.sleep(0.2)
+    assert store.exists("runs"), "nothing drained after the drain process was killed"
+    second = _children(os.getpid())
+    assert second and second != first
+    stop.set()
+    t.join(60)
+    assert result[0].drained_messages == len(msgs)
