@@ -225,11 +225,11 @@ class Drainer:
                 except BaseException:
                     self.store.rollback()
                     raise
+                for seg in segments:  # committed: the spool may forget them (under the lock, so
+                    seg.unlink(missing_ok=True)  # that no other drainer lists them meanwhile)
         except LockHeld:
             self.stats.waits_for_lock += 1
             return False
-        for seg in segments:  # committed: the spool may forget them
-            seg.unlink()
         self.stats.drained_messages += n
         self.stats.drains += 1
         return True
