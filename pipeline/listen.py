@@ -37,11 +37,14 @@ from .ingest import Ingest, ViewSet, collect_at_flushes
 from .paths import safe_name
 from .runs import Run
 from .store import Store
-from .units import Rejected
+from .units import Rejected, Resource
 
 log = logging.getLogger(__name__)
 
-_MSG, _REJ = b"M", b"R"
+# Spool record kinds. F: a mapped message (the raw bytes and the FHIR resources, as JSON);
+# R: a refused one (its Rejected); M: a raw message, mapped when drained (spools written
+# before the listener spooled what it had mapped already).
+_MSG, _REJ, _FHIR = b"M", b"R", b"F"
 
 
 class Spool:
@@ -212,13 +215,18 @@ class Drainer:
                     for seg in segments:
                         for kind, ref, data in Spool.read(seg):
                             n += 1
-                            if kind == _REJ:
+                            if kind == _FHIR:
+                                rec = orjson.loads(data)
+                                raw = rec["raw"].encode("latin-1")
+                                ingest.feed_all([Resource(r["r"], r["ref"], raw=raw, create_only=r["co"])
+                                                 for r in rec["resources"]])
+                            elif kind == _REJ:
                                 r = orjson.loads(data)
                                 ingest.feed(Rejected(r["stage"], r["reason"], r["message"], ref,
                                                      payload=r["payload"].encode("latin-1") if r.get("payload") else None))
-                                continue
-                            mapped = map_message(data, ref, strict=self.strict)
-                            ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
+                            else:
+                                mapped = map_message(data, ref, strict=self.strict)
+                                ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
                     ingest.finish()
                     run.notes.append(f"{n} message(s) from {len(segments)} spool segment(s)")
                     finish_run(self.store, run)
@@ -236,26 +244,39 @@ class Drainer:
 
 
 def spooling_handler(spool: Spool, *, strict: bool = False):
-    """The MLLP handler: map for the ACK code, spool (fsync), then let the server acknowledge."""
+    """The MLLP handler: map (the ACK code says how that went), spool what the mapping gave
+    (fsync), then let the server acknowledge.
+
+    The spool keeps the resources, not only the raw message, so that the drain does not
+    map every message a second time: mapping is about half of a drain's work, and the
+    drain process is what bounds the rate a listener can sustain (bench/RESULTS.md). The
+    raw bytes go along, for the quarantine of a resource a later stage refuses.
+    """
 
     def handle(batch) -> list:
         records: list[tuple[bytes, str, bytes]] = []
         results: list = []
         for m in batch:
             if m.rejected is not None:
-                r = m.rejected
-                records.append((_REJ, r.source_ref, orjson.dumps({
-                    "stage": r.stage, "reason": r.reason, "message": r.message,
-                    "payload": r.payload.decode("latin-1") if r.payload else None})))
+                records.append((_REJ, m.rejected.source_ref, _rejected_record(m.rejected)))
                 results.append("AE")
                 continue
             mapped = map_message(m.raw, m.source_ref, strict=strict)
-            records.append((_MSG, m.source_ref, m.raw))
+            if mapped.rejected is not None:
+                records.append((_REJ, m.source_ref, _rejected_record(mapped.rejected)))
+            else:
+                records.append((_FHIR, m.source_ref, orjson.dumps({"raw": m.raw.decode("latin-1"), "resources": [
+                    {"r": u.resource, "ref": u.source_ref, "co": u.create_only} for u in mapped.resources]})))
             results.append(mapped)
         spool.append(records)
         return results
 
     return handle
+
+
+def _rejected_record(r: Rejected) -> bytes:
+    return orjson.dumps({"stage": r.stage, "reason": r.reason, "message": r.message,
+                         "payload": r.payload.decode("latin-1") if r.payload else None})
 
 
 def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ssl_context=None,

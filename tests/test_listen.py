@@ -284,3 +284,56 @@ def test_a_drain_process_that_dies_is_started_again(tmp_path):
     stop.set()
     t.join(60)
     assert result[0].drained_messages == len(msgs)
+
+
+def _hl7_corpus() -> list[bytes]:
+    """The fixture messages and, when ../shared/data is here, the public samples: mapped,
+    refused for their content, and of every message type the maps know."""
+    from pipeline.hl7v2 import DEFAULT_LIMITS
+    from pipeline.hl7v2_framing import RawMessage, frame_stream
+
+    files = sorted(p for p in (FIXTURES / "hl7v2").rglob("*") if p.is_file())
+    shared = REPO.parent / "shared" / "data" / "hl7v2"
+    if shared.is_dir():
+        files += sorted(p for p in shared.rglob("*") if p.is_file())
+    out = []
+    for f in files:
+        with open(f, "rb") as fh:
+            out += [u.data for u in frame_stream(fh, DEFAULT_LIMITS, []) if isinstance(u, RawMessage)]
+    return out
+
+
+def test_a_drain_of_mapped_records_stores_what_mapping_at_the_drain_stored(tmp_path):
+    """The listener spools what it mapped (F records) so that drains do not map again; a
+    spool of raw messages (M records, as listeners before wrote) must give the same tables."""
+    from datetime import UTC, datetime
+
+    from pipeline.connectors.mllp import InboundMessage
+    from pipeline.listen import _MSG, Drainer, Spool, spooling_handler
+
+    msgs = _hl7_corpus()
+    assert len(msgs) >= 5
+    inbound = [InboundMessage(raw=m, peer="127.0.0.1:9", received_at=datetime.now(UTC), connection_id=1,
+                              sequence=i + 1, control_id=None) for i, m in enumerate(msgs)]
+    tables = {}
+    for kind in ("mapped", "raw"):
+        store = Store(tmp_path / kind)
+        spool = Spool(tmp_path / f"spool-{kind}")
+        if kind == "mapped":
+            results = spooling_handler(spool)(inbound)
+            assert any(getattr(r, "rejected", None) is not None for r in results), "no refused message in the corpus"
+        else:
+            spool.append([(_MSG, m.source_ref, m.raw) for m in inbound])
+        spool.seal()
+        assert Drainer(store, spool.folder, "hl7v2").drain()
+        spool.close()
+        tables[kind] = {}
+        for name in store.schema.tables:
+            if store.exists(name) and name not in ("runs", "ledger"):
+                t = store.read(name)
+                keep = [c for c in t.column_names if c not in ("run_id", "ingested_at", "quarantined_at", "quarantine_id")]
+                tables[kind][name] = sorted(map(repr, t.select(keep).to_pylist()))
+    assert tables["mapped"].keys() == tables["raw"].keys()
+    assert "observation" in tables["mapped"] and "quarantine" in tables["mapped"]
+    for name in tables["raw"]:
+        assert tables["mapped"][name] == tables["raw"][name], name
