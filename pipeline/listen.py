@@ -145,7 +145,7 @@ class Spool:
 
 @dataclass
 class Backlog:
-    """Messages a listener acknowledged that are not in the tables yet, for one source."""
+    """Messages a listener received (acknowledged, or refused as frames) not in the tables yet, for one source."""
 
     source: str
     messages: int

@@ -29,7 +29,7 @@ def _backlog(store: Store) -> list[str]:
         since = ""
         if b.oldest is not None:
             since = f", the oldest received {b.oldest:%Y-%m-%dT%H:%M:%SZ} ({_age((now - b.oldest).total_seconds())} ago)"
-        lines.append(f"  listener spool {b.source}: {b.messages:,} acknowledged message(s) not in the tables yet, "
+        lines.append(f"  listener spool {b.source}: {b.messages:,} message(s) received and not in the tables yet, "
                      f"in {b.segments} segment(s){since}")
     return lines
 

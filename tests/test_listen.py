@@ -144,7 +144,7 @@ def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
     assert list((store_dir / "_twin" / "spool").rglob("*.open")) or list((store_dir / "_twin" / "spool").rglob("*.ready"))
     # `twin status` says how many acknowledged messages wait, and since when, though no table exists yet
     status = store_status(Store(store_dir))
-    assert re.search(rf"listener spool hl7v2: {len(messages())} acknowledged message\(s\) not in the tables yet, "
+    assert re.search(rf"listener spool hl7v2: {len(messages())} message\(s\) received and not in the tables yet, "
                      r"in \d segment\(s\), the oldest received \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(\d+ s ago\)", status), status
     # the next listener drains what the dead one acknowledged, then stops cleanly on SIGTERM
     listener = _listener(store_dir, port)
