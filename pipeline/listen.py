@@ -347,7 +347,6 @@ class DrainProcess:
         self._wait = shutdown_wait
         self._args = (str(root), str(folder), source, strict, privacy, every, shutdown_wait, self._stop, self._counts,
                       os.getpid(), _logging_setup())
-        self.restarts = 0
         self._start()
 
     def _start(self) -> None:
@@ -359,7 +358,6 @@ class DrainProcess:
         if self._stop.is_set() or self._proc.is_alive():
             return
         log.error("the drain process ended (exit code %s); starting another", self._proc.exitcode)
-        self.restarts += 1
         self._start()
 
     def finish(self) -> ListenStats:
