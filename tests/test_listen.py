@@ -91,9 +91,21 @@ def _listener(store: Path, port: int) -> subprocess.Popen:
 
 
 def _children(pid: int) -> list[int]:
-    """The processes `pid` started that run Python (its drain process; not the resource tracker)."""
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "multiprocessing.spawn"], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
+    """The live processes `pid` spawned with multiprocessing (its drain process; not the
+    resource tracker), read from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z" and b"multiprocessing.spawn" in cmd:
+            out.append(int(d.name))
+    return out
 
 
 def _alive(pid: int) -> bool:
