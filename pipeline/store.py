@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -556,16 +557,14 @@ class Store:
         sets = {k: data.column(k).combine_chunks().cast(pa.large_string()) if pa.types.is_string(data.schema.field(k).type)
                 else data.column(k).combine_chunks() for k in key}
         target = pa.schema([data.schema.field(c) for c in columns])
-        parts = []
-        for batch in dt.to_pyarrow_dataset(as_large_types=True).to_batches(columns=columns, batch_size=1 << 17):
-            mask = None
-            for k in key:
-                hit = pc.is_in(batch.column(columns.index(k)), value_set=sets[k])
-                mask = hit if mask is None else pc.and_(mask, hit)
-            found = batch.filter(mask)
-            if found.num_rows:
-                parts.append(pa.Table.from_batches([found]).cast(target))
-        return pa.concat_tables(parts) if parts else target.empty_table()
+
+        def mask(batch: pa.RecordBatch) -> pa.Array:
+            hits = [pc.is_in(batch.column(columns.index(k)), value_set=sets[k]) for k in key]
+            return functools.reduce(pc.and_, hits)
+
+        parts = _matching(dt.to_pyarrow_dataset(as_large_types=True).to_batches(columns=columns, batch_size=1 << 17),
+                          mask)
+        return pa.Table.from_batches(parts).cast(target) if parts else target.empty_table()
 
     def stored_units(self, table_name: str, source: str, unit_keys: Sequence[str]) -> dict[str, tuple[str | None, str, int]]:
         """For the given units of one source: unit_key -> (version, content_hash, row count).
@@ -579,13 +578,9 @@ class Store:
         if dt is None:
             return {}
         wanted = pa.array(list(unit_keys), pa.large_string())
-        parts = []
         cols = ["source", "unit_key", "unit_version", "content_hash", "row_index"]
-        for batch in self._candidate_files(dt, table_name, cols, sorted(unit_keys)).to_batches(batch_size=1 << 17):
-            mask = pc.and_(pc.equal(batch.column(0), source), pc.is_in(batch.column(1), value_set=wanted))
-            hit = batch.filter(mask)
-            if hit.num_rows:
-                parts.append(hit)
+        parts = _matching(self._candidate_files(dt, table_name, cols, sorted(unit_keys)).to_batches(batch_size=1 << 17),
+                          lambda b: pc.and_(pc.equal(b.column(0), source), pc.is_in(b.column(1), value_set=wanted)))
         if not parts:
             return {}
         found = pa.Table.from_batches(parts)
@@ -729,18 +724,25 @@ class Store:
         if self.delta(table_name, latest=True) is None:
             return self.schema.table(table_name).arrow_schema.empty_table().select(list(columns))
         wanted = patient_ids.cast(pa.large_string())
-        parts = []
-        for batch in self.dataset(table_name, latest=True).to_batches(columns=list(columns), batch_size=1 << 17):
-            mask = pc.and_(pc.equal(batch.column("source"), source),
-                           pc.is_in(batch.column("patient_id"), value_set=wanted))
-            hit = batch.filter(pc.fill_null(mask, False))
-            if hit.num_rows:
-                parts.append(hit)
+        parts = _matching(self.dataset(table_name, latest=True).to_batches(columns=list(columns), batch_size=1 << 17),
+                          lambda b: pc.and_(pc.equal(b.column("source"), source),
+                                            pc.is_in(b.column("patient_id"), value_set=wanted)))
         target = self.schema.table(table_name).arrow_schema
         schema = pa.schema([target.field(c).with_nullable(True) for c in columns])
         if not parts:
             return schema.empty_table()
         return pa.Table.from_batches(parts).cast(schema)
+
+
+def _matching(batches: Iterable[pa.RecordBatch], mask: Callable[[pa.RecordBatch], pa.Array]) -> list[pa.RecordBatch]:
+    """The rows `mask` selects in each batch of a scan (a null in the mask selects nothing),
+    batches left with none dropped: memory holds the matches, not the table."""
+    out = []
+    for batch in batches:
+        hit = batch.filter(mask(batch))
+        if hit.num_rows:
+            out.append(hit)
+    return out
 
 
 # a commit, or a checkpoint (log cleanup may leave a checkpoint without its commit file)
