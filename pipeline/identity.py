@@ -232,14 +232,6 @@ class Linkage:
     candidates: list[dict[str, Any]]              # demographic pairs near the threshold, not linked
     by_rule: dict[str, int]                       # links made, per rule
 
-    def twin_of(self) -> dict[str, str]:
-        out = {}
-        for root, members in self.groups.items():
-            tid = twin_id_of_key(root)
-            for m in members:
-                out[m] = tid
-        return out
-
 
 def link_records(patients: pa.Table, identifiers: pa.Table, links: pa.Table, cfg: IdentityConfig) -> Linkage:
     """Link patient records. Inputs are the patient, patient_identifier and patient_link tables."""
@@ -462,7 +454,8 @@ def _region(patients: pa.Table, idents: pa.Table, links: pa.Table, old: pa.Table
 
 
 def _links_of(identity: pa.Table) -> set[tuple]:
-    """The identity rows as what linking decided (which run decided it left out)."""
+    """The identity rows as what linking decided (which run decided it left out); relink
+    compares them with its own, which hold linked_by sorted already."""
     cols = [identity.column(c).to_pylist() for c in ("source", "patient_id", "twin_id", "linked_by", "group_size")]
     return {(s, p, t, tuple(sorted(by or ())), n) for s, p, t, by, n in zip(*cols, strict=True)}
 
@@ -494,10 +487,8 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
             links.filter(_in(keys[2], region)), old.filter(_in(keys[3], region)),
             old.filter(pc.invert(_in(keys[3], region))))
     linkage = link_records(patients, idents, links, cfg)
-    before_of = {}
-    if old is not None:
-        before_of = {record_key(s, p): tw for s, p, tw in zip(
-            *(old.column(c).to_pylist() for c in ("source", "patient_id", "twin_id")), strict=True)}
+    old_links = _links_of(old) if old is not None else set()
+    before_of = {record_key(s, p): tw for s, p, tw, _, _ in old_links}
     changed = []
     cols: dict[str, list] = {c: [] for c in ("source", "patient_id", "twin_id", "linked_by", "group_size")}
     for root, members in linkage.groups.items():
@@ -523,7 +514,8 @@ def relink(store, run_id: str, cfg: IdentityConfig | None = None) -> RelinkResul
     new = pa.table({**cols, "run_id": [run_id] * len(cols["source"])}, schema=schema)
     if not full:
         assert old is not None
-        if _links_of(new) != _links_of(old):  # the region's rows replaced, the rest kept as they are
+        new_links = {(s, p, t, tuple(by), n) for s, p, t, by, n in zip(*cols.values(), strict=True)}
+        if new_links != old_links:  # the region's rows replaced, the rest kept as they are
             store.replace("identity", pa.concat_tables([kept.select(schema.names).cast(schema), new]))
         # else nothing moved (a drain of updates to known patients, mostly): no new version of the table
     elif new.num_rows or old is not None:
