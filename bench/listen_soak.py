@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from hl7v2 import corpus  # noqa: E402
@@ -29,24 +31,19 @@ from hl7v2 import corpus  # noqa: E402
 
 def _rss_mb(pid: int | None) -> int | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    except (FileNotFoundError, TypeError):
+        return psutil.Process(pid).memory_info().rss // 2**20 if pid is not None else None
+    except psutil.NoSuchProcess:
         return None
-    return None
 
 
 def _drain_process(parent: int) -> int | None:
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    """The listener's drain process: the child multiprocessing spawned (not its resource tracker)."""
+    for child in psutil.Process(parent).children():
         try:
-            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
-        except OSError:
+            if any("multiprocessing.spawn" in a for a in child.cmdline()):
+                return child.pid
+        except psutil.NoSuchProcess:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"multiprocessing.spawn" in cmd:
-            return int(d.name)
     return None
 
 

@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.connectors.mllp import ServerStats
@@ -92,27 +93,21 @@ def _listener(store: Path, port: int) -> subprocess.Popen:
 
 def _children(pid: int) -> list[int]:
     """The live processes `pid` spawned with multiprocessing (its drain process; not the
-    resource tracker), read from /proc."""
+    resource tracker)."""
     out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for child in psutil.Process(pid).children():
         try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:  # gone meanwhile
+            if _alive(child.pid) and any("multiprocessing.spawn" in a for a in child.cmdline()):
+                out.append(child.pid)
+        except psutil.NoSuchProcess:  # gone meanwhile
             continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z" and b"multiprocessing.spawn" in cmd:
-            out.append(int(d.name))
     return out
 
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie has exited
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -147,7 +142,7 @@ def test_acked_messages_survive_a_store_lock_and_a_kill(tmp_path):
         listener.wait()
         # its drain process does not outlive it (the next listener drains)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in drainer):
+        while time.monotonic() < deadline and any(_alive(p) for p in drainer):
             time.sleep(0.1)
         assert drainer and not any(_alive(p) for p in drainer), "the drain process outlived its listener"
     finally:
