@@ -37,7 +37,7 @@ from .imports import finish_run
 from .ingest import Ingest, ViewSet, collect_at_flushes
 from .paths import safe_name
 from .runs import Run
-from .store import Store
+from .store import Store, fsync_dir
 from .units import Rejected, Resource
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,12 @@ class Spool:
         self._lock = threading.Lock()
         self._file = None
         self._path: Path | None = None
+        self._abandoned: list[Path] = []  # segments a failed write closed, to seal when renaming works again
         for stale in folder.glob("*.open"):  # a segment of a listener that died: drain it
             stale.rename(stale.with_suffix(".ready"))
+        # Segments drain in name order, so names must grow even if the wall clock steps back
+        # (an NTP correction): an older A08 would otherwise overwrite a newer one.
+        self._stamp = max((_stamp(p) for p in folder.glob("*.ready")), default=0)
 
     def close(self) -> None:
         """Seal the open segment and let another listener take this spool."""
@@ -76,33 +80,64 @@ class Spool:
         self._owner.close()
 
     def append(self, records: list[tuple[bytes, str, bytes]]) -> None:
-        """Write (kind, source_ref, data) records and fsync: when this returns, they survive a crash."""
+        """Write (kind, source_ref, data) records and fsync: when this returns, they survive a crash.
+
+        When it raises (a full disk, an I/O error), the records were not stored and the
+        caller refuses them; the segment is given up, cut back to its last whole record, so
+        that no record acknowledged later follows torn bytes: the reader stops at the first
+        record it cannot frame. After a failed fsync the page cache is not to be trusted
+        either, so a new segment is the one safe place for what comes next."""
+        buf = bytearray()
+        for kind, ref, data in records:
+            r = ref.encode("utf-8", "replace")
+            buf += kind + len(r).to_bytes(4, "big") + len(data).to_bytes(4, "big") + r + data
         with self._lock:
             if self._file is None:
-                self._path = self.folder / f"{time.time_ns():020d}-{os.getpid()}.open"
-                self._file = open(self._path, "ab")  # noqa: SIM115 - closed in seal()
-            buf = bytearray()
-            for kind, ref, data in records:
-                r = ref.encode("utf-8", "replace")
-                buf += kind + len(r).to_bytes(4, "big") + len(data).to_bytes(4, "big") + r + data
-            self._file.write(buf)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+                self._stamp = max(time.time_ns(), self._stamp + 1)
+                self._path = self.folder / f"{self._stamp:020d}-{os.getpid()}.open"
+                self._file = open(self._path, "ab", buffering=0)  # noqa: SIM115 - closed in seal()
+                fsync_dir(self.folder)  # the segment's name survives a power cut, not only its bytes
+            whole = os.fstat(self._file.fileno()).st_size
+            try:
+                written = self._file.write(buf)  # unbuffered: one write(2), which may be short
+                if written != len(buf):
+                    raise OSError(f"short write to the spool ({written} of {len(buf)} bytes)")
+                os.fsync(self._file.fileno())
+            except BaseException:
+                self._give_up(whole)
+                raise
+
+    def _give_up(self, whole: int) -> None:
+        """Close the open segment after a failed append, cut back to `whole` bytes (best effort:
+        a tail that cannot be cut is a torn last record, which the reader skips), and seal it."""
+        assert self._file is not None and self._path is not None
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._file.fileno(), whole)
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._abandoned.append(self._path)
+        self._file, self._path = None, None
+        with contextlib.suppress(OSError):
+            self._seal_abandoned()
+
+    def _seal_abandoned(self) -> None:
+        while self._abandoned:
+            self._abandoned[0].rename(self._abandoned[0].with_suffix(".ready"))
+            self._abandoned.pop(0)
+        fsync_dir(self.folder)
 
     def seal(self) -> None:
         """Close the open segment (if it holds anything) so the drainer may take it."""
         with self._lock:
+            if self._abandoned:
+                self._seal_abandoned()
             if self._file is None:
                 return
             self._file.close()
             assert self._path is not None
             self._path.rename(self._path.with_suffix(".ready"))
             self._file = None
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.folder)
 
     def ready(self) -> list[Path]:
         return _sealed(self.folder)
@@ -137,6 +172,13 @@ def _records(buf) -> Iterator[tuple[int, int, int]]:
         i = end
 
 
+def _stamp(segment: Path) -> int:
+    """The number a segment is named by: when its first record was written (ns), or the last
+    segment's number plus one if the clock has gone back since."""
+    head = segment.name.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 def _sealed(folder: Path) -> list[Path]:
     """The sealed segments of a spool, oldest first: what a drain takes."""
     return sorted(folder.glob("*.ready"))
@@ -165,8 +207,8 @@ def spool_backlog(store: Store) -> list[Backlog]:
                     waiting.append((seg, n))
         if not waiting:
             continue
-        stamp = waiting[0][0].name.split("-", 1)[0]
-        oldest = datetime.fromtimestamp(int(stamp) / 1e9, UTC) if stamp.isdigit() else None
+        stamp = _stamp(waiting[0][0])
+        oldest = datetime.fromtimestamp(stamp / 1e9, UTC) if stamp else None
         out.append(Backlog(folder.name, sum(n for _, n in waiting), len(waiting), oldest))
     return out
 
@@ -293,6 +335,10 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
     """
     from .connectors.mllp import ServerStats, serve_mllp
 
+    # What would make every drain fail is refused before the first ACK, not after thousands:
+    # another key than the store's, or another privacy profile than this source's.
+    store.check_key()
+    store.claim_privacy(source, privacy.name if privacy else "none")
     store.meta.mkdir(parents=True, exist_ok=True)
     spool = Spool(store.meta / "spool" / _safe(source))  # refuses a second listener before anything starts
     drains = DrainProcess(store.root, spool.folder, source, strict=strict, privacy=privacy, every=drain_every,
@@ -320,7 +366,8 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
         result = drains.finish()
         left = spool.ready()
         if left:
-            log.warning("the store stayed locked: %d spool segment(s) wait for the next listener", len(left))
+            log.warning("%d spool segment(s) not drained (the store stayed locked, or the drain failed: see above); "
+                        "the next listener drains them", len(left))
         spool.close()
     return result
 
@@ -338,14 +385,24 @@ class DrainProcess:
     would otherwise go on acknowledging into a spool nobody drains.
     """
 
+    # Nothing with a lock is shared with the drain process: one killed while it held the lock
+    # of a multiprocessing Event or Array (the OOM killer picks its moment) leaves it held
+    # for good, and the listener, or the next drain process, hangs on it. So the stop comes
+    # down a pipe (whose end of file also tells the drain process that the listener died),
+    # and the counts go in a lock-free array that only the one living drain process writes.
+
+    GRACE = 30.0  # seconds a last drain may take beyond shutdown_wait (one begun just before its end)
+
     def __init__(self, root: Path, folder: Path, source: str, *, strict: bool, privacy, every: float,
                  shutdown_wait: float):
         self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()
-        self._counts = self._ctx.Array("q", 3)  # ListenStats: drains, drained messages, waits for the lock
+        stop_reader, self._stop = self._ctx.Pipe(duplex=False)
+        self._stopping = False
+        self._counts = self._ctx.RawArray("q", 3)  # ListenStats: drains, drained messages, waits for the lock
         self._wait = shutdown_wait
-        self._args = (str(root), str(folder), source, strict, privacy, every, shutdown_wait, self._stop, self._counts,
-                      os.getpid(), _logging_setup())
+        self._restarts: list[float] = []  # when drain processes were started again (monotonic)
+        self._args = (str(root), str(folder), source, strict, privacy, every, shutdown_wait, stop_reader,
+                      self._counts, _logging_setup())
         self._start()
 
     def _start(self) -> None:
@@ -353,21 +410,30 @@ class DrainProcess:
         self._proc.start()
 
     def keep_running(self) -> None:
-        """Start a new drain process if the last one ended while the listener still receives."""
-        if self._stop.is_set() or self._proc.is_alive():
+        """Start a new drain process if the last one ended while the listener still receives;
+        one that keeps dying is started again less and less often (at most once a minute)."""
+        if self._stopping or self._proc.is_alive():
             return
-        log.error("the drain process ended (exit code %s); starting another", self._proc.exitcode)
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < 600]
+        if self._restarts and now - self._restarts[-1] < min(60.0, 2.0 ** len(self._restarts)):
+            return
+        log.error("the drain process ended (exit code %s); starting another (%d restart(s) in 10 minutes)",
+                  self._proc.exitcode, len(self._restarts) + 1)
+        self._restarts.append(now)
         self._start()
 
     def finish(self) -> ListenStats:
         """Drain what is sealed and stop; the counts of every drain this process made."""
-        self._stop.set()
+        self._stopping = True
+        self._stop.send_bytes(b"stop")
         if not self._proc.is_alive():  # died since the last keep_running: one more, for what is left
             self._start()
-        self._proc.join(self._wait + 30)
-        if self._proc.is_alive():  # a drain that does not end: the next run rolls it back
-            log.warning("the drain process did not stop in time; stopped (its run is rolled back by the next)")
-            self._proc.terminate()
+        self._proc.join(self._wait + self.GRACE)
+        if self._proc.is_alive():  # a drain that does not end: the next drain rolls its run back
+            log.warning("the drain process did not end within %.0f s; killed, its run is rolled back by the next "
+                        "drain", self._wait + self.GRACE)
+            self._proc.kill()  # it ignores SIGTERM (see the class)
             self._proc.join(10)
         drains, drained, waits = self._counts[:]
         return ListenStats(drained_messages=drained, drains=drains, waits_for_lock=waits)
@@ -385,8 +451,8 @@ def _logging_setup() -> tuple[int, bool] | None:
 
 
 def _drain_forever(root: str, folder: str, source: str, strict: bool, privacy, every: float, shutdown_wait: float,
-                   stop, counts, parent: int, logging_setup: tuple[int, bool] | None) -> None:
-    """The body of DrainProcess."""
+                   stop, counts, logging_setup: tuple[int, bool] | None) -> None:
+    """The body of DrainProcess. `stop`: the reading end of the listener's pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if logging_setup is not None:
@@ -395,23 +461,33 @@ def _drain_forever(root: str, folder: str, source: str, strict: bool, privacy, e
         install(logging_setup[0], json_lines=logging_setup[1])
     drainer = Drainer(Store(root), Path(folder), source, strict=strict, privacy=privacy)
 
+    failures = 0  # drains in a row that failed (not those that found the store locked)
+
     def drain() -> bool:
+        nonlocal failures
         st = drainer.stats
         before = (st.drains, st.drained_messages, st.waits_for_lock)
         try:
-            return drainer.drain()
+            done = drainer.drain()
+            failures = 0
+            return done
         except Exception:  # keep draining; the spool keeps the messages
+            failures += 1
             log.exception("draining the spool failed; the messages stay in the spool and are retried")
             return False
         finally:  # added, not set: a restarted drain process counts on from its predecessor
-            with counts.get_lock():
-                for i, (b, a) in enumerate(zip(before, (st.drains, st.drained_messages, st.waits_for_lock),
-                                               strict=True)):
-                    counts[i] += a - b
+            for i, (b, a) in enumerate(zip(before, (st.drains, st.drained_messages, st.waits_for_lock), strict=True)):
+                counts[i] += a - b
 
-    while not stop.wait(every):
-        if os.getppid() != parent:  # the listener is gone: the next one drains
-            return
+    while True:
+        # after a failed drain, wait longer each time (at most a minute): a spool that cannot
+        # be drained (a full disk, a store refusing this source) is not retried every second
+        if stop.poll(min(60.0, every * 2.0 ** failures)):
+            try:
+                stop.recv_bytes()
+            except EOFError:  # the listener died (SIGKILL): the next one drains
+                return
+            break
         drain()
     deadline = time.monotonic() + shutdown_wait
     while not drain() and time.monotonic() < deadline:

@@ -191,7 +191,7 @@ class Store:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.manifest_path)
-        _fsync_dir(self.meta)
+        fsync_dir(self.meta)
 
     def committed_version(self, table: str) -> int | None:
         v = self.manifest()["tables"].get(table)
@@ -363,16 +363,21 @@ class Store:
         demo run without one, a rotated key file) every person would silently become a new
         twin, split from their history. The run's writes are rolled back by the caller.
         """
-        from .keys import key_fingerprint, key_in_use
+        from .keys import key_in_use
 
-        if not key_in_use():
-            return None
+        return self.check_key() if key_in_use() else None
+
+    def check_key(self) -> str:
+        """The fingerprint of the key in force; ConfigError if the store was built with another
+        (before a run: a listener checks before it acknowledges what its drains could not store)."""
+        from .keys import key_fingerprint
+
         mine = key_fingerprint()
         stored = self.manifest().get("key_fingerprint")
         if stored and stored != mine:
             raise ConfigError(f"this store's twin ids were made with another key (fingerprint {stored}; "
                               f"TWIN_KEY / TWIN_KEY_FILE now give {mine}): under it every person would become a new "
-                              "twin. Set the store's key, or use a new --store; nothing of this run was kept")
+                              "twin. Set the store's key, or use a new --store; nothing was written")
         return mine
 
     def claim_privacy(self, source: str, profile: str) -> None:
@@ -789,7 +794,8 @@ def _fields(expr: pc.Expression) -> list[str]:
     return list(dict.fromkeys(n for n in names if n not in ("and", "or", "not", "true", "false", "null")))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a file created, renamed or removed) survive a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

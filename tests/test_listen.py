@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -16,8 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline import keys
 from pipeline.connectors.mllp import ServerStats
-from pipeline.listen import listen_mllp
+from pipeline.listen import DrainProcess, Spool, listen_mllp, spool_backlog
+from pipeline.privacy import PrivacyHooks
 from pipeline.status import store_status
 from pipeline.store import Store
 from tests.conftest import FIXTURES, REPO
@@ -230,10 +233,44 @@ def test_a_spool_backlog_counts_whole_records_only(tmp_path):
     assert b.oldest is not None and abs((b.oldest - datetime.now(UTC)).total_seconds()) < 60
 
 
+def test_a_failed_spool_write_is_cut_off_and_what_follows_is_kept(tmp_path):
+    """A full disk in the middle of a batch: the batch is refused (AR), and the next batches,
+    acknowledged, must not follow its torn bytes, where the reader would stop."""
+    spool = Spool(tmp_path / "spool")
+    spool.append([(b"M", "a", b"x" * 100)])
+    (seg,) = spool.folder.glob("*.open")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (seg.stat().st_size + 50, hard))  # room for part of the next
+    try:
+        with pytest.raises(OSError):
+            spool.append([(b"M", "b", b"y" * 1000)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    spool.append([(b"M", "c", b"z" * 10), (b"M", "d", b"w")])
+    spool.close()
+    assert [ref for seg in spool.ready() for _, ref, _ in Spool.read(seg)] == ["a", "c", "d"]
+
+
+def test_segments_drain_in_the_order_received_when_the_clock_steps_back(tmp_path, monkeypatch):
+    """An NTP correction between two segments: the later A08 must still be drained last."""
+    import pipeline.listen as listen
+
+    clock = iter([5_000_000_000, 2_000_000_000, 1_000_000_000])
+    monkeypatch.setattr(listen.time, "time_ns", lambda: next(clock))
+    spool = Spool(tmp_path / "spool")
+    for ref in ("first", "second"):
+        spool.append([(b"M", ref, b"")])
+        spool.seal()
+    spool.close()
+    spool = Spool(tmp_path / "spool")  # a restarted listener goes on after the segments left
+    spool.append([(b"M", "third", b"")])
+    spool.close()
+    assert [ref for seg in spool.ready() for _, ref, _ in Spool.read(seg)] == ["first", "second", "third"]
+
+
 def test_a_listener_under_deid_drains_through_its_profile(tmp_path, monkeypatch):
     """The privacy hooks cross into the drain process (pickled): what reaches the tables
     is de-identified there, as `twin import --deid` would store it."""
-    from pipeline import keys
     from pipeline.privacy import privacy_hooks
 
     monkeypatch.setenv("TWIN_KEY", "listener-test-key-0123456789abcdef")
@@ -257,7 +294,7 @@ def test_a_listener_under_deid_drains_through_its_profile(tmp_path, monkeypatch)
         assert ids and all(len(v) == 32 and set(v) <= set("0123456789abcdef") for v in ids), ids
         patients = store.read("patient", ["name_family"])
         assert patients.num_rows and patients.column("name_family").null_count == patients.num_rows
-        assert store.privacy_profiles()["hl7v2"].startswith("deid")  # claimed by the drain process's run
+        assert Store(store.root).privacy_profiles()["hl7v2"].startswith("deid")  # committed by the drain's run
     finally:
         keys.secret_key.cache_clear()
 
@@ -284,18 +321,101 @@ def test_a_drain_process_that_dies_is_started_again(tmp_path):
         first = ours()
         time.sleep(0.1)
     assert len(first) == 1, first
-    os.kill(first[0], signal.SIGKILL)
     msgs = messages()
-    assert all(b"MSA|A" in a for a in send(port, msgs))
+
+    def runs() -> int:
+        return Store(store.root).read("runs").num_rows if store.exists("runs") else 0
+
+    # killed idle, between drains, where it waits for the listener's word to stop: a drain
+    # process killed in a multiprocessing Event's wait left that Event's lock held, and the
+    # listener hung for good when it set it on its way out
+    assert all(b"MSA|A" in a for a in send(port, msgs[:3]))
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not store.exists("runs"):
+    while time.monotonic() < deadline and not runs():
         time.sleep(0.2)
-    assert store.exists("runs"), "nothing drained after the drain process was killed"
+    assert runs() == 1
+    time.sleep(0.5)
+    os.kill(first[0], signal.SIGKILL)
+    assert all(b"MSA|A" in a for a in send(port, msgs[3:]))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and runs() < 2:
+        time.sleep(0.2)
+    assert runs() == 2, "nothing drained after the drain process was killed"
     second = ours()
     assert second and second != first
     stop.set()
     t.join(60)
+    assert not t.is_alive(), "the listener did not stop"
     assert result[0].drained_messages == len(msgs)
+
+
+def test_a_listener_whose_drains_would_be_refused_stops_before_it_acknowledges(tmp_path, monkeypatch):
+    """Source hl7v2 of this store was written without a privacy profile: a listener under
+    --deid could never drain, and would acknowledge into its spool for as long as it ran."""
+    from pipeline.errors import ConfigError
+    from pipeline.imports import run_import
+    from pipeline.privacy import privacy_hooks
+
+    monkeypatch.setenv("TWIN_KEY", "listener-test-key-0123456789abcdef")
+    keys.secret_key.cache_clear()
+    try:
+        store = Store(tmp_path / "s")
+        assert run_import(store, "hl7v2", [str(FIXTURES / "hl7v2" / "twin-adt-a01.hl7")]).counts["hl7v2"].written
+        ready = threading.Event()
+        with pytest.raises(ConfigError, match="privacy profile none"):
+            listen_mllp(store, "127.0.0.1", free_port(), ready=ready, privacy=privacy_hooks("deid", source="hl7v2"))
+        assert not ready.is_set()
+        monkeypatch.setenv("TWIN_KEY", "another-key-0123456789abcdef0123456789")  # a rotated key file, say
+        keys.secret_key.cache_clear()
+        with pytest.raises(ConfigError, match="another key"):
+            listen_mllp(Store(store.root), "127.0.0.1", free_port(), ready=ready)
+        assert not ready.is_set() and not (store.meta / "spool").exists()
+    finally:
+        keys.secret_key.cache_clear()
+
+
+class SlowHooks(PrivacyHooks):
+    """Privacy hooks whose first resource takes `seconds`: a drain that does not end in time."""
+
+    def __init__(self, seconds: float):
+        super().__init__("pseudonymise", "hl7v2")
+        self.seconds = seconds
+
+    def resource(self, unit, twin_of=None):
+        time.sleep(self.seconds)
+        self.seconds = 0
+        return super().resource(unit, twin_of)
+
+
+def test_a_drain_that_does_not_end_is_killed_at_shutdown_and_its_segments_kept(tmp_path, monkeypatch):
+    """The drain process ignores SIGTERM (the listener decides when receiving has stopped),
+    so the listener's last word to one that does not end must be SIGKILL; its run is rolled
+    back by the next drain, and the spool still holds every acknowledged message."""
+    monkeypatch.setenv("TWIN_KEY", "listener-test-key-0123456789abcdef")
+    keys.secret_key.cache_clear()
+    monkeypatch.setattr(DrainProcess, "GRACE", 1.0)
+    try:
+        store = Store(tmp_path / "s")
+        stop, ready = threading.Event(), threading.Event()
+        port = free_port()
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(listen_mllp(
+            store, "127.0.0.1", port, ready=ready, stop=stop, drain_every=0.2, shutdown_wait=1.0,
+            privacy=SlowHooks(120))), daemon=True)
+        t.start()
+        assert ready.wait(10)
+        assert all(b"MSA|A" in a for a in send(port, messages()))
+        time.sleep(3)  # the drain process is in its slow drain
+        began = time.monotonic()
+        stop.set()
+        t.join(60)
+        assert not t.is_alive() and time.monotonic() - began < 30
+        assert not [p for p in psutil.Process().children(recursive=True)
+                    if _alive(p.pid) and any("multiprocessing.spawn" in a for a in p.cmdline())]
+        assert result[0].drained_messages == 0
+        assert sum(b.messages for b in spool_backlog(Store(store.root))) == len(messages())
+    finally:
+        keys.secret_key.cache_clear()
 
 
 def _hl7_corpus() -> list[bytes]:
