@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pyarrow.compute as pc
 
 from .errors import ConfigError, LockHeld
 from .hl7v2_fhir import map_message
@@ -243,12 +244,16 @@ class Drainer:
             return True
         try:
             with self.store.locked("listen"):
+                self._settle()
                 # listed again under the lock: the drain process of a killed listener, ending
                 # its last run, may have committed and removed segments meanwhile
                 segments = self.ready()
                 if not segments:
                     return True
                 run = Run(self.store, "listen", inputs=[s.name for s in segments])
+                claim = self.folder / f"{run.run_id}.drain"
+                claim.write_text("".join(f"{s.name}\n" for s in segments), encoding="utf-8")
+                fsync_dir(self.folder)
                 try:
                     ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
                                     twin_ids=TwinIds(stored_links(self.store)), privacy=self.privacy)
@@ -271,17 +276,42 @@ class Drainer:
                     ingest.finish()
                     run.notes.append(f"{n} message(s) from {len(segments)} spool segment(s)")
                     finish_run(self.store, run)
-                except BaseException:
+                except BaseException:  # the claim stays: this may have come after the commit
                     self.store.rollback()
                     raise
-                for seg in segments:  # committed: the spool may forget them (under the lock, so
-                    seg.unlink(missing_ok=True)  # that no other drainer lists them meanwhile)
+                self._forget(claim)
         except LockHeld:
             self.stats.waits_for_lock += 1
             return False
         self.stats.drained_messages += n
         self.stats.drains += 1
         return True
+
+
+    # A drain claims its segments in a file named for its run before it writes, and removes
+    # the claim after the segments. A drain killed between its commit and their removal
+    # leaves the claim, and the next drain removes them instead of storing them again (the
+    # tables would not change, but the runs table would count those messages twice).
+
+    def _settle(self) -> None:
+        """Under the store's lock, after its recovery: the claims of killed drains."""
+        for claim in sorted(self.folder.glob("*.drain")):
+            if self._committed(claim.stem):
+                self._forget(claim)
+            else:  # rolled back: its segments are drained again now
+                claim.unlink()
+
+    def _committed(self, run_id: str) -> bool:
+        return self.store.exists("runs") and self.store.read(
+            "runs", ["run_id"], filter=pc.field("run_id") == run_id).num_rows > 0
+
+    def _forget(self, claim: Path) -> None:
+        """A committed drain's segments, then its claim (under the lock, so that no other
+        drainer lists them meanwhile)."""
+        for name in claim.read_text(encoding="utf-8").split():
+            (self.folder / name).unlink(missing_ok=True)
+        claim.unlink()
+        fsync_dir(self.folder)
 
 
 def spooling_handler(spool: Spool, *, strict: bool = False):

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import keys
 from pipeline.connectors.mllp import ServerStats
-from pipeline.listen import DrainProcess, Spool, listen_mllp, spool_backlog
+from pipeline.listen import Drainer, DrainProcess, Spool, listen_mllp, spool_backlog
 from pipeline.privacy import PrivacyHooks
 from pipeline.status import store_status
 from pipeline.store import Store
@@ -249,6 +249,53 @@ def test_a_failed_spool_write_is_cut_off_and_what_follows_is_kept(tmp_path):
     spool.append([(b"M", "c", b"z" * 10), (b"M", "d", b"w")])
     spool.close()
     assert [ref for seg in spool.ready() for _, ref, _ in Spool.read(seg)] == ["a", "c", "d"]
+
+
+def test_a_drain_killed_after_its_commit_leaves_its_segments_to_be_removed_not_stored_again(tmp_path, monkeypatch):
+    import pipeline.listen as listen
+
+    store = Store(tmp_path / "s")
+    spool = Spool(store.meta / "spool" / "hl7v2")
+    msgs = messages()
+    spool.append([(b"M", f"test#{i}", m) for i, m in enumerate(msgs)])
+    spool.close()
+    real = listen.finish_run
+
+    def killed_after_the_commit(store, run):
+        real(store, run)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(listen, "finish_run", killed_after_the_commit)
+    with pytest.raises(SystemExit):
+        Drainer(store, spool.folder, "hl7v2").drain()
+    assert spool.ready() and list(spool.folder.glob("*.drain"))
+    monkeypatch.setattr(listen, "finish_run", real)
+    assert Drainer(Store(store.root), spool.folder, "hl7v2").drain()
+    runs = Store(store.root).read("runs").to_pylist()
+    mapped = [listen.map_message(m, "x") for m in msgs]
+    assert len(runs) == 1  # the second drain stored nothing again
+    assert runs[0]["units_read"] == sum(1 if r.rejected else len(r.resources) for r in mapped)
+    assert not list(spool.folder.glob("[!.]*"))
+
+
+def test_a_drain_killed_before_its_commit_is_drained_again(tmp_path, monkeypatch):
+    import pipeline.listen as listen
+
+    store = Store(tmp_path / "s")
+    spool = Spool(store.meta / "spool" / "hl7v2")
+    spool.append([(b"M", f"test#{i}", m) for i, m in enumerate(messages())])
+    spool.close()
+
+    def killed_before_the_commit(store, run):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(listen, "finish_run", killed_before_the_commit)
+    with pytest.raises(SystemExit):
+        Drainer(store, spool.folder, "hl7v2").drain()
+    monkeypatch.undo()
+    assert Drainer(Store(store.root), spool.folder, "hl7v2").drain()
+    assert Store(store.root).read("runs").num_rows == 1 and Store(store.root).exists("patient")
+    assert not list(spool.folder.glob("[!.]*"))
 
 
 def test_segments_drain_in_the_order_received_when_the_clock_steps_back(tmp_path, monkeypatch):
