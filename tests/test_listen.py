@@ -421,6 +421,32 @@ def test_a_listener_whose_drains_would_be_refused_stops_before_it_acknowledges(t
         keys.secret_key.cache_clear()
 
 
+def test_a_drain_process_that_keeps_dying_is_started_again_less_and_less_often(monkeypatch):
+    """One that dies at every start (a store it cannot open, a broken install) is not
+    started again every time the listener seals: after 2, 4, 8 ... seconds, at most once a minute."""
+    import types
+
+    import pipeline.listen as listen
+
+    class Dead:
+        exitcode = 1
+
+        def is_alive(self) -> bool:
+            return False
+
+    started: list[float] = []
+    now = [1000.0]
+    monkeypatch.setattr(listen, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(DrainProcess, "_start", lambda self: (started.append(now[0]), setattr(self, "_proc", Dead())))
+    drains = DrainProcess(Path("store"), Path("spool"), "hl7v2", strict=False, privacy=None, every=0.5,
+                          shutdown_wait=1.0)
+    for _ in range(600):  # the listener's seal loop, every 0.5 s for 5 minutes
+        drains.keep_running()
+        now[0] += 0.5
+    gaps = [b - a for a, b in zip(started[1:], started[2:], strict=False)]
+    assert gaps[:5] == [2, 4, 8, 16, 32] and all(g == 60 for g in gaps[5:]), gaps
+
+
 class SlowHooks(PrivacyHooks):
     """Privacy hooks whose first resource takes `seconds`: a drain that does not end in time."""
 
