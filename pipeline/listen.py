@@ -223,7 +223,19 @@ class ListenStats:
 
 class Drainer:
     """Moves sealed spool segments (`folder`/*.ready) into the store, one `listen` run per
-    drain. Sealing is the receiving side's: the drainer never touches the open segment."""
+    drain. Sealing is the receiving side's: the drainer never touches the open segment.
+
+    A drain takes every sealed segment, so one whose records make every drain fail (a bug
+    that one message meets) would hold back all later ones, while the listener goes on
+    acknowledging. After a failed drain the drainer takes one segment at a time; a segment
+    that was in SET_ASIDE_AFTER failed drains (the first with others, then alone) is set aside: its messages go to the quarantine
+    (reason `drain-failed`, with their raw bytes, for `twin quarantine retry` after a fix),
+    the segment file to `set-aside/` beside the spool, and the drains go on behind it.
+    Failures are counted within the drain process: one that a crash of the process itself
+    ends is retried whole by the next (DrainProcess.keep_running backs off).
+    """
+
+    SET_ASIDE_AFTER = 3
 
     def __init__(self, store: Store, folder: Path, source: str, *, strict: bool = False, privacy=None):
         self.store = store
@@ -233,6 +245,8 @@ class Drainer:
         self.strict = strict
         self.stats = ListenStats()
         self.views = ViewSet(store.schema)
+        self._failed: dict[str, int] = {}  # segment -> failed drains it was in, since it last drained
+        self._error = ""                   # the type of the last failure, for the quarantine's message
 
     def ready(self) -> list[Path]:
         return _sealed(self.folder)
@@ -248,38 +262,21 @@ class Drainer:
                 # listed again under the lock: the drain process of a killed listener, ending
                 # its last run, may have committed and removed segments meanwhile
                 segments = self.ready()
+                self._failed = {k: v for k, v in self._failed.items() if k in {s.name for s in segments}}
                 if not segments:
                     return True
-                run = Run(self.store, "listen", inputs=[s.name for s in segments])
-                claim = self.folder / f"{run.run_id}.drain"
-                claim.write_text("".join(f"{s.name}\n" for s in segments), encoding="utf-8")
-                fsync_dir(self.folder)
+                if self._failed:  # the last drain failed: find the segment it failed on
+                    segments = segments[:1]
+                aside = self._failed.get(segments[0].name, 0) >= self.SET_ASIDE_AFTER
                 try:
-                    ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
-                                    twin_ids=TwinIds(stored_links(self.store)), privacy=self.privacy)
-                    n = 0
+                    n = self._run(segments, aside)
+                except Exception as e:
+                    self._error = type(e).__name__
                     for seg in segments:
-                        for kind, ref, data in Spool.read(seg):
-                            n += 1
-                            if kind == _FHIR:
-                                rec = orjson.loads(data)
-                                raw = rec["raw"].encode("latin-1")
-                                ingest.feed_all([Resource(r["r"], r["ref"], raw=raw, create_only=r["co"])
-                                                 for r in rec["resources"]])
-                            elif kind == _REJ:
-                                r = orjson.loads(data)
-                                ingest.feed(Rejected(r["stage"], r["reason"], r["message"], ref,
-                                                     payload=r["payload"].encode("latin-1") if r.get("payload") else None))
-                            else:
-                                mapped = map_message(data, ref, strict=self.strict)
-                                ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
-                    ingest.finish()
-                    run.notes.append(f"{n} message(s) from {len(segments)} spool segment(s)")
-                    finish_run(self.store, run)
-                except BaseException:  # the claim stays: this may have come after the commit
-                    self.store.rollback()
+                        self._failed[seg.name] = self._failed.get(seg.name, 0) + 1
                     raise
-                self._forget(claim)
+                for seg in segments:
+                    self._failed.pop(seg.name, None)
         except LockHeld:
             self.stats.waits_for_lock += 1
             return False
@@ -287,6 +284,67 @@ class Drainer:
         self.stats.drains += 1
         return True
 
+    def _run(self, segments: list[Path], aside: bool) -> int:
+        """One `listen` run over `segments` (or, `aside`, their messages into the quarantine);
+        the number of messages."""
+        run = Run(self.store, "listen", inputs=[s.name for s in segments])
+        claim = self.folder / f"{run.run_id}.drain"
+        claim.write_text("".join(f"{s.name}\n" for s in segments), encoding="utf-8")
+        fsync_dir(self.folder)
+        try:
+            ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
+                            twin_ids=TwinIds(stored_links(self.store)), privacy=self.privacy)
+            n = 0
+            for seg in segments:
+                if aside:  # the file stays too: under a privacy profile the quarantine keeps no payload
+                    kept = self.folder / "set-aside" / seg.name
+                    kept.parent.mkdir(exist_ok=True)
+                    if not kept.exists():
+                        os.link(seg, kept)
+                for kind, ref, data in Spool.read(seg):
+                    n += 1
+                    if aside:
+                        ingest.feed(self._set_aside(seg, kind, ref, data))
+                    else:
+                        self._feed(ingest, kind, ref, data)
+            ingest.finish()
+            run.notes.append(f"{n} message(s) from {len(segments)} spool segment(s)" + (
+                f", set aside into the quarantine after {self.SET_ASIDE_AFTER} failed drains" if aside else ""))
+            finish_run(self.store, run)
+        except BaseException:  # the claim stays: this may have come after the commit
+            self.store.rollback()
+            raise
+        self._forget(claim)
+        if aside:
+            log.error("spool segment %s failed %d drains (%s); its %d message(s) are in the quarantine "
+                      "(reason drain-failed) and the segment in %s", segments[0].name, self.SET_ASIDE_AFTER,
+                      self._error, n, self.folder / "set-aside")
+        return n
+
+    def _feed(self, ingest: Ingest, kind: bytes, ref: str, data: bytes) -> None:
+        if kind == _FHIR:
+            rec = orjson.loads(data)
+            raw = rec["raw"].encode("latin-1")
+            ingest.feed_all([Resource(r["r"], r["ref"], raw=raw, create_only=r["co"]) for r in rec["resources"]])
+        elif kind == _REJ:
+            r = orjson.loads(data)
+            ingest.feed(Rejected(r["stage"], r["reason"], r["message"], ref,
+                                 payload=r["payload"].encode("latin-1") if r.get("payload") else None))
+        else:
+            mapped = map_message(data, ref, strict=self.strict)
+            ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
+
+    def _set_aside(self, seg: Path, kind: bytes, ref: str, data: bytes) -> Rejected:
+        """A spool record as a quarantine entry holding the message as received."""
+        raw = data
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            if kind == _FHIR:
+                raw = orjson.loads(data)["raw"].encode("latin-1")
+            elif kind == _REJ:
+                raw = orjson.loads(data)["payload"].encode("latin-1")
+        return Rejected("drain", "drain-failed", f"draining spool segment {seg.name} failed {self.SET_ASIDE_AFTER} "
+                        f"times ({self._error}); the message was acknowledged and is kept here as received", ref,
+                        payload=raw)
 
     # A drain claims its segments in a file named for its run before it writes, and removes
     # the claim after the segments. A drain killed between its commit and their removal

@@ -298,6 +298,52 @@ def test_a_drain_killed_before_its_commit_is_drained_again(tmp_path, monkeypatch
     assert not list(spool.folder.glob("[!.]*"))
 
 
+def test_a_segment_that_fails_every_drain_is_set_aside_and_the_others_drain(tmp_path, monkeypatch):
+    """A message meeting a bug in the drain would otherwise hold back every later segment
+    while the listener goes on acknowledging: the drainer finds the segment, quarantines its
+    messages as received, and drains the rest."""
+    import pipeline.listen as listen
+
+    store = Store(tmp_path / "s")
+    spool = Spool(store.meta / "spool" / "hl7v2")
+    msgs = messages()
+    poison = msgs[2]
+    for i, m in enumerate(msgs):  # a segment per message
+        spool.append([(b"M", f"test#{i}", m)])
+        spool.seal()
+    spool.close()
+    real = listen.map_message
+
+    def buggy(data, ref, strict=False):
+        if data == poison:
+            raise ValueError("a bug this message meets")
+        return real(data, ref, strict=strict)
+
+    monkeypatch.setattr(listen, "map_message", buggy)
+    drainer = Drainer(store, spool.folder, "hl7v2")
+    failures = 0
+    for _ in range(20):
+        try:
+            drainer.drain()
+        except ValueError:
+            failures += 1
+        if not spool.ready():
+            break
+    assert not spool.ready() and failures == Drainer.SET_ASIDE_AFTER  # the whole batch once, then it alone
+    store = Store(store.root)
+    (q,) = store.read("quarantine").to_pylist()
+    assert (q["reason"], q["stage"], q["source_ref"], q["payload"]) == ("drain-failed", "drain", "test#2", poison)
+    assert "ValueError" in q["message"] and "a bug" not in q["message"]
+    assert [p.name for p in (spool.folder / "set-aside").iterdir()] and not list(spool.folder.glob("*.drain"))
+    runs = store.read("runs").to_pylist()
+    assert sum(r["units_quarantined"] for r in runs) == 1
+    others = [real(m, "x") for i, m in enumerate(msgs) if i != 2]
+    assert sum(r["units_read"] for r in runs) == 1 + sum(1 if o.rejected else len(o.resources) for o in others)
+    monkeypatch.setattr(listen, "map_message", real)  # fixed: the entry replays
+    from pipeline.quarantine import retry
+    assert retry(store, reason="drain-failed").counts["hl7v2"].quarantined == 0
+
+
 def test_segments_drain_in_the_order_received_when_the_clock_steps_back(tmp_path, monkeypatch):
     """An NTP correction between two segments: the later A08 must still be drained last."""
     import pipeline.listen as listen
