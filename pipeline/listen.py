@@ -231,8 +231,8 @@ class Drainer:
     that was in SET_ASIDE_AFTER failed drains (the first with others, then alone) is set aside: its messages go to the quarantine
     (reason `drain-failed`, with their raw bytes, for `twin quarantine retry` after a fix),
     the segment file to `set-aside/` beside the spool, and the drains go on behind it.
-    Failures are counted within the drain process: one that a crash of the process itself
-    ends is retried whole by the next (DrainProcess.keep_running backs off).
+    Failed drains are counted from the claims they leave (see _settle), so a drain that
+    crashes its process counts as one too.
     """
 
     SET_ASIDE_AFTER = 3
@@ -245,7 +245,11 @@ class Drainer:
         self.strict = strict
         self.stats = ListenStats()
         self.views = ViewSet(store.schema)
-        self._failed: dict[str, int] = {}  # segment -> failed drains it was in, since it last drained
+        # segment -> failed drains it was in; kept in a file, for a drain process started after a crash
+        self._failures = folder / "drain-failures.json"
+        self._failed: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none, or unreadable: none
+            self._failed = {str(k): int(v) for k, v in orjson.loads(self._failures.read_bytes()).items()}
         self._error = ""                   # the type of the last failure, for the quarantine's message
 
     def ready(self) -> list[Path]:
@@ -262,21 +266,14 @@ class Drainer:
                 # listed again under the lock: the drain process of a killed listener, ending
                 # its last run, may have committed and removed segments meanwhile
                 segments = self.ready()
-                self._failed = {k: v for k, v in self._failed.items() if k in {s.name for s in segments}}
+                self._note_failed({k: v for k, v in self._failed.items() if k in {s.name for s in segments}})
                 if not segments:
                     return True
-                if self._failed:  # the last drain failed: find the segment it failed on
+                if self._failed:  # a drain failed: find the segment it failed on
                     segments = segments[:1]
                 aside = self._failed.get(segments[0].name, 0) >= self.SET_ASIDE_AFTER
-                try:
-                    n = self._run(segments, aside)
-                except Exception as e:
-                    self._error = type(e).__name__
-                    for seg in segments:
-                        self._failed[seg.name] = self._failed.get(seg.name, 0) + 1
-                    raise
-                for seg in segments:
-                    self._failed.pop(seg.name, None)
+                n = self._run(segments, aside)  # a failure is counted by the next drain, from the claim
+                self._note_failed({k: v for k, v in self._failed.items() if k not in {s.name for s in segments}})
         except LockHeld:
             self.stats.waits_for_lock += 1
             return False
@@ -289,7 +286,8 @@ class Drainer:
         the number of messages."""
         run = Run(self.store, "listen", inputs=[s.name for s in segments])
         claim = self.folder / f"{run.run_id}.drain"
-        claim.write_text("".join(f"{s.name}\n" for s in segments), encoding="utf-8")
+        names = [s.name for s in segments]
+        claim.write_bytes(orjson.dumps({"segments": names}))
         fsync_dir(self.folder)
         try:
             ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
@@ -311,10 +309,12 @@ class Drainer:
             run.notes.append(f"{n} message(s) from {len(segments)} spool segment(s)" + (
                 f", set aside into the quarantine after {self.SET_ASIDE_AFTER} failed drains" if aside else ""))
             finish_run(self.store, run)
-        except BaseException:  # the claim stays: this may have come after the commit
+        except BaseException as e:  # the claim stays: this may have come after the commit
             self.store.rollback()
+            with contextlib.suppress(OSError):
+                claim.write_bytes(orjson.dumps({"segments": names, "error": type(e).__name__}))
             raise
-        self._forget(claim)
+        self._forget(claim, names)
         if aside:
             log.error("spool segment %s failed %d drains (%s); its %d message(s) are in the quarantine "
                       "(reason drain-failed) and the segment in %s", segments[0].name, self.SET_ASIDE_AFTER,
@@ -346,28 +346,52 @@ class Drainer:
                         f"times ({self._error}); the message was acknowledged and is kept here as received", ref,
                         payload=raw)
 
-    # A drain claims its segments in a file named for its run before it writes, and removes
-    # the claim after the segments. A drain killed between its commit and their removal
-    # leaves the claim, and the next drain removes them instead of storing them again (the
-    # tables would not change, but the runs table would count those messages twice).
+    # A drain claims its segments in a file named for its run before it writes (with the
+    # failure counts so far), and removes the claim after the segments. A drain killed
+    # between its commit and their removal leaves the claim, and the next drain removes
+    # them instead of storing them again (the tables would not change, but the runs table
+    # would count those messages twice). A claim whose run was rolled back is a failed
+    # drain, whether it raised or its process was killed or crashed: the next drain counts
+    # it, so a segment that crashes the drain process itself is also set aside in the end.
 
     def _settle(self) -> None:
-        """Under the store's lock, after its recovery: the claims of killed drains."""
+        """Under the store's lock, after its recovery: the claims of drains that did not end."""
         for claim in sorted(self.folder.glob("*.drain")):
-            if self._committed(claim.stem):
-                self._forget(claim)
-            else:  # rolled back: its segments are drained again now
+            try:
+                c = orjson.loads(claim.read_bytes())
+                names = [str(n) for n in c["segments"]]
+            except (ValueError, KeyError, TypeError):  # cut as it was written: nothing began
                 claim.unlink()
+                continue
+            if self._committed(claim.stem):
+                self._forget(claim, names)
+                continue
+            self._note_failed({**self._failed, **{n: self._failed.get(n, 0) + 1 for n in names}})
+            self._error = str(c.get("error") or "the drain process ended before its commit")
+            claim.unlink()  # rolled back: its segments are drained again now
+
+    def _note_failed(self, failed: dict[str, int]) -> None:
+        """Keep the failure counts, in memory and in their file (replaced whole: a count lost to
+        a power cut only delays a set-aside)."""
+        if failed == self._failed:
+            return
+        self._failed = failed
+        if not failed:
+            self._failures.unlink(missing_ok=True)
+            return
+        tmp = self._failures.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(failed))
+        os.replace(tmp, self._failures)
 
     def _committed(self, run_id: str) -> bool:
         return self.store.exists("runs") and self.store.read(
             "runs", ["run_id"], filter=pc.field("run_id") == run_id).num_rows > 0
 
-    def _forget(self, claim: Path) -> None:
+    def _forget(self, claim: Path, names: list[str]) -> None:
         """A committed drain's segments, then its claim (under the lock, so that no other
         drainer lists them meanwhile)."""
-        for name in claim.read_text(encoding="utf-8").split():
-            (self.folder / name).unlink(missing_ok=True)
+        for name in names:
+            (self.folder / Path(name).name).unlink(missing_ok=True)
         claim.unlink()
         fsync_dir(self.folder)
 

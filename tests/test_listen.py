@@ -344,6 +344,41 @@ def test_a_segment_that_fails_every_drain_is_set_aside_and_the_others_drain(tmp_
     assert retry(store, reason="drain-failed").counts["hl7v2"].quarantined == 0
 
 
+def test_a_segment_that_crashes_the_drain_process_is_set_aside_too(tmp_path, monkeypatch):
+    """A crash in native code kills the drain process, and the next one knows nothing of
+    the last: the failures are counted from the claims the dead ones left."""
+    import pipeline.listen as listen
+
+    store = Store(tmp_path / "s")
+    spool = Spool(store.meta / "spool" / "hl7v2")
+    msgs = messages()
+    for i, m in enumerate(msgs):
+        spool.append([(b"M", f"test#{i}", m)])
+        spool.seal()
+    spool.close()
+    real = listen.map_message
+
+    def crashing(data, ref, strict=False):
+        if data == msgs[4]:
+            raise SystemExit("the process dies here")  # not an Exception: nothing in the drainer counts it
+        return real(data, ref, strict=strict)
+
+    monkeypatch.setattr(listen, "map_message", crashing)
+    crashes = 0
+    for _ in range(20):
+        try:
+            Drainer(Store(store.root), spool.folder, "hl7v2").drain()  # a new drain process each time
+        except SystemExit:
+            crashes += 1
+        if not spool.ready():
+            break
+    assert not spool.ready() and crashes == Drainer.SET_ASIDE_AFTER
+    (q,) = Store(store.root).read("quarantine").to_pylist()
+    assert (q["reason"], q["source_ref"], q["payload"]) == ("drain-failed", "test#4", msgs[4])
+    assert "SystemExit" in q["message"]
+    assert Store(store.root).read("patient").num_rows
+
+
 def test_segments_drain_in_the_order_received_when_the_clock_steps_back(tmp_path, monkeypatch):
     """An NTP correction between two segments: the later A08 must still be drained last."""
     import pipeline.listen as listen
