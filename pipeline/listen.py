@@ -366,7 +366,8 @@ class Drainer:
             if self._committed(claim.stem):
                 self._forget(claim, names)
                 continue
-            self._note_failed({**self._failed, **{n: self._failed.get(n, 0) + 1 for n in names}})
+            if not c.get("stopped"):  # not a drain its listener stopped at shutdown for taking too long
+                self._note_failed({**self._failed, **{n: self._failed.get(n, 0) + 1 for n in names}})
             self._error = str(c.get("error") or "the drain process ended before its commit")
             claim.unlink()  # rolled back: its segments are drained again now
 
@@ -512,6 +513,7 @@ class DrainProcess:
         self._stopping = False
         self._counts = self._ctx.RawArray("q", 3)  # ListenStats: drains, drained messages, waits for the lock
         self._wait = shutdown_wait
+        self._folder = folder
         self._restarts: list[float] = []  # when drain processes were started again (monotonic)
         self._args = (str(root), str(folder), source, strict, privacy, every, shutdown_wait, stop_reader,
                       self._counts, _logging_setup())
@@ -547,6 +549,9 @@ class DrainProcess:
                         "drain", self._wait + self.GRACE)
             self._proc.kill()  # it ignores SIGTERM (see the class)
             self._proc.join(10)
+            for claim in self._folder.glob("*.drain"):  # slow, not failed: not counted (Drainer._settle)
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    claim.write_bytes(orjson.dumps({**orjson.loads(claim.read_bytes()), "stopped": True}))
         drains, drained, waits = self._counts[:]
         return ListenStats(drained_messages=drained, drains=drains, waits_for_lock=waits)
 

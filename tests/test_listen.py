@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
@@ -568,6 +569,16 @@ def test_a_drain_that_does_not_end_is_killed_at_shutdown_and_its_segments_kept(t
                     if _alive(p.pid) and any("multiprocessing.spawn" in a for a in p.cmdline())]
         assert result[0].drained_messages == 0
         assert sum(b.messages for b in spool_backlog(Store(store.root))) == len(messages())
+        # slow is not failed: the next drain does not count it towards setting the segments aside
+        folder = store.meta / "spool" / "hl7v2"
+        (claim,) = folder.glob("*.drain")
+        assert orjson.loads(claim.read_bytes())["stopped"] is True
+        drainer = Drainer(Store(store.root), folder, "hl7v2", privacy=SlowHooks(0))
+        with drainer.store.locked("test"):
+            drainer._settle()  # what a drain does first
+        assert not (folder / "drain-failures.json").exists() and not list(folder.glob("*.drain"))
+        assert drainer.drain() and not Store(store.root).exists("quarantine")
+        assert Store(store.root).read("runs").to_pylist()[0]["units_read"] >= len(messages())
     finally:
         keys.secret_key.cache_clear()
 
