@@ -228,11 +228,11 @@ class Drainer:
     A drain takes every sealed segment, so one whose records make every drain fail (a bug
     that one message meets) would hold back all later ones, while the listener goes on
     acknowledging. After a failed drain the drainer takes one segment at a time; a segment
-    that was in SET_ASIDE_AFTER failed drains (the first with others, then alone) is set aside: its messages go to the quarantine
-    (reason `drain-failed`, with their raw bytes, for `twin quarantine retry` after a fix),
-    the segment file to `set-aside/` beside the spool, and the drains go on behind it.
-    Failed drains are counted from the claims they leave (see _settle), so a drain that
-    crashes its process counts as one too.
+    that was in SET_ASIDE_AFTER failed drains (the first with others, then alone) is set
+    aside: its messages go to the quarantine (reason `drain-failed`, with their raw bytes,
+    for `twin quarantine retry` after a fix), the segment file to `set-aside/` beside the
+    spool, and the drains go on behind it. Failed drains are counted from the claims they
+    leave (see _settle), so a drain that crashes its process counts as one too.
     """
 
     SET_ASIDE_AFTER = 3
@@ -346,8 +346,8 @@ class Drainer:
                         f"times ({self._error}); the message was acknowledged and is kept here as received", ref,
                         payload=raw)
 
-    # A drain claims its segments in a file named for its run before it writes (with the
-    # failure counts so far), and removes the claim after the segments. A drain killed
+    # A drain claims its segments in a file named for its run before it writes, and
+    # removes the claim after the segments. A drain killed
     # between its commit and their removal leaves the claim, and the next drain removes
     # them instead of storing them again (the tables would not change, but the runs table
     # would count those messages twice). A claim whose run was rolled back is a failed
