@@ -193,6 +193,7 @@ class Backlog:
     messages: int
     segments: int
     oldest: datetime | None  # when the oldest waiting segment was started (its first message)
+    set_aside: int = 0       # segments that failed their drains, kept in set-aside/ (Drainer)
 
 
 def spool_backlog(store: Store) -> list[Backlog]:
@@ -206,11 +207,12 @@ def spool_backlog(store: Store) -> list[Backlog]:
             with contextlib.suppress(FileNotFoundError):  # drained meanwhile
                 if n := Spool.count(seg):
                     waiting.append((seg, n))
-        if not waiting:
+        aside = len(list((folder / "set-aside").glob("*.ready")))
+        if not waiting and not aside:
             continue
-        stamp = _stamp(waiting[0][0])
+        stamp = _stamp(waiting[0][0]) if waiting else 0
         oldest = datetime.fromtimestamp(stamp / 1e9, UTC) if stamp else None
-        out.append(Backlog(folder.name, sum(n for _, n in waiting), len(waiting), oldest))
+        out.append(Backlog(folder.name, sum(n for _, n in waiting), len(waiting), oldest, aside))
     return out
 
 

@@ -29,8 +29,12 @@ def _backlog(store: Store) -> list[str]:
         since = ""
         if b.oldest is not None:
             since = f", the oldest received {b.oldest:%Y-%m-%dT%H:%M:%SZ} ({_age((now - b.oldest).total_seconds())} ago)"
-        lines.append(f"  listener spool {b.source}: {b.messages:,} message(s) received and not in the tables yet, "
-                     f"in {b.segments} segment(s){since}")
+        if b.messages:
+            lines.append(f"  listener spool {b.source}: {b.messages:,} message(s) received and not in the tables yet, "
+                         f"in {b.segments} segment(s){since}")
+        if b.set_aside:
+            lines.append(f"  listener spool {b.source}: {b.set_aside} segment(s) set aside after failed drains; their "
+                         "messages are in the quarantine (`twin quarantine list --reason drain-failed`)")
     return lines
 
 

@@ -336,6 +336,8 @@ def test_a_segment_that_fails_every_drain_is_set_aside_and_the_others_drain(tmp_
     assert (q["reason"], q["stage"], q["source_ref"], q["payload"]) == ("drain-failed", "drain", "test#2", poison)
     assert "ValueError" in q["message"] and "a bug" not in q["message"]
     assert [p.name for p in (spool.folder / "set-aside").iterdir()] and not list(spool.folder.glob("*.drain"))
+    assert ("1 segment(s) set aside after failed drains; their messages are in the quarantine"
+            in store_status(store)) and "not in the tables yet" not in store_status(store)
     runs = store.read("runs").to_pylist()
     assert sum(r["units_quarantined"] for r in runs) == 1
     others = [real(m, "x") for i, m in enumerate(msgs) if i != 2]
