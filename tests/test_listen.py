@@ -18,7 +18,7 @@ import orjson
 import psutil
 import pytest
 
-from pipeline import keys
+from pipeline import keys, listen
 from pipeline.connectors.mllp import ServerStats
 from pipeline.listen import Drainer, DrainProcess, Spool, listen_mllp, spool_backlog
 from pipeline.privacy import PrivacyHooks
@@ -253,8 +253,6 @@ def test_a_failed_spool_write_is_cut_off_and_what_follows_is_kept(tmp_path):
 
 
 def test_a_drain_killed_after_its_commit_leaves_its_segments_to_be_removed_not_stored_again(tmp_path, monkeypatch):
-    import pipeline.listen as listen
-
     store = Store(tmp_path / "s")
     spool = Spool(store.meta / "spool" / "hl7v2")
     msgs = messages()
@@ -280,8 +278,6 @@ def test_a_drain_killed_after_its_commit_leaves_its_segments_to_be_removed_not_s
 
 
 def test_a_drain_killed_before_its_commit_is_drained_again(tmp_path, monkeypatch):
-    import pipeline.listen as listen
-
     store = Store(tmp_path / "s")
     spool = Spool(store.meta / "spool" / "hl7v2")
     spool.append([(b"M", f"test#{i}", m) for i, m in enumerate(messages())])
@@ -303,8 +299,6 @@ def test_a_segment_that_fails_every_drain_is_set_aside_and_the_others_drain(tmp_
     """A message meeting a bug in the drain would otherwise hold back every later segment
     while the listener goes on acknowledging: the drainer finds the segment, quarantines its
     messages as received, and drains the rest."""
-    import pipeline.listen as listen
-
     store = Store(tmp_path / "s")
     spool = Spool(store.meta / "spool" / "hl7v2")
     msgs = messages()
@@ -350,8 +344,6 @@ def test_a_segment_that_fails_every_drain_is_set_aside_and_the_others_drain(tmp_
 def test_a_segment_that_crashes_the_drain_process_is_set_aside_too(tmp_path, monkeypatch):
     """A crash in native code kills the drain process, and the next one knows nothing of
     the last: the failures are counted from the claims the dead ones left."""
-    import pipeline.listen as listen
-
     store = Store(tmp_path / "s")
     spool = Spool(store.meta / "spool" / "hl7v2")
     msgs = messages()
@@ -384,8 +376,6 @@ def test_a_segment_that_crashes_the_drain_process_is_set_aside_too(tmp_path, mon
 
 def test_segments_drain_in_the_order_received_when_the_clock_steps_back(tmp_path, monkeypatch):
     """An NTP correction between two segments: the later A08 must still be drained last."""
-    import pipeline.listen as listen
-
     clock = iter([5_000_000_000, 2_000_000_000, 1_000_000_000])
     monkeypatch.setattr(listen.time, "time_ns", lambda: next(clock))
     spool = Spool(tmp_path / "spool")
@@ -509,8 +499,6 @@ def test_a_drain_process_that_keeps_dying_is_started_again_less_and_less_often(m
     """One that dies at every start (a store it cannot open, a broken install) is not
     started again every time the listener seals: after 2, 4, 8 ... seconds, at most once a minute."""
     import types
-
-    import pipeline.listen as listen
 
     class Dead:
         exitcode = 1
