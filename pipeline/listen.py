@@ -452,7 +452,8 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
 
     # What would make every drain fail is refused before the first ACK, not after thousands:
     # another key than the store's, or another privacy profile than this source's.
-    store.check_key()
+    if store.manifest().get("key_fingerprint"):  # else there is nothing to compare with (and no warning twice)
+        store.check_key()
     store.claim_privacy(source, privacy.name if privacy else "none")
     store.meta.mkdir(parents=True, exist_ok=True)
     spool = Spool(store.meta / "spool" / _safe(source))  # refuses a second listener before anything starts
