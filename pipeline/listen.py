@@ -68,7 +68,7 @@ class Spool:
         self._lock = threading.Lock()
         self._file = None
         self._path: Path | None = None
-        self._abandoned: list[Path] = []  # segments a failed write closed, to seal when renaming works again
+        self._closed: list[Path] = []  # closed segments not renamed to .ready yet (a rename that failed)
         for stale in folder.glob("*.open"):  # a segment of a listener that died: drain it
             stale.rename(stale.with_suffix(".ready"))
         # Segments drain in name order, so names must grow even if the wall clock steps back
@@ -111,34 +111,35 @@ class Spool:
     def _give_up(self, whole: int) -> None:
         """Close the open segment after a failed append, cut back to `whole` bytes (best effort:
         a tail that cannot be cut is a torn last record, which the reader skips), and seal it."""
-        assert self._file is not None and self._path is not None
+        assert self._file is not None
         with contextlib.suppress(OSError):
             os.ftruncate(self._file.fileno(), whole)
+        self._close_open()
         with contextlib.suppress(OSError):
-            self._file.close()
-        self._abandoned.append(self._path)
-        self._file, self._path = None, None
-        with contextlib.suppress(OSError):
-            self._seal_abandoned()
+            self._rename_closed()
 
-    def _seal_abandoned(self) -> None:
-        while self._abandoned:
-            self._abandoned[0].rename(self._abandoned[0].with_suffix(".ready"))
-            self._abandoned.pop(0)
+    def _close_open(self) -> None:
+        """Close the open segment (each append was fsynced) and queue it for its rename to .ready."""
+        assert self._file is not None and self._path is not None
+        with contextlib.suppress(OSError):  # the file is closed even when close(2) reports an error
+            self._file.close()
+        self._closed.append(self._path)
+        self._file, self._path = None, None
+
+    def _rename_closed(self) -> None:
+        """Seal the closed segments; one whose rename fails stays queued for the next seal."""
+        while self._closed:
+            self._closed[0].rename(self._closed[0].with_suffix(".ready"))
+            self._closed.pop(0)
         fsync_dir(self.folder)
 
     def seal(self) -> None:
         """Close the open segment (if it holds anything) so the drainer may take it."""
         with self._lock:
-            if self._abandoned:
-                self._seal_abandoned()
-            if self._file is None:
-                return
-            self._file.close()
-            assert self._path is not None
-            self._path.rename(self._path.with_suffix(".ready"))
-            self._file = None
-            fsync_dir(self.folder)
+            if self._file is not None:
+                self._close_open()
+            if self._closed:
+                self._rename_closed()
 
     def ready(self) -> list[Path]:
         return _sealed(self.folder)
@@ -465,7 +466,7 @@ def listen_mllp(store: Store, host: str, port: int, *, source: str = "hl7v2", ss
         while not done.wait(drain_every):
             try:
                 spool.seal()
-            except OSError:  # a full disk: the segment stays open, and is sealed next time
+            except OSError:  # the segment is closed, and its rename to .ready is tried next time
                 log.exception("sealing the spool segment failed; it is tried again")
             drains.keep_running()
 

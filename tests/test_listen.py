@@ -252,6 +252,28 @@ def test_a_failed_spool_write_is_cut_off_and_what_follows_is_kept(tmp_path):
     assert [ref for seg in spool.ready() for _, ref, _ in Spool.read(seg)] == ["a", "c", "d"]
 
 
+def test_a_seal_whose_rename_fails_is_tried_again_and_the_next_batch_is_kept(tmp_path, monkeypatch):
+    """A rename refused once (an I/O error): the next batch goes to a new segment, and the
+    next seal renames both, instead of writing into a segment already closed."""
+    spool = Spool(tmp_path / "spool")
+    spool.append([(b"M", "a", b"x")])
+    real, refused = Path.rename, []
+
+    def rename_once_refused(self, target):
+        if not refused:
+            refused.append(self)
+            raise OSError("refused")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_once_refused)
+    with pytest.raises(OSError):
+        spool.seal()
+    spool.append([(b"M", "b", b"y")])
+    spool.seal()
+    spool.close()
+    assert refused and [ref for seg in spool.ready() for _, ref, _ in Spool.read(seg)] == ["a", "b"]
+
+
 def test_a_drain_killed_after_its_commit_leaves_its_segments_to_be_removed_not_stored_again(tmp_path, monkeypatch):
     store = Store(tmp_path / "s")
     spool = Spool(store.meta / "spool" / "hl7v2")
