@@ -3,8 +3,8 @@
 Why a spool: a listener runs for months, and scheduled jobs write the same store; if
 the listener held the store's lock, no job could run, and if it waited for the lock
 before acknowledging, senders would time out while a nightly job runs. So each batch
-the MLLP server receives is appended to a spool (length-prefixed records in segment
-files under `_twin/spool/<source>/`, fsynced once per batch) and only then
+the MLLP server receives is appended to a spool (checksummed, length-prefixed records in
+segment files under `_twin/spool/<source>/`, fsynced once per batch) and only then
 acknowledged: that is the durable store an ACK waits for. A drain process
 (DrainProcess) moves sealed segments into the tables whenever it can take the store's
 lock, as runs of command `listen`, and deletes a segment only after its run has committed. A segment
@@ -21,8 +21,10 @@ import mmap
 import multiprocessing
 import os
 import signal
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ import orjson
 import pyarrow.compute as pc
 
 from .errors import ConfigError, LockHeld
+from .hl7v2 import DEFAULT_LIMITS
 from .hl7v2_fhir import map_message
 from .identity import TwinIds, stored_links
 from .imports import finish_run
@@ -47,6 +50,27 @@ log = logging.getLogger(__name__)
 # R: a refused one (its Rejected); M: a raw message, mapped when drained (spools written
 # before the listener spooled what it had mapped already).
 _MSG, _REJ, _FHIR = b"M", b"R", b"F"
+# Not written: what Spool.read gives for bytes of a segment that do not frame as a record.
+DAMAGED = b"!"
+
+# Segment layout: _HEADER, then records of
+#     _SYNC (2 bytes), kind (1), len(source_ref) (4), len(data) (4), CRC-32 (4), source_ref, data
+# (big-endian; the CRC over kind, both lengths, source_ref and data). The checksum tells a
+# record damaged on disk (a flipped bit, bytes overwritten from outside) from a good one,
+# and the sync bytes let the reader find the next good record behind it: the damaged bytes
+# go to the quarantine, the records behind them are drained. Without them the reader
+# could only stop at the first bad length, and lose every acknowledged message after it.
+# Segments written before checksums (no header: kind, two lengths, source_ref, data) are
+# read as they were.
+_HEADER = b"TWINSPOOL2\n"
+_SYNC = b"\xa7\x5c"
+_FRAME = struct.Struct(">2scIII")
+
+
+def _record(kind: bytes, ref: str, data: bytes) -> bytes:
+    r = ref.encode("utf-8", "replace")
+    head = kind + len(r).to_bytes(4, "big") + len(data).to_bytes(4, "big")
+    return b"".join((_SYNC, head, zlib.crc32(data, zlib.crc32(r, zlib.crc32(head))).to_bytes(4, "big"), r, data))
 
 
 class Spool:
@@ -85,13 +109,10 @@ class Spool:
 
         When it raises (a full disk, an I/O error), the records were not stored and the
         caller refuses them; the segment is given up, cut back to its last whole record, so
-        that no record acknowledged later follows torn bytes: the reader stops at the first
-        record it cannot frame. After a failed fsync the page cache is not to be trusted
+        that no record acknowledged later follows torn bytes (which the reader would take
+        for bytes damaged on disk, and quarantine). After a failed fsync the page cache is not to be trusted
         either, so a new segment is the one safe place for what comes next."""
-        buf = bytearray()
-        for kind, ref, data in records:
-            r = ref.encode("utf-8", "replace")
-            buf += kind + len(r).to_bytes(4, "big") + len(data).to_bytes(4, "big") + r + data
+        buf = b"".join(_record(kind, ref, data) for kind, ref, data in records)
         with self._lock:
             if self._file is None:
                 self._stamp = max(time.time_ns(), self._stamp + 1)
@@ -99,6 +120,8 @@ class Spool:
                 self._file = open(self._path, "ab", buffering=0)  # noqa: SIM115 - closed in seal()
                 fsync_dir(self.folder)  # the segment's name survives a power cut, not only its bytes
             whole = os.fstat(self._file.fileno()).st_size
+            if whole == 0:  # written with the first records: a header alone is never left behind
+                buf = _HEADER + buf
             try:
                 written = self._file.write(buf)  # unbuffered: one write(2), which may be short
                 if written != len(buf):
@@ -146,31 +169,95 @@ class Spool:
 
     @staticmethod
     def count(path: Path) -> int:
-        """Whole records in a segment, read by their headers alone (a backlog can be large)."""
+        """Records in a segment, and runs of damaged bytes (a quarantine entry each): what
+        the next drain will read. Mapped, not read (a backlog can be large)."""
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return 0
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                return sum(1 for _ in _records(m))
+                return sum(1 for _ in _frames(m))
 
     @staticmethod
     def read(path: Path) -> Iterator[tuple[bytes, str, bytes]]:
+        """(kind, source_ref, data) of each record; for bytes that do not frame as one
+        (damaged on disk), (DAMAGED, where they are in the segment, the bytes)."""
         data = path.read_bytes()
-        for start, ref_end, end in _records(data):
-            yield data[start:start + 1], data[start + 9:ref_end].decode("utf-8", "replace"), data[ref_end:end]
+        for kind, start, ref_start, ref_end, end in _frames(data):
+            if kind == DAMAGED:
+                yield DAMAGED, f"{path.name} bytes {start}-{end}", data[start:end]
+            else:
+                yield kind, data[ref_start:ref_end].decode("utf-8", "replace"), data[ref_end:end]
 
 
-def _records(buf) -> Iterator[tuple[int, int, int]]:
-    """(start, end of source_ref, end) of each whole record of a segment (Spool.append's
-    layout: kind, two 4-byte lengths, source_ref, data). A record cut at the end was cut by
-    a crash before its fsync returned: it was never acknowledged, and is not one."""
+def _frames(buf) -> Iterator[tuple[bytes, int, int, int, int]]:
+    """(kind, start, start of source_ref, its end, end) of each record of a segment, and
+    (DAMAGED, start, -1, -1, end) for bytes between records that do not frame as one (a
+    bad sync, length or checksum), up to the next record that does. The last record cut
+    short is not one: a crash cut it before its fsync returned, so it was never
+    acknowledged (nor is a header cut short: the segment's first records came with it).
+    A last record whose length was damaged to reach past the end looks the same, and is
+    taken for one cut by a crash: the checksum cannot be read without its end."""
+    size = len(buf)
+    if size <= len(_HEADER):  # no room for a record: a header cut short, or nothing
+        return
+    head = buf[:len(_HEADER)]
+    if sum(a == b for a, b in zip(head, _HEADER, strict=True)) >= len(_HEADER) - 3:  # a damaged byte or three
+        i = len(_HEADER)
+    elif head[:1] in (_MSG, _REJ, _FHIR):
+        yield from _legacy_frames(buf)
+        return
+    else:  # the header damaged beyond recognition: the records behind it are still read
+        i = 0
+    while i < size:
+        end = _frame_end(buf, i, size)
+        if end:
+            kind, nref = buf[i + 2:i + 3], _FRAME.unpack_from(buf, i)[2]
+            yield kind, i, i + _FRAME.size, i + _FRAME.size + nref, end
+            i = end
+            continue
+        j = i
+        while (j := buf.find(_SYNC, j + 1)) >= 0 and not _frame_end(buf, j, size):  # a payload may hold _SYNC
+            pass
+        if j < 0:
+            if _cut_short(buf, i, size):
+                return
+            j = size
+        yield DAMAGED, i, -1, -1, j
+        i = j
+
+
+def _frame_end(buf, i: int, size: int) -> int:
+    """The end of the record at i, or 0 if there is none whole and sound there."""
+    if i + _FRAME.size > size or buf[i:i + 2] != _SYNC:
+        return 0
+    _, _, nref, ndata, crc = _FRAME.unpack_from(buf, i)
+    end = i + _FRAME.size + nref + ndata
+    if end > size:
+        return 0
+    with memoryview(buf) as view:  # no copy of the record
+        if zlib.crc32(view[i + _FRAME.size:end], zlib.crc32(view[i + 2:i + 11])) != crc:
+            return 0
+    return end
+
+
+def _cut_short(buf, i: int, size: int) -> bool:
+    """A sound start of a record that the segment ends before its end."""
+    if size - i < _FRAME.size:
+        return _SYNC.startswith(buf[i:i + 2]) if size - i < 2 else buf[i:i + 2] == _SYNC
+    _, _, nref, ndata, _ = _FRAME.unpack_from(buf, i)
+    return buf[i:i + 2] == _SYNC and i + _FRAME.size + nref + ndata > size
+
+
+def _legacy_frames(buf) -> Iterator[tuple[bytes, int, int, int, int]]:
+    """Records of a segment written before checksums: kind, two 4-byte lengths, source_ref,
+    data. The reader stops at the first one that does not fit."""
     i, size = 0, len(buf)
     while i + 9 <= size:
         ref_end = i + 9 + int.from_bytes(buf[i + 1:i + 5], "big")
         end = ref_end + int.from_bytes(buf[i + 5:i + 9], "big")
         if end > size:
             return
-        yield i, ref_end, end
+        yield buf[i:i + 1], i, i + 9, ref_end, end
         i = end
 
 
@@ -195,6 +282,7 @@ class Backlog:
     segments: int
     oldest: datetime | None  # when the oldest waiting segment was started (its first message)
     set_aside: int = 0       # segments that failed their drains, kept in set-aside/ (Drainer)
+    damaged: int = 0         # segments with bytes damaged on disk, kept in damaged/ (Drainer._damaged)
 
 
 def spool_backlog(store: Store) -> list[Backlog]:
@@ -209,11 +297,12 @@ def spool_backlog(store: Store) -> list[Backlog]:
                 if n := Spool.count(seg):
                     waiting.append((seg, n))
         aside = len(list((folder / "set-aside").glob("*.ready")))
-        if not waiting and not aside:
+        damaged = len(list((folder / "damaged").glob("*.ready")))
+        if not waiting and not aside and not damaged:
             continue
         stamp = _stamp(waiting[0][0]) if waiting else 0
         oldest = datetime.fromtimestamp(stamp / 1e9, UTC) if stamp else None
-        out.append(Backlog(folder.name, sum(n for _, n in waiting), len(waiting), oldest, aside))
+        out.append(Backlog(folder.name, sum(n for _, n in waiting), len(waiting), oldest, aside, damaged))
     return out
 
 
@@ -304,7 +393,9 @@ class Drainer:
                         os.link(seg, kept)
                 for kind, ref, data in Spool.read(seg):
                     n += 1
-                    if aside:
+                    if kind == DAMAGED:
+                        ingest.feed(self._damaged(seg, ref, data))
+                    elif aside:
                         ingest.feed(self._set_aside(seg, kind, ref, data))
                     else:
                         self._feed(ingest, kind, ref, data)
@@ -336,6 +427,22 @@ class Drainer:
         else:
             mapped = map_message(data, ref, strict=self.strict)
             ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
+
+    def _damaged(self, seg: Path, where: str, data: bytes) -> Rejected:
+        """Bytes of a segment that do not frame as a record: into the quarantine as they are,
+        and the segment file kept in `damaged/` beside the spool (its bytes may be too many
+        for a quarantine entry, and under a privacy profile the entry keeps none)."""
+        kept = self.folder / "damaged" / seg.name
+        kept.parent.mkdir(exist_ok=True)
+        if not kept.exists():
+            os.link(seg, kept)
+            log.error("spool segment %s holds bytes that are not a sound record (damaged on disk?): they are in "
+                      "the quarantine (reason spool-damaged), the segment is kept in %s", seg.name, kept.parent)
+        small = len(data) <= DEFAULT_LIMITS.max_payload_bytes
+        return Rejected("drain", "spool-damaged", f"spool segment {seg.name}: {len(data)} bytes do not frame as a "
+                        "record (a bad checksum, length or sync); an acknowledged message may be among them, "
+                        f"the segment is kept in {kept.parent.name}/ beside the spool", where,
+                        payload=data if small else None, payload_ref=None if small else f"{kept.parent}/{where}")
 
     def _set_aside(self, seg: Path, kind: bytes, ref: str, data: bytes) -> Rejected:
         """A spool record as a quarantine entry holding the message as received."""

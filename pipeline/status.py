@@ -35,6 +35,10 @@ def _backlog(store: Store) -> list[str]:
         if b.set_aside:
             lines.append(f"  listener spool {b.source}: {b.set_aside} segment(s) set aside after failed drains; their "
                          "messages are in the quarantine (`twin quarantine list --reason drain-failed`)")
+        if b.damaged:
+            lines.append(f"  listener spool {b.source}: {b.damaged} segment(s) with bytes damaged on disk, kept in "
+                         "damaged/; the damaged records are in the quarantine (`twin quarantine list --reason "
+                         "spool-damaged`)")
     return lines
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import orjson
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import keys, listen
 from pipeline.connectors.mllp import ServerStats
@@ -232,6 +234,98 @@ def test_a_spool_backlog_counts_whole_records_only(tmp_path):
     (b,) = spool_backlog(store)
     assert (b.source, b.messages, b.segments) == ("feed", 3, 1)
     assert b.oldest is not None and abs((b.oldest - datetime.now(UTC)).total_seconds()) < 60
+
+
+def _spooled(folder: Path, records: list[tuple[bytes, str, bytes]]) -> Path:
+    spool = Spool(folder)
+    spool.append(records)
+    spool.close()
+    (seg,) = spool.ready()
+    return seg
+
+
+def test_damaged_bytes_in_a_segment_are_quarantined_and_the_records_behind_them_drained(tmp_path):
+    """A bit flipped on disk (caught by the checksum) and a length overwritten (caught by the
+    sync bytes of the next record): each damaged record goes to the quarantine as its bytes,
+    every other message is drained, and the counts reconcile."""
+    store = Store(tmp_path / "s")
+    msgs = messages()
+    assert len(msgs) >= 4
+    seg = _spooled(store.meta / "spool" / "hl7v2", [(b"M", f"test#{i}", m) for i, m in enumerate(msgs)])
+    frames = list(listen._frames(seg.read_bytes()))
+    assert [f[0] for f in frames] == [b"M"] * len(msgs)
+    data = bytearray(seg.read_bytes())
+    flip = frames[1][3] + 5                                # a byte of message 1
+    data[flip] ^= 0x20
+    data[frames[3][1] + 3:frames[3][1] + 7] = b"\x7f\xff\xff\xff"  # message 3's source_ref length
+    seg.write_bytes(bytes(data))
+    damaged = [bytes(data[f[1]:f[4]]) for f in (frames[1], frames[3])]
+
+    assert [k for k, _, _ in Spool.read(seg)] == [b"M", listen.DAMAGED, b"M", listen.DAMAGED, *[b"M"] * (len(msgs) - 4)]
+    assert Spool.count(seg) == len(msgs)  # what `twin status` shows: one unit per damaged record too
+    assert Drainer(store, seg.parent, "hl7v2").drain()
+
+    store = Store(store.root)
+    q = store.read("quarantine").to_pylist()
+    assert [(e["reason"], e["stage"], e["payload"]) for e in q] == [("spool-damaged", "drain", d) for d in damaged]
+    assert q[0]["source_ref"] == f"{seg.name} bytes {frames[1][1]}-{frames[1][4]}"
+    assert [p.name for p in (seg.parent / "damaged").iterdir()] == [seg.name]
+    assert "1 segment(s) with bytes damaged on disk" in store_status(store)
+    (run,) = store.read("runs").to_pylist()
+    kept = [listen.map_message(m, "x") for i, m in enumerate(msgs) if i not in (1, 3)]
+    assert run["units_read"] == 2 + sum(1 if k.rejected else len(k.resources) for k in kept)
+    assert run["units_read"] == run["units_written"] + run["units_ignored"] + run["units_quarantined"]
+    assert run["units_quarantined"] == 2 + sum(1 for k in kept if k.rejected)
+    assert not list(seg.parent.glob("*.ready"))
+
+
+def test_a_segment_whose_header_is_damaged_is_still_read(tmp_path):
+    records = [(b"M", f"m{i}", b"MSH|^~\\&|" + bytes([65 + i]) * 40) for i in range(3)]
+    seg = _spooled(tmp_path / "spool", records)
+    data = seg.read_bytes()
+    for damage in (b"X", b"XXXXXXXX"):  # one byte, then the whole header but its end
+        seg.write_bytes(damage + data[len(damage):])
+        got = list(Spool.read(seg))
+        assert [r for r in got if r[0] != listen.DAMAGED] == records
+
+
+def test_segments_written_before_checksums_are_read_as_they_were(tmp_path):
+    """A listener upgraded with a backlog in its spool: the old layout (kind, two lengths,
+    source_ref, data; no header) drains."""
+    records = [(b"M", "a", b"MSH|1"), (b"F", "b", b'{"x": 1}'), (b"R", "\u00e9", b"")]
+    old = b"".join(k + len(r.encode()).to_bytes(4, "big") + len(d).to_bytes(4, "big") + r.encode() + d
+                   for k, r, d in records)
+    seg = tmp_path / "00000000000000000001-1.ready"
+    seg.write_bytes(old + old[:7])  # and a last record cut by a crash
+    assert list(Spool.read(seg)) == records and Spool.count(seg) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads=st.lists(st.binary(max_size=60).map(lambda b: b + listen._SYNC + b[:3]), min_size=1, max_size=6),
+       cut=st.integers(0, 10_000), at=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=24))
+def test_damage_anywhere_loses_only_the_records_it_touches(tmp_path_factory, payloads, cut, at, junk):
+    """Bytes overwritten anywhere in a segment, which may also be cut short: every record the
+    damage does not touch is read as written, the damaged ones come back as DAMAGED bytes
+    (never as records with other contents), and the frames cover the segment without gaps."""
+    folder = tmp_path_factory.mktemp("spool")
+    records = [(b"M", f"r{i}", p) for i, p in enumerate(payloads)]
+    seg = _spooled(folder, records)
+    data = seg.read_bytes()
+    frames = list(listen._frames(data))
+    size = len(listen._HEADER) + cut % (len(data) - len(listen._HEADER) + 1)  # cut, or not (cut at the end)
+    at = at % size
+    damaged = bytearray(data[:size])
+    damaged[at:at + len(junk)] = junk[:size - at]
+    seg.write_bytes(bytes(damaged))
+    got = list(listen._frames(bytes(damaged)))
+    touched = {i for i, f in enumerate(frames) if f[1] < at + len(junk) and at < f[4]}
+    whole = [i for i, f in enumerate(frames) if f[4] <= size and i not in touched]
+    read = {r: (k, d) for k, r, d in Spool.read(seg) if k != listen.DAMAGED}
+    assert all(read.get(records[i][1]) == (records[i][0], records[i][2]) for i in whole)
+    assert all(read[r] == next((k, d) for k, rr, d in records if rr == r) for r in read)
+    if got:  # contiguous: each frame starts where the last ended
+        assert all(a[4] == b[1] for a, b in zip(got, got[1:], strict=False))
+    assert Spool.count(seg) == len(list(Spool.read(seg))) >= len(whole)
 
 
 def test_a_failed_spool_write_is_cut_off_and_what_follows_is_kept(tmp_path):
