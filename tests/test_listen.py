@@ -277,6 +277,9 @@ def test_damaged_bytes_in_a_segment_are_quarantined_and_the_records_behind_them_
     assert run["units_read"] == run["units_written"] + run["units_ignored"] + run["units_quarantined"]
     assert run["units_quarantined"] == 2 + sum(1 for k in kept if k.rejected)
     assert not list(seg.parent.glob("*.ready"))
+    from pipeline.quarantine import retry
+    retry(store, reason="spool-damaged")  # not a message as received: the entries stay open
+    assert [e["status"] for e in Store(store.root).read("quarantine", latest=True).to_pylist()] == ["open", "open"]
 
 
 def test_a_segment_whose_header_is_damaged_is_still_read(tmp_path):
