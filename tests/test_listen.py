@@ -333,7 +333,7 @@ def test_damage_anywhere_loses_only_the_records_it_touches(tmp_path_factory, pay
 
 def test_a_failed_spool_write_is_cut_off_and_what_follows_is_kept(tmp_path):
     """A full disk in the middle of a batch: the batch is refused (AR), and the next batches,
-    acknowledged, must not follow its torn bytes, where the reader would stop."""
+    acknowledged, must not follow its torn bytes, which the reader would take for damage."""
     spool = Spool(tmp_path / "spool")
     spool.append([(b"M", "a", b"x" * 100)])
     (seg,) = spool.folder.glob("*.open")
