@@ -43,8 +43,9 @@ from pipeline.references import IdentifierIndex, Resolver
 from pipeline.schema import load_schema
 from pipeline.store import Store
 from pipeline.units import Resource
-mapper = ResourceMapper(ViewSet(load_schema()), Resolver(IdentifierIndex(lambda: [])))
 stage, feed = sys.argv[2], sys.argv[3]
+if stage != "import":  # the import compiles its own views: once in every stage, so the subtractions cancel it
+    mapper = ResourceMapper(ViewSet(load_schema()), Resolver(IdentifierIndex(lambda: [])))
 if stage == "import":
     run_import(Store(sys.argv[4]), "hl7v2", [feed])
 elif stage != "start":

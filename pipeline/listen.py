@@ -65,6 +65,7 @@ DAMAGED = b"!"
 _HEADER = b"TWINSPOOL2\n"
 _SYNC = b"\xa7\x5c"
 _FRAME = struct.Struct(">2scIII")
+_CRC_AT = _FRAME.size - 4  # the checksum covers the 9 bytes before it (kind, lengths) and the 2 fields after
 
 
 def _record(kind: bytes, ref: str, data: bytes) -> bytes:
@@ -211,7 +212,7 @@ def _frames(buf) -> Iterator[tuple[bytes, int, int, int, int]]:
     while i < size:
         end = _frame_end(buf, i, size)
         if end:
-            kind, nref = buf[i + 2:i + 3], _FRAME.unpack_from(buf, i)[2]
+            _, kind, nref, _, _ = _FRAME.unpack_from(buf, i)
             yield kind, i, i + _FRAME.size, i + _FRAME.size + nref, end
             i = end
             continue
@@ -235,17 +236,19 @@ def _frame_end(buf, i: int, size: int) -> int:
     if end > size:
         return 0
     with memoryview(buf) as view:  # no copy of the record
-        if zlib.crc32(view[i + _FRAME.size:end], zlib.crc32(view[i + 2:i + 11])) != crc:
+        if zlib.crc32(view[i + _FRAME.size:end], zlib.crc32(view[i + 2:i + _CRC_AT])) != crc:
             return 0
     return end
 
 
 def _cut_short(buf, i: int, size: int) -> bool:
     """A sound start of a record that the segment ends before its end."""
+    if not _SYNC.startswith(buf[i:i + 2]):  # the slice is shorter at the very end
+        return False
     if size - i < _FRAME.size:
-        return _SYNC.startswith(buf[i:i + 2]) if size - i < 2 else buf[i:i + 2] == _SYNC
+        return True
     _, _, nref, ndata, _ = _FRAME.unpack_from(buf, i)
-    return buf[i:i + 2] == _SYNC and i + _FRAME.size + nref + ndata > size
+    return i + _FRAME.size + nref + ndata > size
 
 
 def _legacy_frames(buf) -> Iterator[tuple[bytes, int, int, int, int]]:
@@ -387,10 +390,7 @@ class Drainer:
             n = 0
             for seg in segments:
                 if aside:  # the file stays too: under a privacy profile the quarantine keeps no payload
-                    kept = self.folder / "set-aside" / seg.name
-                    kept.parent.mkdir(exist_ok=True)
-                    if not kept.exists():
-                        os.link(seg, kept)
+                    self._keep(seg, "set-aside")
                 for kind, ref, data in Spool.read(seg):
                     n += 1
                     if kind == DAMAGED:
@@ -433,9 +433,7 @@ class Drainer:
         and the segment file kept in `damaged/` beside the spool (its bytes may be too many
         for a quarantine entry, and under a privacy profile the entry keeps none)."""
         kept = self.folder / "damaged" / seg.name
-        kept.parent.mkdir(exist_ok=True)
-        if not kept.exists():
-            os.link(seg, kept)
+        if self._keep(seg, "damaged"):
             log.error("spool segment %s holds bytes that are not a sound record (damaged on disk?): they are in "
                       "the quarantine (reason spool-damaged), the segment is kept in %s", seg.name, kept.parent)
         small = len(data) <= DEFAULT_LIMITS.max_payload_bytes
@@ -443,6 +441,16 @@ class Drainer:
                         "record (a bad checksum, length or sync); an acknowledged message may be among them, "
                         f"the segment is kept in {kept.parent.name}/ beside the spool", where,
                         payload=data if small else None, payload_ref=None if small else f"{kept.parent}/{where}")
+
+    def _keep(self, seg: Path, folder: str) -> bool:
+        """Keep a copy of a segment (a hard link) in `folder` beside the spool, for the
+        operator; False if a drain before this one kept it already."""
+        kept = self.folder / folder / seg.name
+        kept.parent.mkdir(exist_ok=True)
+        if kept.exists():
+            return False
+        os.link(seg, kept)
+        return True
 
     def _set_aside(self, seg: Path, kind: bytes, ref: str, data: bytes) -> Rejected:
         """A spool record as a quarantine entry holding the message as received."""
