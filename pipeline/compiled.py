@@ -1,11 +1,13 @@
 """Which hot-path modules run compiled, and never a compiled module older than its source.
 
-setup.py may compile some modules with Cython (unchanged Python source, built beside it
-as .so files) and record the SHA-256 of each source in `_compiled.json`. Python's import
-system prefers a .so to a .py of the same name, so an edited source would silently lose
-to the stale build. `install()` puts a finder in front: a module whose source no longer
-matches the recorded hash, or every module when TWINLINE_PURE_PYTHON is set, is loaded
-from its .py. Nothing changes for modules that were not compiled.
+setup.py may compile some modules with mypyc (the Python source, built beside it as .so
+files) and record the SHA-256 of each source in `_compiled.json`. Python's import system
+prefers a .so to a .py of the same name, so an edited source would silently lose to the
+stale build. `install()` puts a finder in front: when any compiled module's source no
+longer matches its recorded hash, or when TWINLINE_PURE_PYTHON is set, every compiled
+module is loaded from its .py. All or none: mypyc compiles calls between these modules
+to direct C calls, so a compiled module would go on calling the stale build of an edited
+one. Nothing changes for modules that were not compiled.
 """
 
 from __future__ import annotations
@@ -36,22 +38,25 @@ def _built() -> dict[str, str]:
 
 
 class _SourceWhenStale(importlib.abc.MetaPathFinder):
-    def __init__(self, built: dict[str, str], pure: bool):
+    def __init__(self, built: dict[str, str], stale: list[str], pure: bool):
         self.built = built
+        self.stale = stale
         self.pure = pure
+        self.warned = False
 
     def find_spec(self, fullname, path=None, target=None):
-        digest = self.built.get(fullname)
-        if digest is None:
+        if fullname not in self.built:
             return None
         source = _source(fullname)
         if not source.exists():
             return None  # nothing to run instead: the normal finders take the .so
         if not self.pure:
-            if _fresh(fullname, digest):
+            if not self.stale:
                 return None  # the build is current: the normal finders take the .so
-            log.warning("%s changed since it was compiled: running its source (pip install -e . rebuilds it)",
-                        source.name)
+            if not self.warned:
+                self.warned = True
+                log.warning("%s changed since the build: running the hot-path modules from source "
+                            "(pip install -e . compiles them again)", ", ".join(_source(n).name for n in self.stale))
         loader = importlib.machinery.SourceFileLoader(fullname, str(source))
         return importlib.util.spec_from_file_location(fullname, source, loader=loader)
 
@@ -68,6 +73,12 @@ def _fresh(fullname: str, digest: str) -> bool | None:
         return None
 
 
+def _stale(built: dict[str, str]) -> list[str]:
+    """The compiled modules whose source changed since the build (a source that is gone
+    does not count: there is nothing to run instead)."""
+    return [name for name, digest in built.items() if _fresh(name, digest) is False]
+
+
 _finder: _SourceWhenStale | None = None
 
 
@@ -77,7 +88,7 @@ def install() -> None:
     built = _built()
     if not built or _finder is not None:
         return
-    _finder = _SourceWhenStale(built, bool(os.environ.get(PURE_ENV)))
+    _finder = _SourceWhenStale(built, _stale(built), bool(os.environ.get(PURE_ENV)))
     sys.meta_path.insert(0, _finder)
 
 
@@ -89,9 +100,11 @@ def describe() -> str:
         return "pure Python: no compiled modules in this install"
     if os.environ.get(PURE_ENV):
         return f"pure Python: {PURE_ENV} is set"
-    fresh = sum(1 for name, digest in built.items() if _fresh(name, digest) is not False)
-    text = f"{fresh} of {len(built)} hot-path modules compiled"
-    return text if fresh == len(built) else f"{text}; the others changed since (pip install -e . rebuilds them)"
+    stale = _stale(built)
+    if stale:
+        return (f"pure Python: {', '.join(_source(n).name for n in stale)} changed since the build "
+                "(pip install -e . compiles the hot-path modules again)")
+    return f"{len(built)} of {len(built)} hot-path modules compiled"
 
 
 def status() -> dict[str, str]:

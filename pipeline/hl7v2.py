@@ -578,7 +578,7 @@ def build_ack(raw_msh: tuple[Delimiters, list[bytes]] | None, code: str, *, reas
         raise ValueError(f"ack code must be AA, AE or AR, not {code!r}")
     when = (now or datetime.now(UTC)).strftime("%Y%m%d%H%M%S+0000")
     if raw_msh is None:
-        d, f = DEFAULT_DELIMITERS, []
+        d, f = DEFAULT_DELIMITERS, list[bytes]()
     else:
         d, f = raw_msh
     fs = d.field

@@ -298,8 +298,8 @@ def _read_toml(path: FsPath, problems: list[str]) -> dict:
             return tomllib.load(f)
     except OSError as e:
         problems.append(f"{path}: cannot read ({e.strerror})")
-    except tomllib.TOMLDecodeError as e:
-        problems.append(f"{path.name}: not valid TOML ({e})")
+    except tomllib.TOMLDecodeError as bad:
+        problems.append(f"{path.name}: not valid TOML ({bad})")
     return {}
 
 
@@ -353,7 +353,7 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
         ids.append(parts)
     if not ids:
         problems.append(f"{where}: `id` needs at least one list of accessors")
-    referenced = set()
+    referenced: set[str] = set()
     for r in rules:
         referenced.update(p.segment for p in r.sources + r.when + r.unless)
         referenced.update(p.segment for p in (r.type_from, r.unit_from) if p is not None)
@@ -363,9 +363,12 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
     when = _as_paths(spec.get("when"), where, problems)
     referenced.update(p.segment for p in when)
     boundary = frozenset({anchor, "MSH"} | (referenced - children) | set(spec.get("group_ends", [])))
-    program = tuple((r.probe[1] if r.probe is not None and r.probe[0] == anchor else 0, r.apply) for r in rules)
+    program = []
+    for r in rules:
+        assert r.apply is not None  # _compile_rule compiled it
+        program.append((r.probe[1] if r.probe is not None and r.probe[0] == anchor else 0, r.apply))
     return ResourceMap(name, rtype, anchor, children, boundary, ids, rules, when, bool(spec.get("shared", False)),
-                       program)
+                       tuple(program))
 
 
 def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str]) -> Rule | None:
@@ -587,18 +590,18 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
         p0 = sources[0]
         name0, field0 = p0.segment, p0.field
 
-        def find(run: Run) -> tuple[Path | None, list[str] | None]:
+        def find(run: Run) -> tuple[Path, list[str]] | None:
             pos = run.locate(name0)
             if pos is None:
-                return None, None
+                return None
             seg = run.msg.segments[pos]
             if field0 < len(seg):
                 text = seg[field0]
                 if text and text != '""':
                     return p0, seg
-            return None, None
+            return None
     else:
-        def find(run: Run) -> tuple[Path | None, list[str] | None]:
+        def find(run: Run) -> tuple[Path, list[str]] | None:
             msg = run.msg
             for p in sources:  # the first source with a value
                 pos = run.locate(p.segment)
@@ -613,15 +616,16 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
                     if v is None or v == '""':
                         continue
                 return p, seg
-            return None, None
+            return None
 
     if kind == SCALAR and not repeat and not shaped and len(steps) == 1 and steps[0][0] in (_KEY, _APPEND):
         target, appending = steps[0][1], steps[0][0] == _APPEND
 
         def one_scalar(run: Run, res: dict) -> None:  # the common case, kept short: one value, one key
-            src, seg = find(run)
-            if src is None:
+            found = find(run)
+            if found is None:
                 return missing(run, res, None)
+            src, seg = found
             run.loc = src
             leaf = run.msg.value(seg, src.field, src.repetition or 1, src.component, src.subcomponent)
             try:
@@ -641,9 +645,10 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
 
     if kind in (COMPOSITE, VALUEX) and not repeat and not append and not shaped:
         def one_value(run: Run, res: dict) -> None:
-            src, seg = find(run)
-            if src is None:
+            found = find(run)
+            if found is None:
                 return missing(run, res, None)
+            src, seg = found
             run.loc = src
             reps = run.msg.repetitions(seg, src.field)
             if src.repetition:
@@ -670,13 +675,15 @@ def _compile_from(rule: Rule) -> Callable[[Run, dict], None]:
         return one_value
 
     def general(run: Run, res: dict) -> None:
-        src, seg = find(run)
-        if src is None:
+        found = find(run)
+        if found is None:
             return missing(run, res, None)
+        src, seg = found
         run.loc = src
         msg = run.msg
         try:
             if kind == SCALAR:
+                reps: range | tuple[int]
                 if repeat and src.repetition is None:
                     reps = range(1, len(msg.repetitions(seg, src.field)) + 1)
                 else:

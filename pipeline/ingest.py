@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import orjson
@@ -134,8 +134,8 @@ class TableView:
                     out[pos[0]] = conv(v)
             except _BadValue as e:
                 raise _BadValue(f"column {name}: expected {e}, got {type(v).__name__}") from None
-            except BadTemporal as e:
-                raise _BadValue(f"column {name}: {e}") from None
+            except BadTemporal as bad:
+                raise _BadValue(f"column {name}: {bad}") from None
         return out
 
 
@@ -257,7 +257,7 @@ class Mapped:
 
 class TableBatch:
     """The rows one flush writes to one table, gathered unit by unit, and what each unit's
-    rows share (kept once per unit: Ingest._to_arrow spreads it)."""
+    rows share (kept once per unit: batch_to_arrow spreads it)."""
 
     __slots__ = ("rows", "owners", "counts")
 
@@ -321,17 +321,53 @@ class ResourceMapper:
         except _BadValue as e:
             return Rejected("view", "wrong-type", f"{rtype}: {e}", unit.source_ref, **_payload(unit),
                             target_table=tv.table.name)
-        except _Missing as e:
-            return Rejected("schema", "missing-required", f"{rtype} into {tv.table.name}: {e}", unit.source_ref,
+        except _Missing as missing:  # (mypyc: a name bound by two except clauses must have one type)
+            return Rejected("schema", "missing-required", f"{rtype} into {tv.table.name}: {missing}", unit.source_ref,
                             **_payload(unit), target_table=tv.table.name)
-        except RowError as e:  # the resource breaks a rule the view relies on (two values for one column, ...)
-            return Rejected("view", e.reason, f"{rtype}: view {tv.path.name}: {e}", unit.source_ref, **_payload(unit),
-                            target_table=tv.table.name)
-        except (RecursionError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        except RowError as broken:  # the resource breaks a rule the view relies on (two values for one column, ...)
+            return Rejected("view", broken.reason, f"{rtype}: view {tv.path.name}: {broken}", unit.source_ref,
+                            **_payload(unit), target_table=tv.table.name)
+        except (RecursionError, TypeError, ValueError, AttributeError, KeyError, IndexError) as failed:
             # the runner is built to yield empty on odd shapes; anything left is still this unit's problem only
             return Rejected("view", "view-failed", f"{rtype}: view {tv.path.name} failed on this resource "
-                            f"({type(e).__name__})", unit.source_ref, **_payload(unit), target_table=tv.table.name)
+                            f"({type(failed).__name__})", unit.source_ref, **_payload(unit), target_table=tv.table.name)
         return Mapped(f"{rtype}/{res['id']}", unit_version(res), unit.source_ref, tables, unit.create_only)
+
+
+def batch_to_arrow(table: Table, batch: TableBatch, now: datetime, source: str, run_id: str,
+                   twin_ids: TwinIds) -> pa.Table:
+    """The batch's rows with their provenance, as the table's Arrow columns (Ingest.flush,
+    and the parts of a job on an engine: pipeline/engines/tasks.py).
+
+    What is the same for every row of a unit (locator, key, version, hash) is kept
+    once per unit and spread by index (`take`), what is the same for the whole
+    batch once: no Python list of one value per row for the provenance columns.
+    """
+    rows = batch.rows
+    n = len(rows)
+    cols = list(zip(*rows, strict=True)) if rows else [()] * len(table.own_columns)
+    arrays: dict[str, Any] = {}
+    for name, values in zip(table.own_columns, cols, strict=True):
+        arrays[name] = pa.array(values, table.by_name[name].arrow)
+    pcol = table.patient_column
+    if pcol:  # a twin id per distinct patient, not per row; plain strings, as before
+        arrays["twin_id"] = map_values(arrays[pcol], lambda p: twin_ids(source, p),
+                                       pa.string()).cast(pa.string())
+    else:
+        arrays["twin_id"] = pa.nulls(n, pa.string())
+    counts = np.asarray(batch.counts, np.int64)
+    owner = pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts))
+    refs, keys, versions, hashes = zip(*batch.owners, strict=True) if batch.owners else ((), (), (), ())
+    arrays["source_ref"] = pa.array(refs, pa.string()).take(owner)
+    arrays["unit_key"] = pa.array(keys, pa.string()).take(owner)
+    arrays["unit_version"] = pa.array(versions, pa.string()).take(owner)
+    arrays["content_hash"] = pa.array(hashes, pa.string()).take(owner)
+    starts = np.cumsum(counts) - counts
+    arrays["row_index"] = pa.array((np.arange(n, dtype=np.int64) - np.repeat(starts, counts)).astype(np.int32))
+    arrays["source"] = pa.repeat(pa.scalar(source, pa.string()), n)
+    arrays["run_id"] = pa.repeat(pa.scalar(run_id, pa.string()), n)
+    arrays["ingested_at"] = pa.repeat(pa.scalar(now, TIMESTAMP), n)
+    return pa.table([arrays[c.name] for c in table.columns], names=[c.name for c in table.columns])
 
 
 class Ingest:
@@ -360,7 +396,7 @@ class Ingest:
         self._identifiers: dict[tuple[str, str, str], str] = {}
         self._pending_rows = 0
         self._spill_path: Path | None = None
-        self._spill = None
+        self._spill: BinaryIO | None = None
         self.deferred = 0
         self.no_patient: dict[str, int] = {}  # device-stream rows naming no patient, per table
         self._row_chunks = 0
@@ -491,7 +527,7 @@ class Ingest:
         full = pa.table({c.name: cols[c.name] if c.name in cols else pa.nulls(n, c.arrow) for c in table.columns})
         idx, keys = distinct_codes(full.column("unit_key"))  # a chunk is one unit, or a few
         counts = np.bincount(idx.to_numpy(), minlength=len(keys)).tolist() if n else []
-        units = {k: (None, unit.content_hash, c) for k, c in zip(keys.to_pylist(), counts, strict=True)}
+        units: dict[str, tuple[str | None, str, int]] = {k: (None, unit.content_hash, c) for k, c in zip(keys.to_pylist(), counts, strict=True)}
         stats = self.store.upsert_units(unit.table, self.source, full, units)
         if stats.new or stats.changed:
             self.counts.written += unit.units
@@ -534,7 +570,7 @@ class Ingest:
                 self.run.rows[table_name]["deleted_units"] += n
             if not units:
                 continue
-            data = self._to_arrow(table, batch, now)
+            data = batch_to_arrow(table, batch, now, self.source, self.run.run_id, self.twin_ids)
             stats = self.store.upsert_units(table_name, self.source, data, units,
                                             keep_stored={k for k, p in per_table[table_name] if p.create_only})
             for k, outcome in stats.outcome.items():
@@ -557,39 +593,6 @@ class Ingest:
         release_memory()
         if self.on_flush:
             self.on_flush()
-
-    def _to_arrow(self, table: Table, batch: TableBatch, now: datetime) -> pa.Table:
-        """The batch's rows with their provenance, as the table's Arrow columns.
-
-        What is the same for every row of a unit (locator, key, version, hash) is kept
-        once per unit and spread by index (`take`), what is the same for the whole
-        batch once: no Python list of one value per row for the provenance columns.
-        """
-        rows = batch.rows
-        n = len(rows)
-        cols = list(zip(*rows, strict=True)) if rows else [()] * len(table.own_columns)
-        arrays: dict[str, Any] = {}
-        for name, values in zip(table.own_columns, cols, strict=True):
-            arrays[name] = pa.array(values, table.by_name[name].arrow)
-        pcol = table.patient_column
-        if pcol:  # a twin id per distinct patient, not per row; plain strings, as before
-            arrays["twin_id"] = map_values(arrays[pcol], lambda p: self.twin_ids(self.source, p),
-                                           pa.string()).cast(pa.string())
-        else:
-            arrays["twin_id"] = pa.nulls(n, pa.string())
-        counts = np.asarray(batch.counts, np.int64)
-        owner = pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts))
-        refs, keys, versions, hashes = zip(*batch.owners, strict=True) if batch.owners else ((), (), (), ())
-        arrays["source_ref"] = pa.array(refs, pa.string()).take(owner)
-        arrays["unit_key"] = pa.array(keys, pa.string()).take(owner)
-        arrays["unit_version"] = pa.array(versions, pa.string()).take(owner)
-        arrays["content_hash"] = pa.array(hashes, pa.string()).take(owner)
-        starts = np.cumsum(counts) - counts
-        arrays["row_index"] = pa.array((np.arange(n, dtype=np.int64) - np.repeat(starts, counts)).astype(np.int32))
-        arrays["source"] = pa.repeat(pa.scalar(self.source, pa.string()), n)
-        arrays["run_id"] = pa.repeat(pa.scalar(self.run.run_id, pa.string()), n)
-        arrays["ingested_at"] = pa.repeat(pa.scalar(now, TIMESTAMP), n)
-        return pa.table([arrays[c.name] for c in table.columns], names=[c.name for c in table.columns])
 
     def _flush_identifiers(self, now: datetime) -> None:
         if not self._identifiers:

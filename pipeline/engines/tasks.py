@@ -26,7 +26,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -36,7 +35,7 @@ from ..connectors import FILE_CONNECTORS
 from ..connectors.fhir_files import DEFAULT_LIMITS, Limits
 from ..fhir import DIRECTORY_TYPES
 from ..identity import TwinIds
-from ..ingest import Ingest, Mapped, ResourceMapper, TableBatch, ViewSet
+from ..ingest import Mapped, ResourceMapper, TableBatch, ViewSet, batch_to_arrow
 from ..keys import key_fingerprint
 from ..references import IdentifierIndex, Resolver, identifiers_of
 from ..schema import load_schema
@@ -164,19 +163,20 @@ def _mapper(ctx: ImportContext) -> tuple[ResourceMapper, ViewSet, TwinIds]:
     return made
 
 
-class _TableRows(TableBatch):
+class _TableRows:
     """Rows of one table, gathered per unit as Ingest.flush gathers them, with the
-    sequence number of each row's unit."""
+    sequence number of each row's unit. (It holds a TableBatch rather than extends it:
+    TableBatch may be compiled, and a compiled class takes no interpreted subclass.)"""
 
-    __slots__ = ("seqs",)
+    __slots__ = ("batch", "seqs")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.batch = TableBatch()
         self.seqs: list[int] = []
 
-    def add(self, m: Mapped, rows: list[list[Any]], seq: int = 0) -> str:  # type: ignore[override]
+    def add(self, m: Mapped, rows: list[list[Any]], seq: int) -> str:
         self.seqs.extend([seq] * len(rows))
-        return super().add(m, rows)
+        return self.batch.add(m, rows)
 
 
 def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
@@ -226,11 +226,10 @@ def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
             else:  # pragma: no cover - a connector bug
                 raise TypeError(f"not a unit: {type(unit).__name__}")
             seq += 1
-    shim = SimpleNamespace(twin_ids=twin_ids, source=ctx.source, run=SimpleNamespace(run_id=ctx.run_id))
     staged = {}
     for tname, t in tables.items():
         table = schema.table(tname)
-        data = Ingest._to_arrow(shim, table, t, ctx.now)  # type: ignore[arg-type]
+        data = batch_to_arrow(table, t.batch, ctx.now, ctx.source, ctx.run_id, twin_ids)
         staged[tname] = _stage(ctx, part, tname, data.append_column("_seq", pa.array(t.seqs, pa.int64())))
     for i, r in rows_units:
         staged[f"_rows{i}"] = _stage(ctx, part, f"_rows{i}", r.data)

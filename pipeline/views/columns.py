@@ -36,6 +36,10 @@ class _Node:
         return out
 
 
+def _as_list(fn: Callable[[list, Scope], Any]) -> Callable[[Any, Scope], list]:
+    return lambda f, scope: list(fn([f], scope))
+
+
 def make_reader(columns: list[tuple[Compiled, bool]]) -> Reader:
     """`read(f, scope) -> list` of the own column values of a select, DEFER where several."""
     template: list[Any] = [None] * len(columns)
@@ -43,8 +47,7 @@ def make_reader(columns: list[tuple[Compiled, bool]]) -> Reader:
     roots: dict[tuple, _Node] = {}
     for i, (c, collection) in enumerate(columns):
         if collection:
-            fn = c.fn
-            others.append((i, lambda f, scope, fn=fn: list(fn([f], scope))))
+            others.append((i, _as_list(c.fn)))
         elif c.const is not None and len(c.const) <= 1:
             template[i] = c.const[0] if c.const else None
         elif c.chain:  # a non-empty member chain: into the trie

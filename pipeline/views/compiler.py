@@ -29,7 +29,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
 from . import boundary, model
-from .context import ViewContext
+from .context import DEFAULT_CONTEXT, ViewContext
 from .errors import RowError, ViewError
 from .parser import Binary, Call, Env, Index, Literal, Member, Special, This, TypeOp, Unary, parse
 
@@ -52,6 +52,11 @@ class Scope:
         self.root = root
         self.ctx = ctx
         self.row_index = row_index
+
+
+# What a constant sub-expression is evaluated against while a view is compiled: it reads
+# neither the resource nor the context.
+_CONSTANT_SCOPE = Scope(None, DEFAULT_CONTEXT)
 
 
 class Compiled(NamedTuple):
@@ -80,9 +85,10 @@ def _lookup(x: dict, key: str | None, candidates: Any) -> Any:
         v = x.get(key)
         if v is not None:
             return v
-        n = len(key)  # type: ignore[arg-type]
+        assert key is not None  # a choice element [x] is looked up by its name
+        n = len(key)
         for k, v in x.items():
-            if len(k) > n and k.startswith(key) and k[n].isupper():  # type: ignore[arg-type]
+            if len(k) > n and k.startswith(key) and k[n].isupper():
                 return v
         return None
     for k in candidates:
@@ -208,13 +214,16 @@ def _step_closure(step: tuple, nxt: Callable[[Any, Any], Any] | None, rest: tupl
         return last
 
     if cands is None:
+        assert nxt is not None
+        then = nxt
+
         def middle(x: Any, scope: Any) -> Any:
             if type(x) is not dict:
                 return None
             v = x.get(key)
             if type(v) is list:
                 return from_list(v)
-            return None if v is None or pick else nxt(v, None)  # type: ignore[misc]
+            return None if v is None or pick else then(v, None)
         return middle
 
     def choice(x: Any, scope: Any) -> Any:
@@ -497,7 +506,7 @@ class Compiler:
         target = self.node(n.target, ft)
         idx = self.node(n.index, ft)
         if self._is_constant(n.index):
-            values = idx.fn([], None)  # type: ignore[arg-type]  # constants need no scope
+            values = idx.fn([], _CONSTANT_SCOPE)
             if len(values) == 1 and type(values[0]) is int:
                 if values[0] < 0:
                     return _literal((), target.type)
@@ -640,7 +649,7 @@ class Compiler:
     def const_arg(self, arg: Any, fname: str, kind: type) -> Any:
         """An argument that must be known when the view is compiled (extension url, join separator)."""
         if self._is_constant(arg):
-            values = self.node(arg, None).fn([], None)  # type: ignore[arg-type]
+            values = self.node(arg, None).fn([], _CONSTANT_SCOPE)
             if len(values) == 1 and type(values[0]) is kind:
                 return values[0]
         raise ViewError(f"the argument of {fname}() must be a {kind.__name__} literal or a %constant")

@@ -63,7 +63,7 @@ class CompiledView:
         self._wheres = wheres
         self._emit = emit
 
-    def rows(self, resource: dict, ctx: ViewContext | None = None) -> list[tuple]:
+    def rows(self, resource: Any, ctx: ViewContext | None = None) -> list[tuple]:
         """The rows one resource yields, values in column order.
 
         [] when it is another resource type or the view's `where` excludes it. Raises
@@ -93,7 +93,7 @@ class CompiledView:
         return f"<CompiledView {self.name or '?'} of {self.resource}: {len(self.columns)} columns>"
 
 
-def compile_view(view_definition: dict) -> CompiledView:
+def compile_view(view_definition: Any) -> CompiledView:
     """Check a ViewDefinition and compile it; raises ViewError naming every problem's place."""
     v = view_definition
     if not isinstance(v, dict):
@@ -212,12 +212,12 @@ def _compile_select(s: Any, where: str, compiler: Compiler, ft: str | None, seen
                 raise ViewError(f"{where}.unionAll[{i}] has columns {[c.name for c in b.columns]}, but "
                                 f"unionAll[0] has {[c.name for c in first]}: every branch needs the same "
                                 "columns in the same order")
-            for a, c in zip(first, b.columns, strict=True):
-                if a.type and c.type and a.type != c.type or a.collection != c.collection:
-                    raise ViewError(f"{where}.unionAll[{i}] column {c.name!r} differs in type or collection "
+            for a, other in zip(first, b.columns, strict=True):
+                if a.type and other.type and a.type != other.type or a.collection != other.collection:
+                    raise ViewError(f"{where}.unionAll[{i}] column {other.name!r} differs in type or collection "
                                     "from unionAll[0]")
-        for c in first:
-            _claim(c.name, seen, f"{where}.unionAll")
+        for col in first:
+            _claim(col.name, seen, f"{where}.unionAll")
         columns.extend(first)
 
     emit = _emitter(make_reader(compiled) if compiled else None, empty_fns, [p.emit for p in parts], [u.emit for u in union],
