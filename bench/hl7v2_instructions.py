@@ -2,11 +2,12 @@
 
 Wall-clock numbers on these shared machines move by 25% from one minute to the next,
 which hides any change smaller than that; instruction counts do not move. Each stage
-runs in its own process under `valgrind --tool=callgrind` on the same generated feed
-(the ORU/ADT mix of bench/hl7v2.py), and the counts of successive stages are
-subtracted, so what a stage costs is what it adds:
+runs in its own process under `valgrind --tool=callgrind` on a generated feed (the
+ORU/ADT mix of bench/hl7v2.py) of N messages and again of 2N, and what a message costs
+in a stage is the difference of the two counts over N: everything a run pays once
+(imports, the mappings and views compiled, pyarrow's first use importing pandas, the
+Delta tables created) cancels out. The stages, each including the ones before it:
 
-- start: imports, the mappings and the views compiled (the fixed cost of every run);
 - parse + map: `read_hl7v2` of the feed (framing, parsing, FHIR R4 resources);
 - views: every resource through its views into typed rows (`ResourceMapper.map`);
 - import: `twin import hl7v2` of the feed into a fresh store, end to end.
@@ -44,11 +45,11 @@ from pipeline.schema import load_schema
 from pipeline.store import Store
 from pipeline.units import Resource
 stage, feed = sys.argv[2], sys.argv[3]
-if stage != "import":  # the import compiles its own views: once in every stage, so the subtractions cancel it
+if stage == "views":
     mapper = ResourceMapper(ViewSet(load_schema()), Resolver(IdentifierIndex(lambda: [])))
 if stage == "import":
     run_import(Store(sys.argv[4]), "hl7v2", [feed])
-elif stage != "start":
+else:
     gc.disable()
     units = list(read_hl7v2([feed]))
     if stage == "views":
@@ -72,25 +73,28 @@ def main() -> None:
     a = ap.parse_args()
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
-    msgs = corpus(a.messages)
+    n = a.messages
+    counts: dict[tuple[str, int], int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        feed = Path(tmp, "feed.mllp")
-        feed.write_bytes(mllp(msgs))
-        instructions("start", str(feed))  # a first run writes the .pyc files: not counted
-        start = instructions("start", str(feed))
-        mapped = instructions("map", str(feed))
-        viewed = instructions("views", str(feed))
-        imported = instructions("import", str(feed), str(Path(tmp, "store")))
-    n = len(msgs)
-    print(f"{n:,} messages; instructions per message (valgrind callgrind, Ir)")
+        for size in (n, 2 * n):
+            feed = Path(tmp, f"feed-{size}.mllp")
+            feed.write_bytes(mllp(corpus(size)))
+            if size == n:
+                instructions("map", str(feed))  # a first run writes the .pyc files: not counted
+            for stage in ("map", "views", "import"):
+                extra = [str(Path(tmp, f"store-{size}"))] if stage == "import" else []
+                counts[stage, size] = instructions(stage, str(feed), *extra)
+    per = {stage: (counts[stage, 2 * n] - counts[stage, n]) / n for stage in ("map", "views", "import")}
+    print(f"{n:,} and {2 * n:,} messages; instructions per message (valgrind callgrind, Ir, the difference over {n:,})")
     print("| stage | per message | share of the import |")
     print("|---|---:|---:|")
-    whole = imported - start
-    for name, ir in (("parse + map", mapped - start), ("views", viewed - mapped),
-                     ("the rest of the import (batching, hashes, Arrow, Delta, identity)", imported - viewed),
+    whole = per["import"]
+    for name, ir in (("parse + map", per["map"]), ("views", per["views"] - per["map"]),
+                     ("the rest of the import (batching, hashes, Arrow, Delta, identity)", per["import"] - per["views"]),
                      ("import, end to end", whole)):
-        print(f"| {name} | {ir / n:,.0f} | {100 * ir / whole:.0f}% |")
-    print(f"fixed cost of a run (imports, mappings and views compiled): {start / 1e6:,.0f} M")
+        print(f"| {name} | {ir:,.0f} | {100 * ir / whole:.0f}% |")
+    print(f"fixed cost of an import run (imports, mappings and views compiled, tables created): "
+          f"{(counts['import', n] - n * whole) / 1e6:,.0f} M")
 
 
 if __name__ == "__main__":

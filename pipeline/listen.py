@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from .errors import ConfigError, LockHeld
 from .hl7v2 import DEFAULT_LIMITS
 from .hl7v2_fhir import map_message
+from .hl7v2_maps import default_mappings
 from .identity import TwinIds, stored_links
 from .imports import finish_run
 from .ingest import Ingest, ViewSet, collect_at_flushes
@@ -338,6 +339,7 @@ class Drainer:
         self.folder = folder
         self.source = source
         self.strict = strict
+        self.mappings = default_mappings()  # once: finding them reads the environment (TWIN_HOME)
         self.stats = ListenStats()
         self.views = ViewSet(store.schema)
         # segment -> failed drains it was in; kept in a file, for a drain process started after a crash
@@ -425,7 +427,7 @@ class Drainer:
             ingest.feed(Rejected(r["stage"], r["reason"], r["message"], ref,
                                  payload=r["payload"].encode("latin-1") if r.get("payload") else None))
         else:
-            mapped = map_message(data, ref, strict=self.strict)
+            mapped = map_message(data, ref, strict=self.strict, mappings=self.mappings)
             ingest.feed_all([mapped.rejected] if mapped.rejected is not None else mapped.resources)
 
     def _damaged(self, seg: Path, where: str, data: bytes) -> Rejected:
@@ -528,12 +530,13 @@ def spooling_handler(spool: Spool, *, strict: bool = False):
     def handle(batch) -> list:
         records: list[tuple[bytes, str, bytes]] = []
         results: list = []
+        mappings = default_mappings()  # once a batch, not per message: it reads the environment
         for m in batch:
             if m.rejected is not None:
                 records.append((_REJ, m.rejected.source_ref, _rejected_record(m.rejected)))
                 results.append("AE")
                 continue
-            mapped = map_message(m.raw, m.source_ref, strict=strict)
+            mapped = map_message(m.raw, m.source_ref, strict=strict, mappings=mappings)
             if mapped.rejected is not None:
                 records.append((_REJ, m.source_ref, _rejected_record(mapped.rejected)))
             else:

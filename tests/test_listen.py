@@ -428,10 +428,10 @@ def test_a_segment_that_fails_every_drain_is_set_aside_and_the_others_drain(tmp_
     spool.close()
     real = listen.map_message
 
-    def buggy(data, ref, strict=False):
+    def buggy(data, ref, **options):
         if data == poison:
             raise ValueError("a bug this message meets")
-        return real(data, ref, strict=strict)
+        return real(data, ref, **options)
 
     monkeypatch.setattr(listen, "map_message", buggy)
     drainer = Drainer(store, spool.folder, "hl7v2")
@@ -472,10 +472,10 @@ def test_a_segment_that_crashes_the_drain_process_is_set_aside_too(tmp_path, mon
     spool.close()
     real = listen.map_message
 
-    def crashing(data, ref, strict=False):
+    def crashing(data, ref, **options):
         if data == msgs[4]:
             raise SystemExit("the process dies here")  # not an Exception: nothing in the drainer counts it
-        return real(data, ref, strict=strict)
+        return real(data, ref, **options)
 
     monkeypatch.setattr(listen, "map_message", crashing)
     crashes = 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from ..hl7v2 import DEFAULT_LIMITS, Limits
 from ..hl7v2_fhir import Mappings, map_message
 from ..hl7v2_framing import FramingProblem, RawMessage, frame_stream
+from ..hl7v2_maps import default_mappings
 from ..paths import inside
 from ..units import Rejected, Resource
 
@@ -99,6 +100,8 @@ def read_hl7v2(paths: list[str] | list[Path], *, stats: ReadStats | None = None,
     (`file-too-large`); the walk goes on.
     """
     stats = stats if stats is not None else ReadStats()
+    if mappings is None:  # once, not per message: finding them reads the environment (TWIN_HOME)
+        mappings = default_mappings()
     for path in walk(paths, stats):
         stats.files += 1
         try:

@@ -457,17 +457,19 @@ def mapping_handler(commit: Callable[[list[Resource], list[Rejected]], None], *,
     content (it is in quarantine), AR refused for its type or version, or not parsable.
     """
     from ..hl7v2_fhir import map_message
+    from ..hl7v2_maps import default_mappings
 
     def handle(batch: list[InboundMessage]) -> list[Any]:
         resources: list[Resource] = []
         rejected: list[Rejected] = []
         results: list[Any] = []
+        maps = mappings if mappings is not None else default_mappings()  # once a batch: it reads the environment
         for m in batch:
             if m.rejected is not None:       # a framing error: quarantined, never acknowledged
                 rejected.append(m.rejected)
                 results.append("AE")
                 continue
-            mapped = map_message(m.raw, m.source_ref, strict=strict, mappings=mappings)
+            mapped = map_message(m.raw, m.source_ref, strict=strict, mappings=maps)
             if mapped.rejected is not None:
                 rejected.append(mapped.rejected)
             resources.extend(mapped.resources)

@@ -19,6 +19,11 @@ from typing import Any
 from .compiler import DEFER, Compiled, Scope, _lookup, item_of
 
 Reader = Callable[[Any, Scope], list]
+Visit = Callable[[Any, list], None]
+# One child of a trie node: (key, candidate keys of a choice element or None, what to do
+# with its value, the column it fills when it is a plain leaf or -1). Typed, so that the
+# compiled build unpacks it without generic tuple operations.
+Kid = tuple[str, Any, Visit, int]
 
 
 class _Node:
@@ -84,7 +89,7 @@ def make_reader(columns: list[tuple[Compiled, bool]]) -> Reader:
     return read
 
 
-def _descend(x: dict, kids: tuple, out: list) -> None:
+def _descend(x: dict, kids: tuple[Kid, ...], out: list) -> None:
     """Look up every child key in x; plain leaves are stored here, the rest visit on."""
     for key, cands, visit, leaf in kids:
         v = x.get(key) if cands is None else _lookup(x, key, cands)
@@ -95,9 +100,9 @@ def _descend(x: dict, kids: tuple, out: list) -> None:
                 visit(v, out)
 
 
-def _kids(level: dict[tuple, _Node]) -> tuple:
+def _kids(level: dict[tuple, _Node]) -> tuple[Kid, ...]:
     """(key, candidates, visitor, leaf column or -1) for each node of one trie level."""
-    out = []
+    out: list[Kid] = []
     for node in level.values():
         key, cands, pick = node.step
         leaf = node.ends[0] if pick is None and not node.children and len(node.ends) == 1 else -1
@@ -105,9 +110,9 @@ def _kids(level: dict[tuple, _Node]) -> tuple:
     return tuple(out)
 
 
-def _visitor(node: _Node) -> Callable[[Any, list], None]:
+def _visitor(node: _Node) -> Visit:
     """What to do with the value found for this node's step (never None)."""
-    pick = node.step[2]
+    pick: int | None = node.step[2]
     kids = _kids(node.children)
     ends = tuple(node.ends)
     under = tuple(node.under())

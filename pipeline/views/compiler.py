@@ -1043,6 +1043,10 @@ def _substring(s: str, start: Any, length: Any = None) -> str | None:
     return s[start:start + length] if type(length) is int else None
 
 
+_INTEGER = re.compile(r"[+-]?\d+")  # compiled once: re.fullmatch(str, ...) looks its pattern up per call
+_DECIMAL = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
 def _to_integer(r: list) -> list:
     if len(r) != 1:
         return []
@@ -1051,7 +1055,7 @@ def _to_integer(r: list) -> list:
         return [v]
     if type(v) is bool:
         return [int(v)]
-    if type(v) is str and re.fullmatch(r"[+-]?\d+", v):
+    if type(v) is str and _INTEGER.fullmatch(v):
         return [int(v)]
     return []
 
@@ -1064,7 +1068,7 @@ def _to_decimal(r: list) -> list:
         return [float(v)]
     if type(v) is bool:
         return [1.0 if v else 0.0]
-    if type(v) is str and re.fullmatch(r"[+-]?\d+(\.\d+)?", v):
+    if type(v) is str and _DECIMAL.fullmatch(v):
         return [float(v)]
     return []
 
