@@ -59,7 +59,7 @@ class OptionalBuildExt(build_ext):
             super().run()
         except Exception as e:  # no compiler, no headers, a compiler error: pure Python still works
             _say(f"twinline: compiling the accelerated modules failed ({type(e).__name__}: {e}); "
-                 "installing pure Python (correct, about 2x slower on HL7 v2 and FHIR imports)")
+                 "installing pure Python (correct, about 1.6x slower on HL7 v2 and FHIR imports)")
             for ext in self.extensions:  # none half-built: a build without its manifest would never be checked
                 Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             return

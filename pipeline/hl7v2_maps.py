@@ -210,10 +210,43 @@ def _compile_target(text: str) -> tuple[tuple[int, str], ...]:
     return tuple(steps)
 
 
-_RULE_KEYS = {"to", "from", "value", "as", "table", "system", "repeat", "required", "default", "when", "unless",
-              "ref", "ref_type", "refs", "wrap", "with", "type_from", "unit_from", "types"}
-_MAP_KEYS = {"resource", "anchor", "children", "group_ends", "id", "map", "when", "shared"}
-_MSG_KEYS = {"types", "requires", "resources", "create_only"}
+# The keys of each kind of table in the map files, and the TOML type each must have
+# (`list[str]`: a list of strings; None: any value). A wrong type is one listed problem,
+# like an unknown key, not a traceback from deep inside the loader.
+_PATHS = (str, list)
+_RULE_TYPES: dict[str, Any] = {
+    "to": str, "from": _PATHS, "value": None, "as": str, "table": str, "system": str, "repeat": bool,
+    "required": bool, "default": None, "when": _PATHS, "unless": _PATHS, "ref": str, "ref_type": str, "refs": str,
+    "wrap": str, "with": dict, "type_from": _PATHS, "unit_from": _PATHS, "types": dict}
+_MAP_TYPES: dict[str, Any] = {
+    "resource": str, "anchor": str, "children": "list[str]", "group_ends": "list[str]", "id": list, "map": list,
+    "when": _PATHS, "shared": bool}
+_MSG_TYPES: dict[str, Any] = {"types": "list[str]", "requires": "list[str]", "resources": "list[str]",
+                              "create_only": "list[str]"}
+_RULE_KEYS, _MAP_KEYS, _MSG_KEYS = set(_RULE_TYPES), set(_MAP_TYPES), set(_MSG_TYPES)
+
+
+def _typed(entry: Any, types: dict[str, Any], where: str, problems: list[str]) -> bool:
+    """Whether entry is a table whose known keys have their types; each wrong one is a problem."""
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: must be a table, not {type(entry).__name__}")
+        return False
+    ok = True
+    for key, want in types.items():
+        if key not in entry or want is None:
+            continue
+        v = entry[key]
+        if want == "list[str]":
+            good, shown = isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"
+        else:
+            good = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
+            names = want if isinstance(want, tuple) else (want,)
+            shown = " or ".join({"str": "a string", "list": "a list", "dict": "a table", "bool": "true or false"}[t.__name__]
+                                for t in names)
+        if not good:
+            problems.append(f"{where}: `{key}` must be {shown}, not {type(v).__name__}")
+            ok = False
+    return ok
 
 
 @dataclass(slots=True)
@@ -234,6 +267,8 @@ class Mappings:
         codes = base / "codes"
         problems: list[str] = []
         spec = _read_toml(folder / "messages.toml", problems)
+        if not _typed(spec, {"settings": dict, "message": list}, "messages.toml", problems):
+            spec = {}
         settings = spec.get("settings", {})
         tz_name = settings.get("default_timezone", "UTC")
         try:
@@ -263,6 +298,8 @@ class Mappings:
         messages: dict[str, MessageMap] = {}
         for n, entry in enumerate(spec.get("message", []), 1):
             where = f"messages.toml [[message]] #{n}"
+            if not _typed(entry, _MSG_TYPES, where, problems):
+                continue
             extra = set(entry) - _MSG_KEYS
             if extra:
                 problems.append(f"{where}: unknown keys {sorted(extra)}")
@@ -321,6 +358,8 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
     if not spec:
         return None
     where = path.name
+    if not _typed(spec, _MAP_TYPES, where, problems):
+        return None
     extra = set(spec) - _MAP_KEYS
     if extra:
         problems.append(f"{where}: unknown keys {sorted(extra)}")
@@ -336,6 +375,9 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
             rules.append(rule)
     ids: list[list[IdPart]] = []
     for alt in spec.get("id", []):
+        if not isinstance(alt, list):
+            problems.append(f"{where}: each `id` is a list of accessors, not {type(alt).__name__}")
+            continue
         parts = []
         for item in alt:
             item = str(item)
@@ -371,7 +413,9 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
                        tuple(program))
 
 
-def _compile_rule(entry: dict, where: str, vocab: Vocabulary, problems: list[str]) -> Rule | None:
+def _compile_rule(entry: Any, where: str, vocab: Vocabulary, problems: list[str]) -> Rule | None:
+    if not _typed(entry, _RULE_TYPES, where, problems):
+        return None
     extra = set(entry) - _RULE_KEYS
     if extra:
         problems.append(f"{where}: unknown keys {sorted(extra)}")

@@ -473,6 +473,32 @@ def test_broken_maps_list_every_problem(tmp_path):
     assert "CWE[Nothing]" in problems and "colour" in problems and "no-such-table" in problems
 
 
+@pytest.mark.parametrize("file, old, new, problem", [
+    ("device.toml", "shared = true", "shared = \"yes\"", "device.toml: `shared` must be true or false, not str"),
+    ("device.toml", "anchor = \"OBX\"", "anchor = 5", "device.toml: `anchor` must be a string, not int"),
+    ("device.toml", "anchor = \"OBX\"", "anchor = \"OBX\"\nchildren = \"NTE\"",
+     "device.toml: `children` must be a list of strings, not str"),
+    ("device.toml", "id = [[\"OBX-18\"]]", "id = [\"OBX-18\"]", "each `id` is a list of accessors, not str"),
+    ("observation.toml", "required = true", "required = 1", "`required` must be true or false, not int"),
+    ("observation.toml", "[[map]]\nto = \"status\"", "[[map]]\nto = 7", "`to` must be a string, not int"),
+    ("messages.toml", "requires = [\"PID\", \"PV1\"]", "requires = \"PID\"",
+     "[[message]] #1: `requires` must be a list of strings, not str"),
+    ("messages.toml", "[settings]", "settings = 5\n[unused]", "messages.toml: `settings` must be a table, not int"),
+])
+def test_a_wrong_type_in_a_map_file_is_a_listed_problem_not_a_crash(tmp_path, file, old, new, problem):
+    # (the compiled build enforces the loader's annotations: a wrong type that reached it
+    # would be a TypeError from deep inside, in pure Python an AttributeError)
+    root = tmp_path / "mappings"
+    shutil.copytree(mappings_dir(), root)
+    path = root / "hl7v2" / file
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as e:
+        Mappings.load(root)
+    assert any(problem in p for p in e.value.problems), e.value.problems
+
+
 # -- ACKs ---------------------------------------------------------------------------------------------
 
 
