@@ -224,6 +224,7 @@ _MAP_TYPES: dict[str, Any] = {
 _MSG_TYPES: dict[str, Any] = {"types": "list[str]", "requires": "list[str]", "resources": "list[str]",
                               "create_only": "list[str]"}
 _RULE_KEYS, _MAP_KEYS, _MSG_KEYS = set(_RULE_TYPES), set(_MAP_TYPES), set(_MSG_TYPES)
+_TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", bool: "true or false"}
 
 
 def _typed(entry: Any, types: dict[str, Any], where: str, problems: list[str]) -> bool:
@@ -239,10 +240,8 @@ def _typed(entry: Any, types: dict[str, Any], where: str, problems: list[str]) -
         if want == "list[str]":
             good, shown = isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"
         else:
-            good = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
-            names = want if isinstance(want, tuple) else (want,)
-            shown = " or ".join({"str": "a string", "list": "a list", "dict": "a table", "bool": "true or false"}[t.__name__]
-                                for t in names)
+            good = isinstance(v, want)
+            shown = " or ".join(_TYPE_NAMES[t] for t in (want if isinstance(want, tuple) else (want,)))
         if not good:
             problems.append(f"{where}: `{key}` must be {shown}, not {type(v).__name__}")
             ok = False
