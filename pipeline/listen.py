@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from .errors import ConfigError, LockHeld
 from .hl7v2 import DEFAULT_LIMITS
 from .hl7v2_fhir import map_message
-from .hl7v2_maps import default_mappings
+from .hl7v2_maps import Mappings, default_mappings
 from .identity import TwinIds, stored_links
 from .imports import finish_run
 from .ingest import Ingest, ViewSet, collect_at_flushes
@@ -339,7 +339,7 @@ class Drainer:
         self.folder = folder
         self.source = source
         self.strict = strict
-        self.mappings = default_mappings()  # once: finding them reads the environment (TWIN_HOME)
+        self.mappings: Mappings | None = None  # found once a drain (_run): it reads the environment
         self.stats = ListenStats()
         self.views = ViewSet(store.schema)
         # segment -> failed drains it was in; kept in a file, for a drain process started after a crash
@@ -387,6 +387,7 @@ class Drainer:
         claim.write_bytes(orjson.dumps({"segments": names}))
         fsync_dir(self.folder)
         try:
+            self.mappings = default_mappings()  # a map-file problem fails this drain, as a message would
             ingest = Ingest(self.store, run, self.source, "hl7v2", self.views,
                             twin_ids=TwinIds(stored_links(self.store)), privacy=self.privacy)
             n = 0
