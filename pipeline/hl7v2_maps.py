@@ -47,7 +47,8 @@ DAR_SYSTEM = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 # Vocabulary: code tables, code systems, units, assigning authorities
 
 
-_TABLE_KEYS = {"map", "system", "unmapped", "unmapped_system", "default", "display", "source", "url"}
+_TABLE_TYPES: dict[str, Any] = {"map": dict, "system": str, "unmapped": str, "unmapped_system": str, "default": None,
+                                "display": dict, "source": str, "url": str}
 
 
 def _load_tables(path: FsPath, problems: list[str]) -> dict[str, Table]:
@@ -58,9 +59,8 @@ def _load_tables(path: FsPath, problems: list[str]) -> dict[str, Table]:
         if not isinstance(spec, dict) or not isinstance(spec.get("map"), dict):
             problems.append(f"{where}: a table needs a `map` of v2 code -> FHIR code")
             continue
-        extra = set(spec) - _TABLE_KEYS
-        if extra:
-            problems.append(f"{where}: unknown keys {sorted(extra)}")
+        if not _checked(spec, _TABLE_TYPES, where, problems):
+            continue
         unmapped = spec.get("unmapped", "invalid")
         if unmapped not in ("invalid", "drop", "keep", "default"):
             problems.append(f"{where}: unmapped must be invalid, drop, keep or default")
@@ -211,8 +211,7 @@ def _compile_target(text: str) -> tuple[tuple[int, str], ...]:
 
 
 # The keys of each kind of table in the map files, and the TOML type each must have
-# (`list[str]`: a list of strings; None: any value). A wrong type is one listed problem,
-# like an unknown key, not a traceback from deep inside the loader.
+# (`list[str]`: a list of strings; None: any value), for _checked.
 _PATHS = (str, list)
 _RULE_TYPES: dict[str, Any] = {
     "to": str, "from": _PATHS, "value": None, "as": str, "table": str, "system": str, "repeat": bool,
@@ -223,15 +222,19 @@ _MAP_TYPES: dict[str, Any] = {
     "when": _PATHS, "shared": bool}
 _MSG_TYPES: dict[str, Any] = {"types": "list[str]", "requires": "list[str]", "resources": "list[str]",
                               "create_only": "list[str]"}
-_RULE_KEYS, _MAP_KEYS, _MSG_KEYS = set(_RULE_TYPES), set(_MAP_TYPES), set(_MSG_TYPES)
 _TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", bool: "true or false"}
 
 
-def _typed(entry: Any, types: dict[str, Any], where: str, problems: list[str]) -> bool:
-    """Whether entry is a table whose known keys have their types; each wrong one is a problem."""
+def _checked(entry: Any, types: dict[str, Any], where: str, problems: list[str], *, closed: bool = True) -> bool:
+    """Whether entry is a table whose keys have their types. A key of the wrong type is a
+    problem, and so (`closed`) is a key not in `types`: each is one listed problem, not a
+    traceback from deep inside the loader. Unknown keys alone do not make it False."""
     if not isinstance(entry, dict):
         problems.append(f"{where}: must be a table, not {type(entry).__name__}")
         return False
+    extra = set(entry) - set(types) if closed else set()
+    if extra:
+        problems.append(f"{where}: unknown keys {sorted(extra)}")
     ok = True
     for key, want in types.items():
         if key not in entry or want is None:
@@ -266,7 +269,7 @@ class Mappings:
         codes = base / "codes"
         problems: list[str] = []
         spec = _read_toml(folder / "messages.toml", problems)
-        if not _typed(spec, {"settings": dict, "message": list}, "messages.toml", problems):
+        if not _checked(spec, {"settings": dict, "message": list}, "messages.toml", problems, closed=False):
             spec = {}
         settings = spec.get("settings", {})
         tz_name = settings.get("default_timezone", "UTC")
@@ -297,11 +300,8 @@ class Mappings:
         messages: dict[str, MessageMap] = {}
         for n, entry in enumerate(spec.get("message", []), 1):
             where = f"messages.toml [[message]] #{n}"
-            if not _typed(entry, _MSG_TYPES, where, problems):
+            if not _checked(entry, _MSG_TYPES, where, problems):
                 continue
-            extra = set(entry) - _MSG_KEYS
-            if extra:
-                problems.append(f"{where}: unknown keys {sorted(extra)}")
             rmaps = []
             for rname in entry.get("resources", []):
                 if rname not in resource_maps:
@@ -357,11 +357,8 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
     if not spec:
         return None
     where = path.name
-    if not _typed(spec, _MAP_TYPES, where, problems):
+    if not _checked(spec, _MAP_TYPES, where, problems):
         return None
-    extra = set(spec) - _MAP_KEYS
-    if extra:
-        problems.append(f"{where}: unknown keys {sorted(extra)}")
     rtype, anchor = spec.get("resource"), spec.get("anchor")
     if not rtype or not anchor:
         problems.append(f"{where}: `resource` (a FHIR type) and `anchor` (a segment id) are required")
@@ -413,11 +410,8 @@ def _load_resource_map(path: FsPath, name: str, vocab: Vocabulary, problems: lis
 
 
 def _compile_rule(entry: Any, where: str, vocab: Vocabulary, problems: list[str]) -> Rule | None:
-    if not _typed(entry, _RULE_TYPES, where, problems):
+    if not _checked(entry, _RULE_TYPES, where, problems):
         return None
-    extra = set(entry) - _RULE_KEYS
-    if extra:
-        problems.append(f"{where}: unknown keys {sorted(extra)}")
     to = entry.get("to")
     if not to:
         problems.append(f"{where}: `to` (the FHIR element) is required")

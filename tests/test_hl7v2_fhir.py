@@ -484,6 +484,8 @@ def test_broken_maps_list_every_problem(tmp_path):
     ("messages.toml", "requires = [\"PID\", \"PV1\"]", "requires = \"PID\"",
      "[[message]] #1: `requires` must be a list of strings, not str"),
     ("messages.toml", "[settings]", "settings = 5\n[unused]", "messages.toml: `settings` must be a table, not int"),
+    ("tables.toml", "system = \"http://terminology.hl7.org/CodeSystem/v3-ActCode\"", "system = 3",
+     "tables.toml [encounter-class]: `system` must be a string, not int"),
 ])
 def test_a_wrong_type_in_a_map_file_is_a_listed_problem_not_a_crash(tmp_path, file, old, new, problem):
     # (the compiled build enforces the loader's annotations: a wrong type that reached it
