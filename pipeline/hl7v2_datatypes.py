@@ -70,7 +70,7 @@ def converter(name: str, kind: int, primitive: bool = False):
 
 
 # re.ASCII: \d is 0-9 (HL7 numbers and dates are ASCII), not every Unicode digit ("²" is one)
-_NM = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\Z", re.ASCII)
+NM_SYNTAX = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\Z", re.ASCII)
 _DTM = re.compile(
     r"(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?"
     r"(?:(?P<sign>[+-])(?P<oh>\d{2})(?P<om>\d{2}))?\Z", re.ASCII
@@ -89,31 +89,44 @@ def code_text(text: str) -> str:
     return " ".join(text.split())
 
 
+_SPACE = " \t\n\r\f\v"  # what \s is under re.ASCII
+
+
 def parse_nm(text: str) -> int | float:
-    """HL7 NM: optional sign, digits, optional decimal point (no exponent, no thousands separator)."""
-    if text.isascii() and text.isdigit():  # the common case, without the regex
-        return int(text)
-    m = _NM.match(text)
-    if not m:
+    """HL7 NM: optional sign, digits, optional decimal point (no exponent, no thousands separator).
+
+    Decided with string tests, not the NM_SYNTAX regex (a match costs ten times as much): after
+    an optional sign, what is left without one decimal point must be ASCII digits. The
+    tests hold this to NM_SYNTAX."""
+    s = text.strip(_SPACE)
+    body = s[1:] if s[:1] in ("+", "-") else s
+    if not (body.isascii() and body.replace(".", "", 1).isdigit()):
         raise _Invalid("not a number (NM)")
-    s = m.group(1)
     return float(s) if "." in s else int(s)
 
 
-def _dtm_parts(text: str) -> re.Match:
+# The groups of a _DTM match, in order: what _dtm_parts returns (one groups() call, where
+# each m["name"] was a call through Python's match object).
+DtmParts = tuple[str, str | None, str | None, str | None, str | None, str | None, str | None, str | None,
+                 str | None, str | None]
+
+
+def _dtm_parts(text: str) -> DtmParts:
+    """(year, month, day, hour, minute, second, fraction, sign, offset hours, offset minutes)."""
     m = _DTM.match(text.strip())
     if not m:
         raise _Invalid("not an HL7 date/time (DTM)")
-    y, mo, d = int(m["y"]), int(m["mo"] or 1), int(m["d"] or 1)
+    g: DtmParts = m.groups()  # type: ignore[assignment]  # _DTM has these ten groups, y always set
+    y, mo, d, h, mi, s, _, sign, oh, om = g
     try:
-        datetime(y, mo, d, int(m["h"] or 0), int(m["mi"] or 0), int(m["s"] or 0))
+        datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0))
     except ValueError:
         raise _Invalid("not a valid calendar date/time") from None
-    if y < 1:
+    if y == "0000":
         raise _Invalid("year out of range")
-    if m["sign"] and (int(m["oh"]) > 14 or int(m["om"]) > 59):
+    if sign and (int(oh or 0) > 14 or int(om or 0) > 59):
         raise _Invalid("time zone offset out of range")
-    return m
+    return g
 
 
 _DTM_CACHE: dict[tuple[str, str], str] = {}
@@ -142,9 +155,8 @@ def _dtm_to_fhir(run: Run, text: str, want: str) -> str:
     A time without an offset takes MSH-7's, else the configured time zone's (FHIR requires
     one once hours are given); hours without minutes get ':00' (FHIR has no hour precision).
     """
-    m = _dtm_parts(text)
-    y, mo, d = m["y"], m["mo"], m["d"]
-    if want == "date" or not m["h"]:
+    y, mo, d, h, mi, s, f, sign, oh, om = _dtm_parts(text)
+    if want == "date" or not h:
         if want == "instant":
             raise _Invalid("an instant needs a time of day")
         out = y
@@ -153,9 +165,9 @@ def _dtm_to_fhir(run: Run, text: str, want: str) -> str:
             if d:
                 out += f"-{d}"
         return out
-    h, mi, s, f = m["h"], m["mi"] or "00", m["s"] or "00", m["f"]
-    if m["sign"]:
-        off = f"{m['sign']}{m['oh']}:{m['om']}"
+    mi, s = mi or "00", s or "00"
+    if sign:
+        off = f"{sign}{oh}:{om}"
     else:
         off = run.default_offset(datetime(int(y), int(mo or 1), int(d or 1), int(h), int(mi), int(s)))
     if not (mo and d):
@@ -224,12 +236,17 @@ def tm_to_fhir(v: str) -> str:
     return f"{m['h']}:{m['mi'] or '00'}:{m['s'] or '00'}{frac}"
 
 
-@dataclass(frozen=True, slots=True)
 class Coded:
-    """A code read through a table: the FHIR code (or a ready Coding dict, or a boolean) and its system."""
+    """A code read through a table: the FHIR code (or a ready Coding dict, or a boolean) and its system.
 
-    system: str | None
-    code: Any
+    A plain class, not a frozen dataclass: several are made per message, and the compiled
+    build makes a plain class in a seventh of the time (a dataclass's __init__ is Python)."""
+
+    __slots__ = ("system", "code")
+
+    def __init__(self, system: str | None, code: Any) -> None:
+        self.system = system
+        self.code = code
 
 
 def _coded(rule: Rule, v: Any) -> Coded:
@@ -451,31 +468,10 @@ def cwe_to_cc(run: Run, raw: str, table: Table | None = None, default_system: st
     `default_system` is the system of a primary code that names none: the HL7 table of a field
     typed IS or ID in older versions (PV1-36 is IS, table 0112, before v2.7 made it CWE)."""
     t = run.leaves(raw, 13)
-    codings = []
-    for code_i, text_i, sys_i, ver_i in ((0, 1, 2, 6), (3, 4, 5, 7), (9, 10, 11, 12)):
-        code = code_text(t[code_i])
-        if not code or code == '""':
-            continue
-        if table is not None and code_i == 0:
-            hit = table_hit(table, code)
-            if hit is not None:
-                system, mapped = hit
-                coding = {"system": system, "code": mapped} if system else {"code": mapped}
-                disp = table.display.get(mapped) or t[text_i]
-                if disp:
-                    coding["display"] = disp
-                codings.append(coding)
-                continue
-        coding = {}
-        system = run.vocab.system_for(t[sys_i]) or (default_system if code_i == 0 and not t[sys_i] else None)
-        if system:
-            coding["system"] = system
-        if t[ver_i]:
-            coding["version"] = t[ver_i]
-        coding["code"] = code
-        if t[text_i]:
-            coding["display"] = t[text_i]
-        codings.append(coding)
+    codings: list[dict[str, Any]] = []
+    _add_coding(run, codings, t[0], t[1], t[2], t[6], table, default_system)  # the primary code
+    _add_coding(run, codings, t[3], t[4], t[5], t[7], None, None)             # alternate
+    _add_coding(run, codings, t[9], t[10], t[11], t[12], None, None)          # second alternate
     cc: dict[str, Any] = {}
     if codings:
         cc["coding"] = codings
@@ -483,6 +479,35 @@ def cwe_to_cc(run: Run, raw: str, table: Table | None = None, default_system: st
     if text:
         cc["text"] = text
     return cc or None
+
+
+def _add_coding(run: Run, codings: list[dict[str, Any]], raw_code: str, display: str, system_name: str,
+                version: str, table: Table | None, default_system: str | None) -> None:
+    """One triplet of a CWE as a Coding, when it has a code: through the table if one is
+    given and knows the code, else with the system its name stands for."""
+    code = code_text(raw_code)
+    if not code or code == '""':
+        return
+    if table is not None:
+        hit = table_hit(table, code)
+        if hit is not None:
+            system, mapped = hit
+            coding = {"system": system, "code": mapped} if system else {"code": mapped}
+            disp = table.display.get(mapped) or display
+            if disp:
+                coding["display"] = disp
+            codings.append(coding)
+            return
+    out: dict[str, Any] = {}
+    system = run.vocab.system_for(system_name) or (default_system if not system_name else None)
+    if system:
+        out["system"] = system
+    if version:
+        out["version"] = version
+    out["code"] = code
+    if display:
+        out["display"] = display
+    codings.append(out)
 
 
 def table_hit(table: Table, code: str) -> tuple[str | None, Any] | None:
@@ -539,21 +564,23 @@ def _ethnicity(run: Run, rule: Rule, reps: list[str]) -> Any:
 
 
 def _unit(run: Run, unit_raw: str) -> tuple[str, str | None]:
-    """(unit as written, UCUM code or None) of a CWE unit; cached, units recur in every message."""
-    key = (unit_raw, run.msg.delims, id(run.vocab))
-    hit = _UNIT_CACHE.get(key)
+    """(unit as written, UCUM code or None) of a CWE unit; cached, units recur in every message.
+    The cache is the vocabulary's (its UCUM list decides), keyed by the text and the
+    delimiters it is read with, as strings: they hash at once, where the frozen Delimiters
+    hashed through a Python-level __hash__."""
+    d = run.msg.delims
+    key = (unit_raw, d.field, d.component, d.repetition, d.escape, d.subcomponent, d.truncation)
+    cache = run.vocab.units_seen
+    hit = cache.get(key)
     if hit is None:
         t = run.leaves(unit_raw, 3)
         code, text, system = t[0], t[1], t[2]
         ucum = code if system.upper() == "UCUM" and code else (run.vocab.ucum_for(code) or run.vocab.ucum_for(text))
         hit = (code or text, ucum)
-        if len(_UNIT_CACHE) > 10_000:
-            _UNIT_CACHE.clear()
-        _UNIT_CACHE[key] = hit
+        if len(cache) > 10_000:
+            cache.clear()
+        cache[key] = hit
     return hit
-
-
-_UNIT_CACHE: dict[tuple[str, Any, int], tuple[str, str | None]] = {}
 
 
 def _quantity(run: Run, value: int | float, unit_raw: str | None) -> dict:

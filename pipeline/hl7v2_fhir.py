@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import re
 from bisect import bisect_left
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -37,15 +36,20 @@ _AR_REASONS = frozenset((
 ))
 
 
-@dataclass(frozen=True, slots=True)
 class MappedMessage:
-    """The outcome of mapping one message: its resources, or why it was refused, and the ACK code."""
+    """The outcome of mapping one message: its resources, or why it was refused, and the ACK code.
 
-    control_id: str | None
-    message_type: str | None
-    resources: list[Resource]
-    rejected: Rejected | None
-    ack_code: str  # "AA" | "AE" | "AR"
+    A plain class (one per message), as hl7v2_framing.RawMessage is; treat it as immutable."""
+
+    __slots__ = ("control_id", "message_type", "resources", "rejected", "ack_code")
+
+    def __init__(self, control_id: str | None, message_type: str | None, resources: list[Resource],
+                 rejected: Rejected | None, ack_code: str) -> None:
+        self.control_id = control_id
+        self.message_type = message_type
+        self.resources = resources
+        self.rejected = rejected
+        self.ack_code = ack_code  # "AA" | "AE" | "AR"
 
 
 # ======================================================================================

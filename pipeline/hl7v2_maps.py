@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path as FsPath
 from typing import TYPE_CHECKING, Any
@@ -98,6 +98,8 @@ class Vocabulary:
     units_folded: dict[str, str]
     authorities: dict[str, str]
     timezone: ZoneInfo
+    # (unit text, delimiters) -> (unit as written, UCUM code or None): hl7v2_datatypes._unit
+    units_seen: dict[tuple[str, ...], tuple[str, str | None]] = field(default_factory=dict)
 
     def system_for(self, name: str) -> str | None:
         """FHIR code system URI for an HL7 v2 coding system name (table 0396), or None."""

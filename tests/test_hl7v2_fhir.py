@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
 from pipeline.hl7v2 import build_ack, parse_message, read_msh
+from pipeline.hl7v2_datatypes import NM_SYNTAX, ConversionError, parse_nm
 from pipeline.hl7v2_fhir import Mappings, map_message
 from pipeline.resources import mappings_dir
 
@@ -588,3 +591,34 @@ def test_odd_numbers_and_empty_repetitions_are_refused_or_kept_never_fatal(obx5,
         obs = [r.resource for r in out.resources if r.resource["resourceType"] == "Observation"]
         if out.rejected is None and obs and "valueQuantity" in obs[0]:
             assert isinstance(obs[0]["valueQuantity"]["value"], int | float)
+
+
+# -- NM: the string tests of parse_nm say what the NM_SYNTAX regex says ------------------
+
+_NM_ALPHABET = "0123456789+-. \t\xa0e_²٣,"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=_NM_ALPHABET, max_size=8))
+def test_parse_nm_accepts_what_the_nm_syntax_accepts_with_the_same_value(text):
+    m = NM_SYNTAX.match(text)
+    if m is None:
+        with pytest.raises(ConversionError):
+            parse_nm(text)
+        return
+    want = float(m[1]) if "." in m[1] else int(m[1])
+    got = parse_nm(text)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("text, value", [("7", 7), ("-7", -7), ("+7.", 7.0), (" .5 ", 0.5), ("-.5", -0.5),
+                                         ("007", 7), ("1.20", 1.2)])
+def test_parse_nm_reads_numbers(text, value):
+    assert parse_nm(text) == value and type(parse_nm(text)) is type(value)
+
+
+@pytest.mark.parametrize("text", ["", ".", "+", "-", "1.2.3", "1e5", "inf", "nan", "1_000", "1,5", "²", "٣",
+                                  "5\xa0", "--5", "5-"])
+def test_parse_nm_refuses_what_is_no_nm(text):
+    with pytest.raises(ConversionError):
+        parse_nm(text)

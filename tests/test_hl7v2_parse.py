@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import tracemalloc
 from pathlib import Path
 
@@ -285,8 +284,9 @@ _ENDS = [b"\r"] * 8 + [b"\n", b"\r\n", b"\r\r", b""]
        tail=st.sampled_from([b"\r", b"", b"\r\r", b"\n"]))
 def test_the_fast_path_for_one_plain_message_per_frame_frames_as_the_line_framer_does(monkeypatch, fs, bom, lines,
                                                                                     tail):
-    """Frames are mostly one message, CR-terminated: _ONE_MESSAGE recognises them and skips
-    the line framer. For any frame, what comes out must be what the line framer makes."""
+    """Frames are mostly one message, CR-terminated: is_one_message recognises them and skips
+    the line framer. For any frame, what comes out must be what the line framer makes, and
+    is_one_message must say what the ONE_MESSAGE regex (its specification) says."""
     body = (hl7v2.BOM if bom else b"") + b"MSH" + fs + b"^~\\&" + fs + b"A" + fs + b"2.5"
     for seg, rest, end in lines:
         body += end + seg + rest.replace(b"|", fs)
@@ -295,9 +295,12 @@ def test_the_fast_path_for_one_plain_message_per_frame_frames_as_the_line_framer
 
     fast = _framed(mllp)
     with monkeypatch.context() as m:
-        m.setattr(hl7v2_framing, "_ONE_MESSAGE", re.compile(rb"(?!)"))  # never: every frame through the line framer
+        _line_framer_only(m)
         assert _framed(mllp) == fast
-    if hl7v2_framing._ONE_MESSAGE.fullmatch(frame):
+    one = hl7v2_framing.is_one_message(frame)
+    assert one == bool(hl7v2_framing.ONE_MESSAGE.fullmatch(frame))
+    assert one == bool(hl7v2_framing.ONE_MESSAGE.fullmatch(body + tail))
+    if one:
         assert [u[0] for u in fast] == ["RawMessage", "FramingProblem", "RawMessage"]
 
 
@@ -308,9 +311,25 @@ def test_the_fast_path_frames_every_second_line_as_the_line_framer_does(monkeypa
               for end in dict.fromkeys(_ENDS) for tail in (b"\r", b"", b"\r\r", b"\n")]
     mllp = b"".join(b"\x0b" + f + b"\x1c\r" for f in frames)
     fast = _framed(mllp)
-    assert sum(1 for f in frames if hl7v2_framing._ONE_MESSAGE.fullmatch(f)) > 100  # the fast path ran
-    monkeypatch.setattr(hl7v2_framing, "_ONE_MESSAGE", re.compile(rb"(?!)"))
+    ones = [hl7v2_framing.is_one_message(f) for f in frames]
+    assert ones == [bool(hl7v2_framing.ONE_MESSAGE.fullmatch(f)) for f in frames]
+    assert sum(ones) > 100  # the fast path ran
+    asked = _line_framer_only(monkeypatch)
     assert _framed(mllp) == fast
+    assert len(asked) == len(frames)
+
+
+def _line_framer_only(monkeypatch) -> list[bytes]:
+    """Send every frame through the line framer; the frames asked about are listed, which
+    shows that the compiled module saw the stand-in."""
+    asked: list[bytes] = []
+
+    def never(data: bytes) -> bool:
+        asked.append(data)
+        return False
+
+    monkeypatch.setattr(hl7v2_framing, "_one_message", never)
+    return asked
 
 
 def _framed(data: bytes) -> list[tuple]:
@@ -319,10 +338,11 @@ def _framed(data: bytes) -> list[tuple]:
 
 
 def test_the_fast_path_takes_the_common_frames():
-    assert hl7v2_framing._ONE_MESSAGE.fullmatch(read("twin-oru-r01.hl7").replace(b"\n", b"\r"))
+    assert hl7v2_framing.is_one_message(read("twin-oru-r01.hl7").replace(b"\n", b"\r"))
     for frame in (b"MSH|^~\\&|A\rPID|1\r\r", b"MSH|^~\\&|A\nPID|1\n", b"MSH|^~\\&|A\rMSH|^~\\&|B\r",
                   b"MSH|^~\\&|A\rPID|1\rI|||x\r", b"\xef\xbb\xbfMSH|^~\\&|A\r", b"BHS|^~\\&\rMSH|^~\\&|A\r"):
-        assert not hl7v2_framing._ONE_MESSAGE.fullmatch(frame), frame
+        assert not hl7v2_framing.is_one_message(frame), frame
+        assert not hl7v2_framing.ONE_MESSAGE.fullmatch(frame), frame
 
 
 def test_stream_memory_follows_the_message_not_the_file(monkeypatch):
