@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .compiler import DEFER, Compiled, Scope, _lookup, item_of
+from .compiler import DEFER, Compiled, Scope, _lookup, holds, item_of
 
 Reader = Callable[[Any, Scope], list]
 Visit = Callable[[Any, list], None]
@@ -119,7 +119,7 @@ def _visitor(node: _Node) -> Visit:
 
     def visit(v: Any, out: list) -> None:
         if type(v) is list:
-            if None in v:
+            if holds(v, None):
                 v = [o for o in v if o is not None]
             if pick is None:
                 if len(v) != 1:

@@ -98,6 +98,13 @@ def _lookup(x: dict, key: str | None, candidates: Any) -> Any:
     return None
 
 
+def holds(items: list, x: object) -> bool:
+    """`x in items` by identity: `in` compares with ==, which costs a Python-level call for
+    every item that is not x itself (a dict against None). For None and DEFER identity is
+    what is meant. (mypyc compiles this any() into a plain loop.)"""
+    return any(o is x for o in items)
+
+
 def _walk(items: list, steps: tuple) -> list:
     """The general, collection-at-a-time member walk."""
     for key, candidates, pick in steps:
@@ -109,7 +116,7 @@ def _walk(items: list, steps: tuple) -> list:
                     continue
                 if type(v) is list:
                     out.extend(v)
-                    if None in v:  # primitive arrays may hold null beside an extension
+                    if holds(v, None):  # primitive arrays may hold null beside an extension
                         out = [o for o in out if o is not None]
                 else:
                     out.append(v)
@@ -131,8 +138,8 @@ def walk_one(x: Any, steps: tuple) -> list:
             return []
         if type(v) is list:
             if pick is None:
-                return _walk([o for o in v if o is not None] if None in v else v, steps[i + 1:])
-            if None in v:
+                return _walk([o for o in v if o is not None] if holds(v, None) else v, steps[i + 1:])
+            if holds(v, None):
                 v = [o for o in v if o is not None]
             if pick >= len(v):
                 return []
@@ -195,7 +202,7 @@ def _step_closure(step: tuple, nxt: Callable[[Any, Any], Any] | None, rest: tupl
     key, cands, pick = step
 
     def from_list(v: list) -> Any:
-        if None in v:
+        if holds(v, None):
             v = [o for o in v if o is not None]
         if pick is None:
             return scalar(_walk(v, rest))

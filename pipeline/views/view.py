@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from . import model
 from .columns import make_reader
-from .compiler import DEFER, Compiled, Compiler, Scope, truth
+from .compiler import DEFER, Compiled, Compiler, Scope, holds, truth
 from .context import DEFAULT_CONTEXT, ViewContext
 from .errors import RowError, ViewError
 
@@ -317,7 +317,7 @@ def _emitter(read: Callable[[Any, Scope], list] | None, empties: list, subs: lis
         if read is None:
             return ()
         values = read(f, scope)
-        if DEFER in values:  # a column with several values: a list, or RowError
+        if holds(values, DEFER):  # a column with several values: a list, or RowError
             focus = [f]
             return tuple([empties[i](focus, scope) if v is DEFER else v for i, v in enumerate(values)])
         return tuple(values)
