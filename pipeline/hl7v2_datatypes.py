@@ -71,7 +71,7 @@ def converter(name: str, kind: int, primitive: bool = False):
 
 # re.ASCII: \d is 0-9 (HL7 numbers and dates are ASCII), not every Unicode digit ("²" is one)
 NM_SYNTAX = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\Z", re.ASCII)
-_DTM = re.compile(
+DTM_SYNTAX = re.compile(
     r"(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?"
     r"(?:(?P<sign>[+-])(?P<oh>\d{2})(?P<om>\d{2}))?\Z", re.ASCII
 )
@@ -80,8 +80,8 @@ _TM = re.compile(r"(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}
 
 def dtm_offset(text: str) -> str | None:
     """The UTC offset a DTM is written with, as +HH:MM, or None."""
-    m = _DTM.match(text.strip()) if text else None
-    return f"{m['sign']}{m['oh']}:{m['om']}" if m and m["sign"] else None
+    g = dtm_groups(text) if text else None
+    return f"{g[7]}{g[8]}:{g[9]}" if g is not None and g[7] else None
 
 
 def code_text(text: str) -> str:
@@ -105,28 +105,67 @@ def parse_nm(text: str) -> int | float:
     return float(s) if "." in s else int(s)
 
 
-# The groups of a _DTM match, in order: what _dtm_parts returns (one groups() call, where
-# each m["name"] was a call through Python's match object).
+# The groups of a DTM_SYNTAX match, in order: what dtm_groups returns.
 DtmParts = tuple[str, str | None, str | None, str | None, str | None, str | None, str | None, str | None,
                  str | None, str | None]
+_DTM_LENGTHS = frozenset((4, 6, 8, 10, 12, 14))
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def dtm_groups(text: str) -> DtmParts | None:
+    """(year, month, day, hour, minute, second, fraction, sign, offset hours, offset minutes)
+    of a DTM, each None when not written, or None when text is no DTM: the groups of a
+    DTM_SYNTAX match of the stripped text, found by slicing (a match and its named groups
+    cost several times as much; the tests hold the two to each other)."""
+    t = text.strip()
+    n = len(t)
+    sign = oh = om = None
+    if n >= 5 and t[n - 5] in "+-":
+        zone = t[n - 4:]
+        if not _digits(zone):
+            return None
+        sign, oh, om = t[n - 5], zone[:2], zone[2:]
+        t = t[:n - 5]
+    frac = None
+    dot = t.find(".")
+    if dot >= 0:
+        frac = t[dot + 1:]
+        t = t[:dot]
+        if len(t) != 14 or not 1 <= len(frac) <= 4 or not _digits(frac):
+            return None
+    n = len(t)
+    if n not in _DTM_LENGTHS or not _digits(t):
+        return None
+    return (t[:4], t[4:6] or None, t[6:8] or None, t[8:10] or None, t[10:12] or None, t[12:14] or None, frac,
+            sign, oh, om)
 
 
 def _dtm_parts(text: str) -> DtmParts:
-    """(year, month, day, hour, minute, second, fraction, sign, offset hours, offset minutes)."""
-    m = _DTM.match(text.strip())
-    if not m:
+    """dtm_groups of a DTM that is also a valid date and time; _Invalid otherwise."""
+    g = dtm_groups(text)
+    if g is None:
         raise _Invalid("not an HL7 date/time (DTM)")
-    g: DtmParts = m.groups()  # type: ignore[assignment]  # _DTM has these ten groups, y always set
     y, mo, d, h, mi, s, _, sign, oh, om = g
-    try:
-        datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0))
-    except ValueError:
-        raise _Invalid("not a valid calendar date/time") from None
-    if y == "0000":
-        raise _Invalid("year out of range")
-    if sign and (int(oh or 0) > 14 or int(om or 0) > 59):
+    year, month, day = int(y), int(mo) if mo else 1, int(d) if d else 1
+    if not (year >= 1 and 1 <= month <= 12 and 1 <= day <= _days_in(year, month)
+            and (not h or int(h) < 24) and (not mi or int(mi) < 60) and (not s or int(s) < 60)):
+        raise _Invalid("not a valid calendar date/time")
+    if sign and oh and om and (int(oh) > 14 or int(om) > 59):
         raise _Invalid("time zone offset out of range")
     return g
+
+
+_MONTH_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _days_in(year: int, month: int) -> int:
+    """Days in the month (what datetime() accepts; the tests hold the two to each other)."""
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        return 29
+    return _MONTH_DAYS[month]
 
 
 _DTM_CACHE: dict[tuple[str, str], str] = {}

@@ -7,21 +7,23 @@ values, units, times with their offsets, statuses, references); extra fields are
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
 from pipeline.hl7v2 import build_ack, parse_message, read_msh
-from pipeline.hl7v2_datatypes import NM_SYNTAX, ConversionError, parse_nm
-from pipeline.hl7v2_fhir import Mappings, map_message
+from pipeline.hl7v2_datatypes import DTM_SYNTAX, NM_SYNTAX, ConversionError, dtm_groups, dtm_to_fhir, parse_nm
+from pipeline.hl7v2_fhir import Mappings, Run, map_message
 from pipeline.resources import mappings_dir
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "hl7v2"
@@ -622,3 +624,57 @@ def test_parse_nm_reads_numbers(text, value):
 def test_parse_nm_refuses_what_is_no_nm(text):
     with pytest.raises(ConversionError):
         parse_nm(text)
+
+
+# -- DTM: the slicing of dtm_groups finds what the DTM_SYNTAX regex finds ------------------
+
+_DTM_PIECES = ["2024", "01", "12", "31", "23", "59", "00", ".", "1", "1234", "12345", "+", "-", "0100", "1", " ", "x",
+               "٣", "+0530", "-1200", ".5"]
+
+
+@settings(max_examples=4000, deadline=None)
+@given(st.lists(st.sampled_from(_DTM_PIECES), max_size=9).map("".join) | st.text(alphabet="0123456789+-. ", max_size=24))
+def test_dtm_groups_are_the_groups_of_the_dtm_syntax(text):
+    m = DTM_SYNTAX.match(text.strip())
+    assert dtm_groups(text) == (m.groups() if m else None)
+
+
+def test_dtm_groups_of_common_times():
+    assert dtm_groups("20240412103000+0100") == ("2024", "04", "12", "10", "30", "00", None, "+", "01", "00")
+    assert dtm_groups(" 20240412103000.123-0500 ") == ("2024", "04", "12", "10", "30", "00", "123", "-", "05", "00")
+    assert dtm_groups("2024") == ("2024", None, None, None, None, None, None, None, None, None)
+    for bad in ("", "202", "2024-04-12", "20240412T1030", "2024041210300.1", "+0100", "20240412+01"):
+        assert dtm_groups(bad) is None, bad
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.integers(0, 2401), st.integers(0, 13), st.integers(0, 32), st.integers(0, 25), st.integers(0, 61),
+       st.integers(0, 61))
+@example(1900, 2, 29, 0, 0, 0)  # the leap-year rules, each
+@example(2000, 2, 29, 0, 0, 0)
+@example(2023, 2, 29, 0, 0, 0)
+@example(2024, 2, 29, 0, 0, 0)
+@example(2024, 4, 31, 0, 0, 0)
+@example(0, 1, 1, 0, 0, 0)
+@example(2024, 1, 1, 24, 0, 0)
+@example(2024, 1, 1, 23, 60, 0)
+@example(2024, 1, 1, 23, 59, 60)
+def test_a_dtm_is_a_valid_time_exactly_when_datetime_takes_it(y, mo, d, h, mi, s):
+    text = f"{y:04d}{mo:02d}{d:02d}{h:02d}{mi:02d}{s:02d}"
+    try:
+        datetime(y, mo, d, h, mi, s)
+        valid = True
+    except ValueError:
+        valid = False
+    run = _a_run()
+    if valid:
+        assert dtm_to_fhir(run, text + "+0000", "dateTime").startswith(f"{y:04d}-{mo:02d}-{d:02d}T")
+    else:
+        with pytest.raises(ConversionError):
+            dtm_to_fhir(run, text + "+0000", "dateTime")
+
+
+@functools.cache
+def _a_run() -> Run:
+    """A Run to convert times with (each carries its offset, so the message's does not matter)."""
+    return Run(parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5\r"), Mappings.load(mappings_dir()), False)
