@@ -70,6 +70,9 @@ def converter(name: str, kind: int, primitive: bool = False):
 
 
 # re.ASCII: \d is 0-9 (HL7 numbers and dates are ASCII), not every Unicode digit ("²" is one)
+# compiled once: re.fullmatch(text, ...) looks its pattern up on every call
+_OID = re.compile(r"[0-2](\.(0|[1-9]\d*))+")
+_CDC_CODE = re.compile(r"\d{4}-\d")
 NM_SYNTAX = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\Z", re.ASCII)
 DTM_SYNTAX = re.compile(
     r"(?P<y>\d{4})(?:(?P<mo>\d{2})(?:(?P<d>\d{2})(?:(?P<h>\d{2})(?:(?P<mi>\d{2})(?:(?P<s>\d{2})(?:\.(?P<f>\d{1,4}))?)?)?)?)?)?"
@@ -331,7 +334,7 @@ def _hd_system(run: Run, namespace: str, universal: str, utype: str) -> str | No
     """HD (assigning authority) -> Identifier.system: its universal id, else the site's table."""
     ut = utype.strip().upper()
     if universal:
-        if ut == "ISO" and re.fullmatch(r"[0-2](\.(0|[1-9]\d*))+", universal):
+        if ut == "ISO" and _OID.fullmatch(universal):
             return f"urn:oid:{universal}"
         if ut == "UUID":
             return f"urn:uuid:{universal.lower()}"
@@ -577,7 +580,7 @@ def _omb_extension(run: Run, reps: list[str], url: str, table_name: str, all_cdc
             disp = table.display.get(mapped, display)
             parts.append({"url": "ombCategory", "valueCoding": {"system": table.system, "code": mapped, "display": disp}})
             texts.append(display or disp)
-        elif code in all_cdc or re.fullmatch(r"\d{4}-\d", code or ""):
+        elif code in all_cdc or _CDC_CODE.fullmatch(code or ""):
             coding = {"system": table.system, "code": code}
             if display:
                 coding["display"] = display
