@@ -103,7 +103,7 @@ def parse_nm(text: str) -> int | float:
     tests hold this to NM_SYNTAX."""
     s = text.strip(_SPACE)
     body = s[1:] if s[:1] in ("+", "-") else s
-    if not (body.isascii() and body.replace(".", "", 1).isdigit()):
+    if not _digits(body.replace(".", "", 1)):
         raise _Invalid("not a number (NM)")
     return float(s) if "." in s else int(s)
 
@@ -115,6 +115,9 @@ _DTM_LENGTHS = frozenset((4, 6, 8, 10, 12, 14))
 
 
 def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' and other scripts' digits (as
+    dicom_fhir._digits, which the DICOM mapping keeps to itself: a call into it from here
+    would leave the compiled code)."""
     return text.isascii() and text.isdigit()
 
 

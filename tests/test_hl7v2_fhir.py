@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pipeline.errors import ConfigError
 from pipeline.hl7v2 import build_ack, parse_message, read_msh
 from pipeline.hl7v2_datatypes import DTM_SYNTAX, NM_SYNTAX, ConversionError, dtm_groups, dtm_to_fhir, parse_nm
-from pipeline.hl7v2_fhir import Mappings, Run, map_message
+from pipeline.hl7v2_fhir import Mappings, Run, default_mappings, map_message
 from pipeline.resources import mappings_dir
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "hl7v2"
@@ -677,4 +677,4 @@ def test_a_dtm_is_a_valid_time_exactly_when_datetime_takes_it(y, mo, d, h, mi, s
 @functools.cache
 def _a_run() -> Run:
     """A Run to convert times with (each carries its offset, so the message's does not matter)."""
-    return Run(parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5\r"), Mappings.load(mappings_dir()), False)
+    return Run(parse_message(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5\r"), default_mappings(), False)
