@@ -34,7 +34,7 @@ from setuptools.command.build_ext import build_ext
 ACCELERATED = [
     "pipeline.hl7v2", "pipeline.hl7v2_framing", "pipeline.hl7v2_fhir", "pipeline.hl7v2_maps",
     "pipeline.hl7v2_datatypes", "pipeline.temporal", "pipeline.ingest", "pipeline.views.columns",
-    "pipeline.views.compiler", "pipeline.views.view",
+    "pipeline.views.compiler", "pipeline.views.view", "pipeline.references",
 ]
 # mypyc puts the compiled code of all of them in one shared library, here inside the
 # package (pipeline/_accelerated__mypyc*.so); each module is a small stub that loads it.

@@ -418,3 +418,41 @@ def test_a_resource_nested_deeper_than_json_writers_go_is_quarantined_not_fatal(
     assert isinstance(out, Rejected) and out.payload is None and out.payload_ref == "deep.json#entry[0]"
     run = run_import(Store(tmp_path / "s"), "fhir", [tmp_path / "deep.json"])
     assert run.counts["fhir"].quarantined == 1 and run.counts["fhir"].reconciles()
+
+
+def test_an_import_pauses_the_collector_freezes_what_was_alive_and_leaves_both_as_it_found_them(tmp_path):
+    """collect_at_flushes: no collection but the flushes' own; those walk only what the
+    import made (the objects alive before it are frozen), and a cycle that was garbage
+    before the import is still collected after it."""
+    import gc
+    import weakref
+
+    from pipeline import ingest
+
+    class Node:
+        pass
+
+    gc.collect()
+    before = gc.get_freeze_count()
+    cycle = Node()
+    cycle.self = cycle  # garbage from the start: only the collector frees it
+    gone = weakref.ref(cycle)
+    del cycle
+    seen = {}
+
+    def at_flush():
+        seen["enabled"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+
+    with ingest.collect_at_flushes():
+        with ingest.collect_at_flushes():  # a nested scope's end (an import inside a drain) thaws nothing
+            pass
+        assert gc.get_freeze_count() > before
+        run = run_import(Store(tmp_path / "s"), "fhir", [FIXTURES / "fhir"], flush_rows=50)
+        gc.collect()  # as a flush does: the frozen cycle is out of its reach
+        assert gone() is not None
+        at_flush()
+    assert run.counts["fhir"].reconciles()
+    assert not seen["enabled"] and seen["frozen"] > before
+    assert gc.isenabled() and gc.get_freeze_count() == before
+    gc.collect()
+    assert gone() is None
