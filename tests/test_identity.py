@@ -139,3 +139,42 @@ def test_link_records_on_empty_tables():
         "l": ["source", "patient_id", "other_patient_id", "link_type"]}.items()}
     linkage = link_records(empty["p"], empty["i"], empty["l"], IdentityConfig())
     assert linkage.groups == {} and record_key("s", "p") == "s|Patient/p"
+
+
+def test_linking_does_not_depend_on_the_order_of_the_rows():
+    """Groups, rules, link counts and the conflicts (in namespace, value order) are the
+    same however the tables are ordered; an identifier held by one record (p5's urn:c)
+    joins nothing."""
+    import random
+
+    births = [0, 0, 86_400_000_000, 0, 0, 0]  # p2 shares an MRN with p0/p1 under another birth date
+    patients = pa.table({"source": ["s"] * 6, "patient_id": [f"p{i}" for i in range(6)],
+                         "name_family": [None] * 6, "name_given": [None] * 6,
+                         "birth_date": pa.array(births, pa.timestamp("us", "UTC")),
+                         "sex": [None] * 6, "postal_code": [None] * 6})
+    idents = [("p0", "urn:b", "9", "MR"), ("p1", "urn:b", "9", "MR"), ("p2", "urn:b", "9", "MR"),
+              ("p3", "urn:a", "5", "MR"), ("p4", "urn:a", "5", "MR"), ("p4", "urn:a", "6", "MR"),
+              ("p5", "urn:a", "7", "MR"), ("p2", "urn:a", "7", "MR"), ("p3", "urn:a", "5", "MR"),
+              ("p5", "urn:c", "1", "MR")]
+    cols = ["patient_id", "system", "value", "type_code"]
+
+    def link(rows):
+        table = pa.table({"source": ["s"] * len(rows), **{c: [r[i] for r in rows] for i, c in enumerate(cols)}})
+        links = pa.table({c: pa.array([], pa.string()) for c in ["source", "patient_id", "other_patient_id", "link_type"]})
+        return link_records(patients, table, links, IdentityConfig())
+
+    first = link(idents)
+    assert sorted(map(sorted, first.groups.values())) == [
+        ["s|Patient/p0", "s|Patient/p1", "s|Patient/p2", "s|Patient/p5"], ["s|Patient/p3", "s|Patient/p4"]]
+    assert first.by_rule == {"identifier": 4}
+    assert [(c["kind"], c["namespace"], c["records"]) for c in first.conflicts] == [
+        ("identifier-on-different-birth-dates", "urn:a", ["s|Patient/p2", "s|Patient/p5"]),
+        ("identifier-on-different-birth-dates", "urn:b", ["s|Patient/p0", "s|Patient/p1", "s|Patient/p2"]),
+        ("two-mrns-in-one-namespace", "urn:a", ["s|Patient/p3", "s|Patient/p4"])]
+    rnd = random.Random(3)
+    for _ in range(20):
+        rows = idents[:]
+        rnd.shuffle(rows)
+        again = link(rows)
+        assert (again.groups, again.rules, again.by_rule, again.conflicts) == (
+            first.groups, first.rules, first.by_rule, first.conflicts)
