@@ -177,6 +177,21 @@ def test_the_content_hash_of_rows_is_the_one_earlier_versions_stored():
     assert _digest(rows) == "aa24c1e559528b03f4cbc8a3b38754ae"
     assert _digest([]) == "7ebb3c7c2a87b1a2f8a7ed729ecb040d"
 
+
+def test_a_table_batch_keeps_each_units_rows_by_column_and_refuses_a_row_of_another_width():
+    from pipeline.ingest import Mapped, TableBatch, _digest
+
+    batch = TableBatch(3)
+    a = Mapped("Observation/a", None, "f:1", {})
+    b = Mapped("Observation/b", "v2", "f:2", {})
+    assert batch.add(a, [["a", 1, None], ["a", 2, True]]) == _digest([["a", 1, None], ["a", 2, True]])
+    batch.add(b, [])  # a unit with no rows in this table: hashed, nothing kept
+    batch.add(b, [["b", 3, False]])
+    assert batch.columns == [["a", "a", "b"], [1, 2, 3], [None, True, False]]
+    assert batch.n == 3 and batch.counts == [2, 1] and [o[1] for o in batch.owners] == ["Observation/a", "Observation/b"]
+    with pytest.raises(ValueError, match="Observation/b: a row of 2 values for a table of 3 columns"):
+        batch.add(b, [["b", 4]])
+
 def _obs(value, updated=None, version=None, components=0):
     r = {"resourceType": "Observation", "id": "o1", "status": "final",
          "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},

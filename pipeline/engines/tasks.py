@@ -170,8 +170,8 @@ class _TableRows:
 
     __slots__ = ("batch", "seqs")
 
-    def __init__(self) -> None:
-        self.batch = TableBatch()
+    def __init__(self, width: int) -> None:
+        self.batch = TableBatch(width)
         self.seqs: list[int] = []
 
     def add(self, m: Mapped, rows: list[list[Any]], seq: int) -> str:
@@ -211,7 +211,10 @@ def map_part(part: Part, ctx: ImportContext) -> dict[str, Any]:
                 else:
                     n = 0
                     for tname, trows in mapped.tables.items():
-                        tables.setdefault(tname, _TableRows()).add(mapped, trows, seq)
+                        t = tables.get(tname)
+                        if t is None:
+                            t = tables[tname] = _TableRows(len(schema.table(tname).own_columns))
+                        t.add(mapped, trows, seq)
                         n += len(trows)
                     unit_row("resource", mapped.key, rtype, mapped.version, mapped.source_ref, n, j,
                              create_only=mapped.create_only)
