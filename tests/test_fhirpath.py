@@ -109,6 +109,41 @@ def test_navigation_and_functions():
     assert ev("'12'.toInteger() + 1") == [13]
 
 
+def _outcomes(path: str, resource: dict) -> tuple:
+    """What `path` gives as a collection column and as a single-value column (or the error)."""
+    out = []
+    for collection in (True, False):
+        view = {"resource": resource["resourceType"],
+                "select": [{"column": [{"name": "v", "path": path, "collection": collection}]}]}
+        try:
+            out.append(compile_view(view).rows(resource)[0][0])
+        except RowError as e:
+            out.append(("RowError", e.reason))
+    return tuple(out)
+
+
+@pytest.mark.parametrize(("x", "y", "want"), [
+    ("value.ofType(Quantity).value", "value.ofType(integer)", ([7.25], 7.25)),
+    ("value.ofType(CodeableConcept).coding.first().display", "code.text", (["BP"], "BP")),
+    ("effective.ofType(Period).start", "effective.ofType(dateTime)",
+     (["2020-05-01T10:00:00+02:00"], "2020-05-01T10:00:00+02:00")),
+    # several items: the list path gives them, a single-value column refuses them
+    ("code.coding.code", "'none'", (["85354-9", "75367002"], ("RowError", "multiple-values"))),
+    ("valueString", "{}", ([], None)),
+    ("code.coding.where(system = 'http://snomed.info/sct').display", "code.coding.first().display",
+     (["Blood pressure"], "Blood pressure")),
+])
+def test_iif_of_x_exists_x_else_y_gives_what_the_general_iif_gives(x, y, want):
+    """iif(X.exists(), X, Y) is evaluated as "X if it has items, else Y" (X found once);
+    `X.exists() = true` keeps the general path, which must agree on every resource."""
+    bare = {"resourceType": "Observation", "id": "o2", "status": "final",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "1"}]}}
+    assert _outcomes(f"iif({x}.exists(), {x}, {y})", OBS) == want
+    for resource in (OBS, bare, {**OBS, "valueCodeableConcept": {"coding": [{"display": "x"}]}}):
+        fast = _outcomes(f"iif({x}.exists(), {x}, {y})", resource)
+        assert fast == _outcomes(f"iif({x}.exists() = true, {x}, {y})", resource), (x, y, resource["id"])
+
+
 def test_choice_types():
     assert ev("value.ofType(Quantity).value") == [7.25]
     assert ev("value.ofType(CodeableConcept)") == []

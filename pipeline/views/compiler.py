@@ -862,6 +862,8 @@ def _b_iif(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compil
     no = c.node(args[2], target.type) if len(args) == 3 else _literal((), None)
     cf, yf, nf = cond.fn, yes.fn, no.fn
     t = yes.type if (yes.type == no.type or len(args) == 2) else None
+    if _is_coalesce(args):
+        return _coalesce(tfn, target.chain, yes, no, t)
 
     def iif(focus: list, scope: Scope) -> list:
         f = tfn(focus, scope)
@@ -880,6 +882,37 @@ def _b_iif(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compil
         return yi(f, scope) if _truth1(b) else ni(f, scope)
 
     return Compiled(iif, t, item=iif1)
+
+
+def _is_coalesce(args: tuple) -> bool:
+    """`iif(X.exists(), X, Y)`: X when it has items, else Y. Views spell a fallback so
+    (`effective.ofType(dateTime)`, else the Period's start); evaluated as written, X is
+    found twice. (Compared by repr: the trees are named tuples, and a plain == would
+    take two node types with equal fields for one.)"""
+    cond = args[0]
+    return (len(args) == 3 and type(cond) is Call and cond.name == "exists" and not cond.args
+            and repr(cond.target) == repr(args[1]))
+
+
+def _coalesce(tfn: Fn, chain: tuple | None, yes: Compiled, no: Compiled, t: str | None) -> Compiled:
+    yf, nf = yes.fn, no.fn
+
+    def first_of(focus: list, scope: Scope) -> list:
+        f = tfn(focus, scope)
+        if len(f) > 1:
+            raise RowError("not-singleton", f"iif(): expected one input item, got {len(f)}")
+        found = yf(f, scope)
+        return found if found else nf(f, scope)
+
+    if chain != ():
+        return Compiled(first_of, t)
+    yi, ni = item_of(yes), item_of(no)
+
+    def first_of1(f: Any, scope: Scope) -> Any:
+        v = yi(f, scope)  # DEFER (several items) exists, and is the answer: the list path takes it
+        return ni(f, scope) if v is None else v
+
+    return Compiled(first_of, t, item=first_of1)
 
 
 def _b_extension(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
