@@ -265,9 +265,10 @@ class TableBatch:
     """The rows one flush writes to one table, gathered unit by unit, and what each unit's
     rows share (kept once per unit: batch_to_arrow spreads it).
 
-    The values are kept by column, as Arrow takes them: appending each row's values to
-    its column's list costs a third of transposing 50,000 rows at the end with
-    `zip(*rows)`, which steps through every row's list for every column."""
+    The values are kept by column, as Arrow takes them. Transposing 50,000 rows at the
+    flush with `zip(*rows)` stepped through every row's list for every column, a cache
+    miss a value; appending each row's values to its column's list as units come costs
+    more instructions but less time (bench/RESULTS.md, stop 23)."""
 
     __slots__ = ("columns", "owners", "counts", "n")
 
