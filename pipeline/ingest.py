@@ -270,13 +270,12 @@ class TableBatch:
     miss a value; appending each row's values to its column's list as units come costs
     more instructions but less time (bench/RESULTS.md, stop 23)."""
 
-    __slots__ = ("columns", "owners", "counts", "n")
+    __slots__ = ("columns", "owners", "counts")
 
     def __init__(self, width: int) -> None:
         self.columns: list[list[Any]] = [[] for _ in range(width)]  # the table's own columns, in order
         self.owners: list[tuple[str, str, str | None, str]] = []  # (source_ref, unit key, version, hash)
-        self.counts: list[int] = []
-        self.n = 0
+        self.counts: list[int] = []  # rows of each owner
 
     def add(self, m: Mapped, rows: list[list[Any]]) -> str:
         """Take one unit's rows for this table; returns their content hash."""
@@ -289,7 +288,6 @@ class TableBatch:
                     raise ValueError(f"{m.key}: a row of {len(row)} values for a table of {width} columns")
                 for j in range(width):
                     columns[j].append(row[j])
-            self.n += len(rows)
             self.owners.append((m.source_ref, m.key, m.version, digest))
             self.counts.append(len(rows))
         return digest
@@ -362,7 +360,7 @@ def batch_to_arrow(table: Table, batch: TableBatch, now: datetime, source: str, 
     once per unit and spread by index (`take`), what is the same for the whole
     batch once: no Python list of one value per row for the provenance columns.
     """
-    n = batch.n
+    n = sum(batch.counts)
     arrays: dict[str, Any] = {}
     for name, values in zip(table.own_columns, batch.columns, strict=True):
         arrays[name] = pa.array(values, table.by_name[name].arrow)

@@ -188,7 +188,7 @@ def test_a_table_batch_keeps_each_units_rows_by_column_and_refuses_a_row_of_anot
     batch.add(b, [])  # a unit with no rows in this table: hashed, nothing kept
     batch.add(b, [["b", 3, False]])
     assert batch.columns == [["a", "a", "b"], [1, 2, 3], [None, True, False]]
-    assert batch.n == 3 and batch.counts == [2, 1] and [o[1] for o in batch.owners] == ["Observation/a", "Observation/b"]
+    assert batch.counts == [2, 1] and [o[1] for o in batch.owners] == ["Observation/a", "Observation/b"]
     with pytest.raises(ValueError, match="Observation/b: a row of 2 values for a table of 3 columns"):
         batch.add(b, [["b", 4]])
 

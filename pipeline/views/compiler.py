@@ -858,12 +858,13 @@ def _b_all(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compil
 
 def _b_iif(c: Compiler, target: Compiled, args: tuple, ft: str | None) -> Compiled:
     tfn = target.fn
-    cond, yes = c.node(args[0], target.type), c.node(args[1], target.type)
+    yes = c.node(args[1], target.type)
     no = c.node(args[2], target.type) if len(args) == 3 else _literal((), None)
-    cf, yf, nf = cond.fn, yes.fn, no.fn
     t = yes.type if (yes.type == no.type or len(args) == 2) else None
-    if _is_coalesce(args):
+    if _is_coalesce(args):  # the condition is the true branch's exists(): not compiled on its own
         return _coalesce(tfn, target.chain, yes, no, t)
+    cond = c.node(args[0], target.type)
+    cf, yf, nf = cond.fn, yes.fn, no.fn
 
     def iif(focus: list, scope: Scope) -> list:
         f = tfn(focus, scope)
