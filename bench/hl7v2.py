@@ -48,7 +48,7 @@ def corpus(n: int, seed: int = 7, start: int = 0) -> list[bytes]:
         if i % 2:
             segs = [f"MSH|^~\\&|LAB|HOSP|TWIN|TWIN|{when}||ORU^R01^ORU_R01|M{i:08d}|P|2.5.1", pid, pv1,
                     f"ORC|RE|O{i}^EHR|F{i}^LAB", f"OBR|1|O{i}^EHR|F{i}^LAB|24323-8^Metabolic panel^LN|||{when}"
-                    f"||||||||||||||{when}||CH|F"]
+                    f"|||||||||||||||{when}||CH|F"]  # OBR-22 results time, OBR-24 section, OBR-25 status
             for k, (code, name, unit, rng, lo, hi) in enumerate(rnd.sample(LABS, rnd.randrange(4, 9)), 1):
                 value = round(rnd.uniform(lo, hi), 1)
                 flag = rnd.choice(["N", "N", "H", "L"])
