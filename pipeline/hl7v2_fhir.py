@@ -344,10 +344,10 @@ def map_message(raw: bytes, source_ref: str, *, strict: bool = False, mappings: 
     # ids first, so that references can point at any resource of the message
     plan: list[tuple[ResourceMap, int, str]] = []
     seen: set[tuple[str, str]] = set()
-    for rmap in mmap.resources:
+    for rmap, when in zip(mmap.resources, mmap.when, strict=True):
         for pos in idx.get(rmap.anchor, ()):
             run.set_anchor(rmap, pos)
-            if rmap.when and not all(run.valued(p) for p in rmap.when):
+            if when and not all(run.valued(p) for p in when):
                 continue
             rid = _resource_id(run, rmap, pos)
             if (rmap.type, rid) in seen:

@@ -188,6 +188,9 @@ class MessageMap:
     requires: tuple[str, ...]
     resources: list[ResourceMap]
     create_only: frozenset[str] = frozenset()  # resource maps whose resource never replaces a stored one
+    # for each of `resources`, in order: the paths that must have a value for it to be made (its
+    # map's own `when` and the message's), so that map_message checks one tuple per resource map
+    when: tuple[tuple[Path, ...], ...] = ()
 
 
 # Target steps
@@ -223,7 +226,7 @@ _MAP_TYPES: dict[str, Any] = {
     "resource": str, "anchor": str, "children": "list[str]", "group_ends": "list[str]", "id": list, "map": list,
     "when": _PATHS, "shared": bool}
 _MSG_TYPES: dict[str, Any] = {"types": "list[str]", "requires": "list[str]", "resources": "list[str]",
-                              "create_only": "list[str]"}
+                              "create_only": "list[str]", "when": dict}
 _TYPE_NAMES = {str: "a string", list: "a list", dict: "a table", bool: "true or false"}
 
 
@@ -316,8 +319,14 @@ class Mappings:
             for rname in create_only:
                 if rname not in entry.get("resources", []):
                     problems.append(f"{where}: create_only names {rname!r}, which is not one of its resources")
+            extra = entry.get("when", {})
+            for rname in extra:
+                if rname not in entry.get("resources", []):
+                    problems.append(f"{where}: when names {rname!r}, which is not one of its resources")
+            when = tuple(rm.when + _as_paths(extra.get(rm.name), f"{where} when.{rm.name}", problems)
+                         for rm in rmaps)
             mm = MessageMap(tuple(entry.get("types", [])), tuple(entry.get("requires", [])), rmaps,
-                            frozenset(create_only))
+                            frozenset(create_only), when)
             if not mm.types:
                 problems.append(f"{where}: `types` lists no message type (e.g. \"ADT^A01\")")
             for t in mm.types:

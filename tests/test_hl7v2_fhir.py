@@ -208,6 +208,14 @@ def test_oru_r01_observations_and_report():
     assert device["identifier"] == [{"value": "MON-0042", "system": "urn:oid:2.16.840.1.113883.3.7777.9",
                                      "assigner": {"display": "TWINHOSP"}}]
     subject = {"reference": f"Patient/{patient['id']}"}
+    # the stay of PV1-19: the Encounter the A01 made (same id), which results do not describe
+    (encounter,) = of_type(resources, "Encounter")
+    (_, admitted) = mapped("twin-adt-a01.hl7")
+    assert encounter["id"] == admitted["id"]
+    assert_subset({"status": "unknown", "class": {"code": "IMP"}, "subject": subject,
+                   "identifier": [{"value": fx.VISIT_NUMBER, "type": {"coding": [{"code": "VN"}]}}]}, encounter)
+    visit = {"reference": f"Encounter/{encounter['id']}"}
+    assert all(o["encounter"] == visit for o in obs) and report["encounter"] == visit
     lab = [{"coding": [{"system": OBS_CAT, "code": "laboratory"}]}]
     expected = [
         {"status": "final", "category": lab, "subject": subject,
@@ -253,6 +261,31 @@ def test_oru_r01_observations_and_report():
                        {"value": "LAB-5501", "type": {"coding": [{"code": "FILL"}]}}],
         "result": [{"reference": f"Observation/{o['id']}"} for o in obs],
     }, report)
+
+
+def test_results_name_a_visit_only_by_its_number():
+    """A result's PV1 without PV1-19 names no visit another message could find: no Encounter is
+    made for it, and the results reference none. Without a PV1 there is none either."""
+    raw = read("twin-oru-r01.hl7")
+    pv1 = next(s for s in raw.split(b"\r") if s.startswith(b"PV1|"))
+    for changed in (raw.replace(pv1, pv1.rsplit(b"|", 1)[0] + b"|"), raw.replace(pv1 + b"\r", b"")):
+        out = map_message(changed, "x")
+        assert out.rejected is None
+        resources = [r.resource for r in out.resources]
+        assert not of_type(resources, "Encounter")
+        assert not [r for r in resources if "encounter" in r]
+        assert len(of_type(resources, "Observation")) == 9
+
+
+def test_a_result_s_visit_never_replaces_adt_s():
+    """Whose word counts for a visit: ADT's. The Encounter of a result or vaccination message is made
+    only when none is stored (create_only); ADT's Encounter is not."""
+    oru = map_message(read("twin-oru-r01.hl7"), "x")
+    vxu = map_message(read("fhir-converter/VXU-V04-01.hl7"), "x")
+    adt = map_message(read("twin-adt-a01.hl7"), "x")
+    assert {(r.resource["resourceType"], r.create_only) for r in oru.resources + vxu.resources
+            if r.resource["resourceType"] in ("Patient", "Encounter")} == {("Patient", True), ("Encounter", True)}
+    assert [r.create_only for r in adt.resources] == [False, False]
 
 
 def test_fhir_converter_oru_sn_and_units():
@@ -310,7 +343,13 @@ def test_vxu_v04_immunization():
 
 
 def test_fhir_converter_vxu_refused_and_deleted_doses():
-    (imm,) = of_type(mapped("fhir-converter/VXU-V04-01.hl7"), "Immunization")
+    resources = mapped("fhir-converter/VXU-V04-01.hl7")
+    (imm,) = of_type(resources, "Immunization")
+    # PV1-19 40007716^^^AccMng&1.2&HCD^AM, PV1-2 P: the visit the dose was given in
+    (encounter,) = of_type(resources, "Encounter")
+    assert_subset({"status": "unknown", "identifier": [{"value": "40007716"}],
+                   "class": {"code": "PRENC"}, "period": {"start": "2015-02-08T11:34:19+01:10"}}, encounter)
+    assert imm["encounter"] == {"reference": f"Encounter/{encounter['id']}"}
     # RXA-20 CP, RXA-21 A; amount 0.5 mL^mL^UCUM; NDC code
     assert_subset({"status": "completed", "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/ndc"}]},
                    "doseQuantity": {"value": 0.5, "code": "mL"}, "lotNumber": "315841"}, imm)
@@ -491,6 +530,12 @@ def test_broken_maps_list_every_problem(tmp_path):
     ("messages.toml", "[settings]", "settings = 5\n[unused]", "messages.toml: `settings` must be a table, not int"),
     ("tables.toml", "system = \"http://terminology.hl7.org/CodeSystem/v3-ActCode\"", "system = 3",
      "tables.toml [encounter-class]: `system` must be a string, not int"),
+    ("messages.toml", "when = { encounter = \"PV1-19\" }", "when = \"PV1-19\"",
+     "[[message]] #4: `when` must be a table, not str"),
+    ("messages.toml", "when = { encounter = \"PV1-19\" }", "when = { encounters = \"PV1-19\" }",
+     "[[message]] #4: when names 'encounters', which is not one of its resources"),
+    ("messages.toml", "when = { encounter = \"PV1-19\" }", "when = { encounter = \"PV1-\" }",
+     "[[message]] #4 when.encounter: "),
 ])
 def test_a_wrong_type_in_a_map_file_is_a_listed_problem_not_a_crash(tmp_path, file, old, new, problem):
     # (the compiled build enforces the loader's annotations: a wrong type that reached it

@@ -37,7 +37,8 @@ def test_source_refs_say_file_message_and_line():
     refs = [u.source_ref for u in units]
     path = FIX / "syntax-batch.hl7"
     assert refs[0] == f"{path}:msg 1 (line 3) [TWIN-LAB-0001] PID"
-    assert refs[1] == f"{path}:msg 1 (line 3) [TWIN-LAB-0001] OBX"
+    assert refs[1] == f"{path}:msg 1 (line 3) [TWIN-LAB-0001] PV1"   # the stay the results belong to
+    assert refs[2] == f"{path}:msg 1 (line 3) [TWIN-LAB-0001] OBX"
     second_msh = [n for n, line in enumerate(path.read_bytes().split(b"\r"), 1) if line.startswith(b"MSH|")][1]
     assert refs[-1] == f"{path}:msg 2 (line {second_msh}) [TWIN-ADT-0001] PV1"
     assert all(u.raw is not None and u.raw.startswith(b"MSH|") for u in units)

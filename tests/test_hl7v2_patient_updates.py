@@ -1,5 +1,6 @@
-"""Whose word counts for a patient: ADT's. A result or vaccination message with a thin PID
-never replaces the Patient an ADT message stored (mappings/hl7v2/messages.toml create_only)."""
+"""Whose word counts for a patient and a visit: ADT's. A result or vaccination message with a thin
+PID never replaces the Patient an ADT message stored, nor its PV1 the Encounter
+(mappings/hl7v2/messages.toml create_only); its results still point at that Encounter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tests.conftest import FIXTURES
 
 A01 = (FIXTURES / "hl7v2" / "twin-adt-a01.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
 MRN = b"cbc83bf2-c38e-4617-bc1d-f99fc86a80f0^^^SMARTHOSP&http://hospital.smarthealthit.org&URI^MR"
+ORU = (FIXTURES / "hl7v2" / "twin-oru-r01.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
 THIN_ORU = (b"MSH|^~\\&|TWINLAB|TWINHOSP|TWINLINE|TWINLINE|20240306093000+0100||ORU^R01^ORU_R01|LAB-THIN-1|P|2.5.1\r"
             b"PID|1||" + MRN + b"||Ullrich^Napoleon\r"
             b"OBR|1|ORD-78|LAB-5502|2345-7^Glucose^LN|||20240306070500+0100\r"
@@ -85,3 +87,40 @@ def test_the_summary_counts_messages_beside_the_resources_they_became(tmp_path):
     messages, mapped, resources, refused, junk = (int((g or "0").replace(",", "")) for g in m.groups())
     assert messages == mapped + refused and messages > 10
     assert resources == c.written + c.unchanged + c.ignored and refused + junk == c.quarantined
+
+
+def encounter(store: Store) -> dict:
+    [row] = store.read("encounter").to_pylist()
+    return row
+
+
+@pytest.mark.parametrize("one_file", [False, True], ids=["two-runs", "one-file"])
+def test_results_belong_to_the_visit_adt_admitted(tmp_path, one_file):
+    store = Store(tmp_path / "s")
+    if one_file:
+        (tmp_path / "feed.hl7").write_bytes(A01.rstrip(b"\r") + b"\r" + ORU)
+        run_import(store, "hl7v2", [tmp_path / "feed.hl7"])
+    else:
+        (tmp_path / "a01.hl7").write_bytes(A01)
+        run_import(store, "hl7v2", [tmp_path / "a01.hl7"])
+        (tmp_path / "oru.hl7").write_bytes(ORU)
+        run_import(store, "hl7v2", [tmp_path / "oru.hl7"])
+    visit = encounter(store)
+    # ADT's description of the stay, not the result's (status unknown, no admission time)
+    assert visit["status"] == "in-progress" and str(visit["period_start"]).startswith("2024-03-05")
+    for table in ("observation", "diagnostic_report"):
+        rows = store.read(table)
+        assert rows.num_rows >= 1 and set(rows.column("encounter_id").to_pylist()) == {visit["encounter_id"]}
+
+
+def test_a_result_first_makes_the_visit_and_adt_then_completes_it(tmp_path):
+    store = Store(tmp_path / "s")
+    (tmp_path / "oru.hl7").write_bytes(ORU)
+    run_import(store, "hl7v2", [tmp_path / "oru.hl7"])
+    made = encounter(store)
+    assert made["status"] == "unknown" and made["period_start"] is None  # known only from the result
+    (tmp_path / "a01.hl7").write_bytes(A01)
+    run_import(store, "hl7v2", [tmp_path / "a01.hl7"])
+    visit = encounter(store)
+    assert visit["encounter_id"] == made["encounter_id"] and visit["status"] == "in-progress"
+    assert set(store.read("observation").column("encounter_id").to_pylist()) == {visit["encounter_id"]}

@@ -206,8 +206,8 @@ def test_mapping_handler_commits_each_batch_once_before_the_acks(tmp_path):
         ack = parse_ack(c.send_message(message("M1")))
         lines = store.read_bytes().splitlines()       # on disk when the ACK arrived
         bad = parse_ack(c.send_message(message("M2").replace(b"\rOBR|", b"\rZZZ|")))
-    assert str(ack.segment("MSA")[1]) == "AA" and len(lines) == 12   # Patient, 9 Observations, Device, report
-    assert str(bad.segment("MSA")[1]) == "AE" and commits == [(12, 0), (0, 1)]
+    assert str(ack.segment("MSA")[1]) == "AA" and len(lines) == 13   # Patient, Encounter, 9 Observations, Device, report
+    assert str(bad.segment("MSA")[1]) == "AE" and commits == [(13, 0), (0, 1)]
     assert orjson.loads(store.read_bytes().splitlines()[-1])["reason"] == "missing-segment"
 
 
