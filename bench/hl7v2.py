@@ -61,6 +61,50 @@ def corpus(n: int, seed: int = 7, start: int = 0) -> list[bytes]:
     return out
 
 
+def stays(n: int, seed: int = 7) -> list[bytes]:
+    """n messages as a hospital's feed sends them: stays, each an A01, results during it (an
+    ORU with the stay's PID and PV1, 2 to 6 of them), an A08 and an A03, the stays of many
+    patients interleaved by time. What `corpus` lacks: ADT updates of a stored Patient and
+    Encounter, and results for a visit ADT already described (their Patient and Encounter
+    made only when none is stored)."""
+    rnd = random.Random(seed)
+    timed: list[tuple[int, int, bytes]] = []
+    k = 0
+    while len(timed) < n:
+        k += 1
+        mrn = f"MRN{rnd.randrange(10**6):06d}"
+        start = rnd.randrange(365 * 24 * 60)  # minutes into 2024
+        length = rnd.randrange(6 * 60, 6 * 24 * 60)
+
+        def ts(minute: int) -> str:
+            t = time.gmtime(1704067200 + 60 * minute)
+            return time.strftime("%Y%m%d%H%M00+0000", t)
+
+        pid = (f"PID|1||{mrn}^^^HOSP&2.16.840.1.113883.3.1&ISO^MR||Stay{k}^Jane^Q||19{rnd.randrange(30, 99)}0412|"
+               f"{rnd.choice('FM')}||2106-3^White^CDCREC|{k} Main St^^Springfield^IL^62701^US^H")
+        pv1 = (f"PV1|1|I|4E^{400 + k % 50}^B||||1234^Welby^Marcus|||MED||||7||||"
+               f"|S{k:07d}^^^HOSP^VN|||||||||||||||||||||||||{ts(start)}")
+        events = [(start, "A01"), (start + length // 2, "A08"), (start + length, "A03")]
+        events += [(start + rnd.randrange(1, length), "R01") for _ in range(rnd.randrange(2, 7))]
+        for n_msg, (minute, ev) in enumerate(sorted(events)):
+            when, control = ts(minute), f"S{k:07d}-{n_msg}"
+            if ev == "R01":
+                segs = [f"MSH|^~\\&|LAB|HOSP|TWIN|TWIN|{when}||ORU^R01^ORU_R01|{control}|P|2.5.1",
+                        pid.split("||Stay")[0] + f"||Stay{k}^Jane^Q", pv1,
+                        f"ORC|RE|O{control}^EHR|F{control}^LAB",
+                        f"OBR|1|O{control}^EHR|F{control}^LAB|24323-8^Metabolic panel^LN|||{when}"
+                        f"|||||||||||||||{when}||CH|F"]
+                for j, (code, name, unit, rng, lo, hi) in enumerate(rnd.sample(LABS, rnd.randrange(4, 9)), 1):
+                    segs.append(f"OBX|{j}|NM|{code}^{name}^LN||{round(rnd.uniform(lo, hi), 1)}|{unit}^{unit}^UCUM|"
+                                f"{rng}|{rnd.choice('NNHL')}|||F|||{when}")
+            else:
+                segs = [f"MSH|^~\\&|ADT|HOSP|TWIN|TWIN|{when}||ADT^{ev}^ADT_A01|{control}|P|2.5.1",
+                        f"EVN|{ev}|{when}", pid + ("|^PRN^PH^^1^217^5550100" if ev == "A08" else ""),
+                        pv1 + (f"|{when}" if ev == "A03" else "")]
+            timed.append((minute, len(timed), ("\r".join(segs) + "\r").encode()))
+    return [m for _, _, m in sorted(timed)[:n]]
+
+
 def mllp(msgs: list[bytes]) -> bytes:
     """The messages as one MLLP dump (0x0B message 0x1C 0x0D each), as `twin import hl7v2` reads it."""
     return b"".join(b"\x0b" + m + b"\x1c\r" for m in msgs)

@@ -7,7 +7,10 @@ baseline); `twin import hl7v2` of the file into a fresh store as installed (the 
 setup.py compiles, compiled); and the same with TWINLINE_PURE_PYTHON=1 (every module
 from its source).
 
-    python bench/hl7v2_e2e.py --messages 20000 --rounds 3
+    python bench/hl7v2_e2e.py --messages 20000 --rounds 3 [--corpus stays]
+
+`--corpus stays` uses bench/hl7v2.py's `stays` instead: hospital stays (A01, results, A08,
+A03) interleaved, so ADT updates stored records and results name visits ADT described.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hl7v2 import corpus, mllp  # noqa: E402
+from hl7v2 import corpus, mllp, stays  # noqa: E402
 from import_fhir import run  # noqa: E402  each measurement in its own process, pinned to one core
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--corpus", choices=["mix", "stays"], default="mix")
     a = ap.parse_args()
-    msgs = corpus(a.messages)
+    msgs = corpus(a.messages) if a.corpus == "mix" else stays(a.messages)
     n = len(msgs)
     print("| round | python-hl7 parse | twin import hl7v2, compiled | x python-hl7 | same, from source | x python-hl7 "
           "| compiled speed-up | peak RSS compiled / source |")
