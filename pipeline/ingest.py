@@ -467,6 +467,13 @@ class Ingest:
             for system, value in identifiers_of(res):
                 self.index.add(rtype, system, value, res["id"])
                 self._identifiers[(rtype, system, value)] = res["id"]
+        if unit.create_only:
+            old = self._pending.get(key)
+            if old is not None and not old.create_only:
+                # the batch already holds the copy whose word counts (ADT's Patient and Encounter,
+                # before a result naming them): this one would go through the views to be dropped
+                self.counts.unchanged += 1
+                return
         try:
             mapped = self.mapper.map(unit)
         except Unresolved:

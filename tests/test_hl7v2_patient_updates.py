@@ -7,8 +7,11 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.imports import run_import
+from pipeline.imports import finish_run, run_import
+from pipeline.ingest import Ingest, ViewSet
+from pipeline.runs import Run
 from pipeline.store import Store
+from pipeline.units import Resource
 from tests.conftest import FIXTURES
 
 A01 = (FIXTURES / "hl7v2" / "twin-adt-a01.hl7").read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
@@ -124,3 +127,26 @@ def test_a_result_first_makes_the_visit_and_adt_then_completes_it(tmp_path):
     visit = encounter(store)
     assert visit["encounter_id"] == made["encounter_id"] and visit["status"] == "in-progress"
     assert set(store.read("observation").column("encounter_id").to_pylist()) == {visit["encounter_id"]}
+
+
+def test_a_result_s_copy_of_what_adt_sent_in_the_same_batch_is_not_mapped(tmp_path):
+    """In one batch, a result's copy (create_only) of a record ADT's copy already holds is dropped
+    before its views run: none of its rows would be kept. Seen through a copy the views would
+    refuse: mapped, it would be quarantined (as it still is when it comes first, or alone)."""
+    good = {"resourceType": "Patient", "id": "p1", "birthDate": "1995-01-08"}
+    bad = {"resourceType": "Patient", "id": "p1", "birthDate": "not a date"}
+    counts = []
+    for units in ([Resource(good, "adt"), Resource(bad, "oru", create_only=True)],
+                  [Resource(bad, "oru", create_only=True), Resource(good, "adt")]):
+        store = Store(tmp_path / f"s{len(counts)}")
+        with store.locked("import"):
+            run = Run(store, "import")
+            ingest = Ingest(store, run, "hl7", "hl7v2", ViewSet(store.schema))
+            for u in units:
+                ingest.feed(u)
+            ingest.finish()
+            finish_run(store, run)
+        c = run.counts["hl7"]
+        counts.append((c.read, c.written, c.unchanged, c.quarantined))
+        assert str(patient(store)["birth_date"]).startswith("1995-01-08")
+    assert counts == [(2, 1, 1, 0), (2, 1, 0, 1)]
