@@ -187,10 +187,10 @@ class MessageMap:
     types: tuple[str, ...]
     requires: tuple[str, ...]
     resources: list[ResourceMap]
-    create_only: frozenset[str] = frozenset()  # resource maps whose resource never replaces a stored one
+    create_only: frozenset[str]  # resource maps whose resource never replaces a stored one
     # for each of `resources`, in order: the paths that must have a value for it to be made (its
     # map's own `when` and the message's), so that map_message checks one tuple per resource map
-    when: tuple[tuple[Path, ...], ...] = ()
+    when: tuple[tuple[Path, ...], ...]
 
 
 # Target steps
