@@ -33,6 +33,17 @@ LABS = [("2345-7", "Glucose", "mg/dL", "70-99", 60, 250), ("2823-3", "Potassium"
         ("777-3", "Platelets", "10*3/uL", "150-400", 50, 500), ("8867-4", "Heart rate", "/min", "60-100", 45, 140)]
 
 
+def _results(rnd: random.Random, order: str, when: str) -> list[str]:
+    """An ORU's order and its 4-8 lab results (NM, UCUM units, a range, a flag), all at `when`."""
+    segs = [f"ORC|RE|O{order}^EHR|F{order}^LAB", f"OBR|1|O{order}^EHR|F{order}^LAB|24323-8^Metabolic panel^LN|||"
+            f"{when}|||||||||||||||{when}||CH|F"]  # OBR-22 results time, OBR-24 section, OBR-25 status
+    for k, (code, name, unit, rng, lo, hi) in enumerate(rnd.sample(LABS, rnd.randrange(4, 9)), 1):
+        value = round(rnd.uniform(lo, hi), 1)
+        flag = rnd.choice(["N", "N", "H", "L"])
+        segs.append(f"OBX|{k}|NM|{code}^{name}^LN||{value}|{unit}^{unit}^UCUM|{rng}|{flag}|||F|||{when}")
+    return segs
+
+
 def corpus(n: int, seed: int = 7, start: int = 0) -> list[bytes]:
     """n messages; `start` numbers them on from there (visit, order and control ids come from
     the number, so corpora with disjoint ranges share none; patients recur at random)."""
@@ -47,12 +58,7 @@ def corpus(n: int, seed: int = 7, start: int = 0) -> list[bytes]:
                f"|V{i:07d}^^^HOSP^VN|||||||||||||||||||||||||{when}")
         if i % 2:
             segs = [f"MSH|^~\\&|LAB|HOSP|TWIN|TWIN|{when}||ORU^R01^ORU_R01|M{i:08d}|P|2.5.1", pid, pv1,
-                    f"ORC|RE|O{i}^EHR|F{i}^LAB", f"OBR|1|O{i}^EHR|F{i}^LAB|24323-8^Metabolic panel^LN|||{when}"
-                    f"|||||||||||||||{when}||CH|F"]  # OBR-22 results time, OBR-24 section, OBR-25 status
-            for k, (code, name, unit, rng, lo, hi) in enumerate(rnd.sample(LABS, rnd.randrange(4, 9)), 1):
-                value = round(rnd.uniform(lo, hi), 1)
-                flag = rnd.choice(["N", "N", "H", "L"])
-                segs.append(f"OBX|{k}|NM|{code}^{name}^LN||{value}|{unit}^{unit}^UCUM|{rng}|{flag}|||F|||{when}")
+                    *_results(rnd, str(i), when)]
         else:
             trigger = rnd.choice(["A01", "A03", "A08"])
             segs = [f"MSH|^~\\&|ADT|HOSP|TWIN|TWIN|{when}||ADT^{trigger}^ADT_A01|M{i:08d}|P|2.5.1",
@@ -67,20 +73,19 @@ def stays(n: int, seed: int = 7) -> list[bytes]:
     patients interleaved by time. What `corpus` lacks: ADT updates of a stored Patient and
     Encounter, and results for a visit ADT already described (their Patient and Encounter
     made only when none is stored)."""
+    def ts(minute: int) -> str:  # minutes into 2024, as an HL7 DTM in UTC
+        return time.strftime("%Y%m%d%H%M00+0000", time.gmtime(1704067200 + 60 * minute))
+
     rnd = random.Random(seed)
     timed: list[tuple[int, int, bytes]] = []
     k = 0
     while len(timed) < n:
         k += 1
         mrn = f"MRN{rnd.randrange(10**6):06d}"
-        start = rnd.randrange(365 * 24 * 60)  # minutes into 2024
+        start = rnd.randrange(365 * 24 * 60)
         length = rnd.randrange(6 * 60, 6 * 24 * 60)
-
-        def ts(minute: int) -> str:
-            t = time.gmtime(1704067200 + 60 * minute)
-            return time.strftime("%Y%m%d%H%M00+0000", t)
-
-        pid = (f"PID|1||{mrn}^^^HOSP&2.16.840.1.113883.3.1&ISO^MR||Stay{k}^Jane^Q||19{rnd.randrange(30, 99)}0412|"
+        thin_pid = f"PID|1||{mrn}^^^HOSP&2.16.840.1.113883.3.1&ISO^MR||Stay{k}^Jane^Q"  # what a lab knows
+        pid = (f"{thin_pid}||19{rnd.randrange(30, 99)}0412|"
                f"{rnd.choice('FM')}||2106-3^White^CDCREC|{k} Main St^^Springfield^IL^62701^US^H")
         pv1 = (f"PV1|1|I|4E^{400 + k % 50}^B||||1234^Welby^Marcus|||MED||||7||||"
                f"|S{k:07d}^^^HOSP^VN|||||||||||||||||||||||||{ts(start)}")
@@ -90,13 +95,7 @@ def stays(n: int, seed: int = 7) -> list[bytes]:
             when, control = ts(minute), f"S{k:07d}-{n_msg}"
             if ev == "R01":
                 segs = [f"MSH|^~\\&|LAB|HOSP|TWIN|TWIN|{when}||ORU^R01^ORU_R01|{control}|P|2.5.1",
-                        pid.split("||Stay")[0] + f"||Stay{k}^Jane^Q", pv1,
-                        f"ORC|RE|O{control}^EHR|F{control}^LAB",
-                        f"OBR|1|O{control}^EHR|F{control}^LAB|24323-8^Metabolic panel^LN|||{when}"
-                        f"|||||||||||||||{when}||CH|F"]
-                for j, (code, name, unit, rng, lo, hi) in enumerate(rnd.sample(LABS, rnd.randrange(4, 9)), 1):
-                    segs.append(f"OBX|{j}|NM|{code}^{name}^LN||{round(rnd.uniform(lo, hi), 1)}|{unit}^{unit}^UCUM|"
-                                f"{rng}|{rnd.choice('NNHL')}|||F|||{when}")
+                        thin_pid, pv1, *_results(rnd, control, when)]
             else:
                 segs = [f"MSH|^~\\&|ADT|HOSP|TWIN|TWIN|{when}||ADT^{ev}^ADT_A01|{control}|P|2.5.1",
                         f"EVN|{ev}|{when}", pid + ("|^PRN^PH^^1^217^5550100" if ev == "A08" else ""),
