@@ -316,13 +316,11 @@ class Mappings:
                     resource_maps[rname] = rm
                 rmaps.append(resource_maps[rname])
             create_only = entry.get("create_only", [])
-            for rname in create_only:
-                if rname not in entry.get("resources", []):
-                    problems.append(f"{where}: create_only names {rname!r}, which is not one of its resources")
             extra = entry.get("when", {})
-            for rname in extra:
-                if rname not in entry.get("resources", []):
-                    problems.append(f"{where}: when names {rname!r}, which is not one of its resources")
+            for key, named in (("create_only", create_only), ("when", extra)):
+                for rname in named:  # a list's items, a table's keys
+                    if rname not in entry.get("resources", []):
+                        problems.append(f"{where}: {key} names {rname!r}, which is not one of its resources")
             when = tuple(rm.when + _as_paths(extra.get(rm.name), f"{where} when.{rm.name}", problems)
                          for rm in rmaps)
             mm = MessageMap(tuple(entry.get("types", [])), tuple(entry.get("requires", [])), rmaps,

@@ -467,13 +467,12 @@ class Ingest:
             for system, value in identifiers_of(res):
                 self.index.add(rtype, system, value, res["id"])
                 self._identifiers[(rtype, system, value)] = res["id"]
-        if unit.create_only:
-            old = self._pending.get(key)
-            if old is not None and not old.create_only:
-                # the batch already holds the copy whose word counts (ADT's Patient and Encounter,
-                # before a result naming them): this one would go through the views to be dropped
-                self.counts.unchanged += 1
-                return
+        old = self._pending.get(key)
+        if old is not None and unit.create_only and not old.create_only:
+            # the batch already holds the copy whose word counts (ADT's Patient and Encounter,
+            # before a result naming them): this one would go through the views to be dropped
+            self.counts.unchanged += 1
+            return
         try:
             mapped = self.mapper.map(unit)
         except Unresolved:
@@ -487,10 +486,9 @@ class Ingest:
             return
         if self._deletions.pop(key, None) is not None:
             self.counts.unchanged += 1  # a deletion read earlier in this batch, superseded by this copy
-        old = self._pending.get(key)
         if old is not None:
             self.counts.unchanged += 1  # one of the two copies of a unit in this batch is not written
-            if version_newer(mapped.version, old.version) is False or (mapped.create_only and not old.create_only):
+            if version_newer(mapped.version, old.version) is False:
                 return
             self._pending_rows -= sum(len(r) for r in old.tables.values())
         self._pending[key] = mapped
